@@ -1,0 +1,384 @@
+"""``patch()`` / ``unpatch()``: token selection inside a timm ``VisionTransformer`` by class swap.
+
+The whole integration is ToMe's pattern: the model and the blocks at the selection points get a
+subclass of their own class that overrides ``forward``; one :class:`ICEState` object is shared by all
+of them and carries the knobs (``model.keep_rate = 0.5`` takes effect on the next forward). Nothing
+else in the model changes, so timm's state-dict keys stay, LayerScale, q/k norm, register and
+distillation tokens, and fused attention all keep working, and ``unpatch`` gives the original model
+back.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from ice_prune.head import ICEHead
+from ice_prune.kernels import reorganize
+from ice_prune.select import SELECTORS, Selector, attention_with_cls_row, keep_count
+
+PLACEMENTS = ("attn", "block")
+HEADS = ("shared", "per_location")
+KERNELS = ("auto", "torch", "triton")
+
+KeepRate = Union[float, Sequence[float]]
+
+
+def _check_keep_rate(keep_rate: KeepRate, num_locs: int) -> tuple[float, ...]:
+    rates = [keep_rate] if isinstance(keep_rate, numbers.Real) else list(keep_rate)
+    for r in rates:
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 < r <= 1.0:
+            raise ValueError(
+                f"keep_rate must be in (0, 1] (the fraction of tokens kept at each selection point), "
+                f"got {keep_rate!r}; use 1.0 to keep every token")
+    if len(rates) == 1:
+        rates = rates * num_locs
+    if len(rates) != num_locs:
+        raise ValueError(
+            f"keep_rate has {len(rates)} values but there are {num_locs} selection points (locs); "
+            f"give one float for all of them or exactly {num_locs} values")
+    return tuple(float(r) for r in rates)
+
+
+class ICEState:
+    """Configuration and per-forward record shared by a patched model and its selection blocks."""
+
+    def __init__(self, selector: Selector, locs: tuple[int, ...], placement: str,
+                 keep_rate: tuple[float, ...], fuse: bool, trace: bool, kernel: str,
+                 num_prefix: int, heads: Optional[list[nn.Module]]) -> None:
+        self.selector = selector
+        self.locs = locs
+        self.placement = placement
+        self.keep_rate = keep_rate
+        self.fuse = fuse
+        self.trace = trace
+        self.kernel = kernel
+        self.num_prefix = num_prefix
+        self.heads = heads  # one (shared) head repeated per location, or one each; owned by the model
+        # what the last forward recorded
+        self.record_logits = False
+        self.logits: list[Tensor] = []
+        self.trace_out: Optional[dict] = None
+        self._positions: Optional[Tensor] = None
+
+    def begin(self, model: "VisionTransformer", images: Tensor) -> None:
+        """Reset the per-forward record; called at the start of ``forward_features``."""
+        self.record_logits = model.training or self.trace
+        self.logits = []
+        self._positions = None
+        if self.trace:
+            grid = model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
+            self.trace_out = {"grid": tuple(grid), "num_prefix": self.num_prefix,
+                              "patch_size": tuple(model.patch_embed.patch_size), "locations": []}
+
+    def select(self, x: Tensor, h: Optional[Tensor], cls_attn: Optional[Tensor], keep: int,
+               loc: int) -> Tensor:
+        head = self.heads[loc] if self.heads is not None else None
+        scores, logits = self.selector.scores(cls_attn, h, head, self.num_prefix)
+        if logits is not None and self.record_logits:
+            self.logits.append(logits)
+        out, order = reorganize(x, scores, keep, self.num_prefix, self.fuse,
+                                self.selector.normalize, self.kernel)
+        if self.trace:
+            self._record(loc, x.shape[1], out.shape[1], keep, order, scores)
+        return out
+
+    def _record(self, loc: int, tokens_in: int, tokens_out: int, keep: int, order: Tensor,
+                scores: Tensor) -> None:
+        B, n = order.shape
+        if self._positions is None:  # first selection: tokens are still the image's patches
+            self._positions = torch.arange(n, device=order.device).expand(B, n)
+            self.trace_out["num_patches"] = n
+        num_patches = self.trace_out["num_patches"]
+        kept = self._positions.gather(1, order[:, :keep])
+        # patches that still stand as themselves; -1 marks a fused token, scattered to a spare column
+        mask = torch.zeros(B, num_patches + 1, dtype=torch.bool, device=order.device)
+        mask.scatter_(1, torch.where(kept >= 0, kept, num_patches), True)
+        fused = self._positions.gather(1, order[:, keep:])
+        self.trace_out["locations"].append({
+            "block": self.locs[loc], "tokens_in": tokens_in, "tokens_out": tokens_out, "keep": keep,
+            "kept": kept, "fused": fused if self.fuse else None,
+            "dropped": None if self.fuse else fused, "mask": mask[:, :num_patches],
+            "scores": scores.detach()})
+        if self.fuse:
+            kept = torch.cat([kept, kept.new_full((B, 1), -1)], dim=1)
+        self._positions = kept
+
+
+class ICEVisionTransformer:
+    """Mixin put in front of the model's own class by :func:`patch`."""
+
+    _ice: ICEState
+
+    @property
+    def keep_rate(self) -> KeepRate:
+        rates = self._ice.keep_rate
+        return rates[0] if len(set(rates)) == 1 else rates
+
+    @keep_rate.setter
+    def keep_rate(self, value: KeepRate) -> None:
+        self._ice.keep_rate = _check_keep_rate(value, len(self._ice.locs))
+
+    @property
+    def fuse(self) -> bool:
+        return self._ice.fuse
+
+    @fuse.setter
+    def fuse(self, value: bool) -> None:
+        self._ice.fuse = bool(value)
+
+    @property
+    def trace(self) -> bool:
+        return self._ice.trace
+
+    @trace.setter
+    def trace(self, value: bool) -> None:
+        self._ice.trace = bool(value)
+
+    @property
+    def ice_logits(self) -> list[Tensor]:
+        """ICE head logits ``[B, n, C+1]`` per selection point of the last forward (train mode or
+        ``trace=True``; ``[]`` otherwise)."""
+        return self._ice.logits
+
+    @property
+    def ice_trace(self) -> Optional[dict]:
+        """What the last forward with ``trace=True`` kept and fused, per selection point."""
+        return self._ice.trace_out
+
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                         is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError(
+                "a token-pruned ViT changes its sequence inside the blocks, so attention masks and "
+                "causal attention do not apply; call ice_prune.unpatch(model) to use them")
+        self._ice.begin(self, x)
+        return super().forward_features(x)
+
+
+class ICEBlock:
+    """Mixin for the blocks at selection points: select after attention ("attn") or the block."""
+
+    _ice: ICEState
+    _ice_loc: int
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("attention masks are not supported on a token-pruned ViT")
+        st, loc = self._ice, self._ice_loc
+        n = x.shape[1] - st.num_prefix
+        keep = keep_count(st.keep_rate[loc], n)
+        if keep >= n:  # nothing to drop: exactly the original block
+            return super().forward(x)
+        if st.selector.needs_cls_attn:
+            y, cls_attn = attention_with_cls_row(self.attn, self.norm1(x))
+        else:
+            y, cls_attn = self.attn(self.norm1(x)), None
+        x = x + self.drop_path1(self.ls1(y))
+        if st.placement == "attn":  # EViT: the MLP already runs on the reduced sequence
+            h = self.norm2(x) if st.selector.needs_head else None
+            x = st.select(x, h, cls_attn, keep, loc)
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        h = self.norm2(x)
+        x = x + self.drop_path2(self.ls2(self.mlp(h)))
+        return st.select(x, h, cls_attn, keep, loc)
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _swap_class(obj: nn.Module, mixin: type) -> None:
+    """Give ``obj`` the class ``mixin + type(obj)``, made once per pair and kept at module level so
+    that pickling a patched model works."""
+    base = type(obj)
+    cls = _CLASSES.get((mixin, base))
+    if cls is None:
+        name = f"{mixin.__name__}_{base.__name__}"
+        while name in globals():
+            name += "_"
+        cls = type(name, (mixin, base), {"__module__": __name__, "_ice_base": base})
+        globals()[name] = _CLASSES[(mixin, base)] = cls
+    obj.__class__ = cls
+
+
+def _check_ice_head_shapes(model: nn.Module):
+    """A load_state_dict pre-hook: an ICE head of another class count gets an error naming the fix."""
+
+    def hook(module, state_dict, prefix, *args) -> None:
+        own = {f"{prefix}ice_head.{k}": v for k, v in module.ice_head.state_dict().items()}
+        for key, value in own.items():
+            theirs = state_dict.get(key)
+            if theirs is None or theirs.shape == value.shape:
+                continue
+            if theirs.shape[1:] == value.shape[1:]:
+                raise ValueError(
+                    f"the checkpoint's ICE head predicts {theirs.shape[0] - 1} classes + background "
+                    f"but this model's predicts {value.shape[0] - 1} + background ({key}: "
+                    f"{tuple(theirs.shape)} vs {tuple(value.shape)}); patch with "
+                    f"num_classes={theirs.shape[0] - 1}")
+            raise ValueError(
+                f"the checkpoint's ICE head does not fit this model: {key} is {tuple(theirs.shape)} "
+                f"in the checkpoint and {tuple(value.shape)} here (another embedding width or head "
+                f"type); patch the matching architecture")
+
+    return model.register_load_state_dict_pre_hook(hook)
+
+
+def patch(
+    model: VisionTransformer,
+    keep_rate: KeepRate = 0.7,
+    method: str = "ice",
+    locs: Sequence[int] = (3, 6, 9),
+    placement: str = "attn",
+    fuse: bool = True,
+    heads: str = "shared",
+    num_classes: Optional[int] = None,
+    trace: bool = False,
+    kernel: str = "auto",
+) -> VisionTransformer:
+    """Insert token selection into a timm ``VisionTransformer``, in place; returns the model.
+
+    Args:
+        model: a model from ``timm.create_model`` (DeiT, ViT, DeiT III, register and distilled ViTs).
+        keep_rate: fraction of non-prefix tokens kept at each selection point, ``ceil(rate * n)``
+            (EViT's rule): one float for all points or one per point. Change it later with
+            ``model.keep_rate = ...``.
+        method: ``"ice"`` (ICE head background score) or ``"evit"`` ([CLS] attention).
+        locs: block indices (from 0) where selection happens; the paper's 4th, 7th and 10th blocks.
+        placement: ``"attn"`` selects inside the block after the attention residual, before the MLP
+            (EViT's); ``"block"`` after the whole block.
+        fuse: fuse the dropped tokens into one token appended last.
+        heads: ICE only: one head ``"shared"`` by all points (the paper's 22.4M params for DeiT-S)
+            or one ``"per_location"``.
+        num_classes: ICE only: image classes of the head (background is added); default the model's.
+        trace: record per selection point which patches were kept and fused (``model.ice_trace``).
+        kernel: reorganize kernel: ``"auto"`` (Triton on CUDA tensors, torch otherwise),
+            ``"triton"`` or ``"torch"``.
+    """
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(
+            f"ice_prune.patch needs a timm VisionTransformer (e.g. timm.create_model("
+            f"'deit_small_patch16_224')), got {type(model).__name__}; other architectures have no "
+            f"single token sequence to prune")
+    if isinstance(model, ICEVisionTransformer):
+        raise RuntimeError(
+            "this model is already patched; change model.keep_rate / model.fuse / model.trace in "
+            "place, or call ice_prune.unpatch(model) before patching with other settings")
+    if method not in SELECTORS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(SELECTORS)}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; choose one of {PLACEMENTS}")
+    if heads not in HEADS:
+        raise ValueError(f"unknown heads {heads!r}; choose one of {HEADS}")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
+    depth = len(model.blocks)
+    locs = tuple(locs)
+    if not locs or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                           for i in locs):
+        raise ValueError(f"locs must be a non-empty sequence of block indices, got {locs!r}")
+    if any(i < 0 or i >= depth for i in locs):
+        raise ValueError(
+            f"locs {locs} out of range: this model has {depth} blocks, indices 0..{depth - 1}")
+    if list(locs) != sorted(set(locs)):
+        raise ValueError(f"locs must be strictly increasing block indices, got {locs}; "
+                         f"use {tuple(sorted(set(locs)))}")
+    rates = _check_keep_rate(keep_rate, len(locs))
+    for i in locs:
+        blk = model.blocks[i]
+        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
+            raise TypeError(
+                f"block {i} is a {type(blk).__name__} with {type(blk.attn).__name__}; ice_prune "
+                f"selects tokens in timm's pre-norm Block with timm Attention only")
+
+    selector = SELECTORS[method]()
+    head_list = None
+    if selector.needs_head:
+        if num_classes is None:
+            num_classes = model.num_classes
+        if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+            raise ValueError(
+                f"the ICE head needs the number of image classes; this model has num_classes="
+                f"{model.num_classes}: pass num_classes=C to patch()")
+        ref = next(model.parameters())
+
+        def new() -> ICEHead:
+            return ICEHead(model.embed_dim, int(num_classes)).to(ref.device, ref.dtype)
+
+        if heads == "shared":
+            model.ice_head = new()
+            head_list = [model.ice_head] * len(locs)
+        else:
+            model.ice_head = nn.ModuleList(new() for _ in locs)
+            head_list = list(model.ice_head)
+    elif num_classes is not None:
+        raise ValueError(f"num_classes sets the ICE head's classes; method={method!r} has no head")
+
+    state = ICEState(selector, locs, placement, rates, bool(fuse), bool(trace), kernel,
+                     model.num_prefix_tokens, head_list)
+    model._ice = state
+    _swap_class(model, ICEVisionTransformer)
+    for j, i in enumerate(locs):
+        blk = model.blocks[i]
+        blk._ice, blk._ice_loc = state, j
+        _swap_class(blk, ICEBlock)
+    if head_list is not None:
+        model._ice_hook = _check_ice_head_shapes(model)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: original classes, no ICE head, the original outputs. Returns the model."""
+    if not isinstance(model, ICEVisionTransformer):
+        raise ValueError("this model is not patched by ice_prune; nothing to undo")
+    for i in model._ice.locs:
+        blk = model.blocks[i]
+        blk.__class__ = type(blk)._ice_base
+        del blk._ice, blk._ice_loc
+    if hasattr(model, "_ice_hook"):
+        model._ice_hook.remove()
+        del model._ice_hook
+    if hasattr(model, "ice_head"):
+        del model.ice_head
+    del model._ice
+    model.__class__ = type(model)._ice_base
+    return model
+
+
+def keep_rate_schedule(target: KeepRate, shrink_start: int = 0, shrink_epochs: int = 0,
+                       iters_per_epoch: int = 1):
+    """EViT's keep-rate schedule as a function of the global iteration.
+
+    Rate 1 for the first ``shrink_start`` epochs, then a cosine from 1 down to ``target`` over
+    ``shrink_epochs`` epochs, updated every iteration, then ``target``. EViT trains from scratch with
+    ``shrink_start=10, shrink_epochs=100``; fine-tuning from a pretrained DeiT uses the target from the
+    start (the defaults). A per-location ``target`` gives per-location rates.
+
+    >>> sched = keep_rate_schedule(0.7, shrink_start=1, shrink_epochs=2, iters_per_epoch=10)
+    >>> sched(0), sched(20), sched(30)
+    (1.0, 0.85, 0.7)
+    """
+    targets = [target] if isinstance(target, numbers.Real) else list(target)
+    _check_keep_rate(targets, len(targets))
+    if shrink_start < 0 or shrink_epochs < 0 or iters_per_epoch < 1:
+        raise ValueError("shrink_start and shrink_epochs must be >= 0 and iters_per_epoch >= 1")
+    start, length = shrink_start * iters_per_epoch, shrink_epochs * iters_per_epoch
+
+    def rate(iteration: int) -> KeepRate:
+        if iteration < start:
+            t = 0.0
+        elif iteration >= start + length:
+            t = 1.0
+        else:
+            t = (iteration - start) / length
+        cos = (math.cos(t * math.pi) + 1) * 0.5  # 1 at the start of the shrink, 0 at its end
+        out = tuple(round(r + (1.0 - r) * cos, 12) for r in targets)
+        return out[0] if isinstance(target, numbers.Real) else out
+
+    return rate
