@@ -43,3 +43,17 @@ class ICEHead(nn.Module):
     def extra_repr(self) -> str:
         kind = "linear" if self.hidden_dim is None else f"mlp(hidden={self.hidden_dim})"
         return f"dim={self.dim}, num_classes={self.num_classes} + background, {kind}"
+
+
+def forward_with_tokens(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Run a timm ViT (patched or not) once; return ``(logits, tokens)`` where ``tokens [B, N, D]`` is
+    the last block's output before the final norm, which ICE's explanation head reads (as in the
+    official code). The sequence is ``[prefix, patches]`` or, on a pruned model, ``[prefix, kept, fused]``.
+    """
+    captured: list[Tensor] = []
+    handle = model.norm.register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    return logits, captured[-1]
