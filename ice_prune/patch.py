@@ -207,27 +207,24 @@ def _swap_class(obj: nn.Module, mixin: type) -> None:
     obj.__class__ = cls
 
 
-def _check_ice_head_shapes(model: nn.Module):
-    """A load_state_dict pre-hook: an ICE head of another class count gets an error naming the fix."""
-
-    def hook(module, state_dict, prefix, *args) -> None:
-        own = {f"{prefix}ice_head.{k}": v for k, v in module.ice_head.state_dict().items()}
-        for key, value in own.items():
-            theirs = state_dict.get(key)
-            if theirs is None or theirs.shape == value.shape:
-                continue
-            if theirs.shape[1:] == value.shape[1:]:
-                raise ValueError(
-                    f"the checkpoint's ICE head predicts {theirs.shape[0] - 1} classes + background "
-                    f"but this model's predicts {value.shape[0] - 1} + background ({key}: "
-                    f"{tuple(theirs.shape)} vs {tuple(value.shape)}); patch with "
-                    f"num_classes={theirs.shape[0] - 1}")
+def _check_ice_head_shapes(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """A load_state_dict pre-hook: an ICE head of another class count gets an error naming the fix.
+    Module-level, so a patched model still pickles."""
+    own = {f"{prefix}ice_head.{k}": v for k, v in module.ice_head.state_dict().items()}
+    for key, value in own.items():
+        theirs = state_dict.get(key)
+        if theirs is None or theirs.shape == value.shape:
+            continue
+        if theirs.shape[1:] == value.shape[1:]:
             raise ValueError(
-                f"the checkpoint's ICE head does not fit this model: {key} is {tuple(theirs.shape)} "
-                f"in the checkpoint and {tuple(value.shape)} here (another embedding width or head "
-                f"type); patch the matching architecture")
-
-    return model.register_load_state_dict_pre_hook(hook)
+                f"the checkpoint's ICE head predicts {theirs.shape[0] - 1} classes + background "
+                f"but this model's predicts {value.shape[0] - 1} + background ({key}: "
+                f"{tuple(theirs.shape)} vs {tuple(value.shape)}); patch with "
+                f"num_classes={theirs.shape[0] - 1}")
+        raise ValueError(
+            f"the checkpoint's ICE head does not fit this model: {key} is {tuple(theirs.shape)} "
+            f"in the checkpoint and {tuple(value.shape)} here (another embedding width or head "
+            f"type); patch the matching architecture")
 
 
 def patch(
@@ -329,7 +326,7 @@ def patch(
         blk._ice, blk._ice_loc = state, j
         _swap_class(blk, ICEBlock)
     if head_list is not None:
-        model._ice_hook = _check_ice_head_shapes(model)
+        model._ice_hook = model.register_load_state_dict_pre_hook(_check_ice_head_shapes)
     return model
 
 
