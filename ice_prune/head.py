@@ -143,3 +143,28 @@ def set_trainable(model: nn.Module, head: nn.Module, trainable_blocks: Optional[
     for p in head.parameters():
         p.requires_grad_(True)
     return names
+
+
+class ICEExplainer(nn.Module):
+    """A timm ViT with its explanation head: ``forward(x) -> ([CLS] logits [B, C], ICE logits
+    [B, N, C+1])``, the ICE head on the last block's patch tokens before the final norm.
+
+    The head is stored as ``model.ice_head``, so ``model.state_dict()`` (what checkpoints hold) has
+    timm's keys plus ``ice_head.fc.*``, the same keys a model patched with ``method="ice"`` has.
+    """
+
+    def __init__(self, model: nn.Module, head: ICEHead) -> None:
+        super().__init__()
+        self.model = model
+        model.ice_head = head
+
+    @property
+    def head(self) -> ICEHead:
+        return self.model.ice_head
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits, tokens = forward_with_tokens(self.model, x)
+        return logits, self.model.ice_head(tokens[:, self.model.num_prefix_tokens:])
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"model.{k}" for k in self.model.no_weight_decay()}

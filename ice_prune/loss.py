@@ -179,3 +179,16 @@ class ICELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, {self.config}"
+
+
+@torch.no_grad()
+def ice_image_logits(logits: Tensor, config: LossConfig = LOSS_MODES["paper"]) -> Tensor:
+    """Image-level class scores ``[B, C]`` read off the ICE head: the class-phase vector ``Y_hat``
+    without its background entry (the mean over all patches for an image with no foreground patch)."""
+    z = logits.float()
+    if config.instance_norm:
+        z = F.layer_norm(z, (z.shape[-1],), eps=config.eps)
+    fg = (z.argmax(dim=-1) != z.shape[-1] - 1).unsqueeze(-1)
+    n_fg = fg.sum(dim=1)
+    y_hat = torch.where(n_fg > 0, (z * fg).sum(dim=1) / n_fg.clamp_min(1), z.mean(dim=1))
+    return y_hat[:, :-1]
