@@ -5,15 +5,22 @@
 >>> ice_prune.patch(model, keep_rate=0.7, method="ice")   # 197 -> 140 -> 100 -> 72 tokens
 >>> model.keep_rate = 0.5                                 # takes effect on the next forward
 """
-from ice_prune.head import ICEHead
+from ice_prune.data import SyntheticScenes
+from ice_prune.head import HEAD_VARIANTS, ICEExplainer, ICEHead
+from ice_prune.loss import LOSS_MODES, ICELoss
 from ice_prune.patch import keep_rate_schedule, patch, unpatch
 from ice_prune.select import SELECTORS, register_selector, token_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HEAD_VARIANTS",
+    "ICEExplainer",
     "ICEHead",
+    "ICELoss",
+    "LOSS_MODES",
     "SELECTORS",
+    "SyntheticScenes",
     "keep_rate_schedule",
     "patch",
     "register_selector",

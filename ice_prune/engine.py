@@ -1,0 +1,651 @@
+"""Train / evaluate loops shared by ``train/explain.py`` and ``train/prune.py``.
+
+One process or many: launched by ``torchrun`` the loop runs DistributedDataParallel (NCCL on GPUs,
+gloo on CPU); alone it runs plain. AMP (bf16 or fp16 with a grad scaler) only on CUDA. timm's
+``create_optimizer_v2`` / ``create_scheduler_v2`` (stepped per update), optional ``ModelEmaV3``,
+gradient clipping, the keep-rate schedule of a pruned model, tqdm progress, JSON-lines logs.
+
+Checkpoints (``OUTPUT/last.pth``, written atomically: temp file, then ``os.replace``) hold::
+
+    {"model": state dict of the trained module (timm keys; an ICE head under "ice_head."),
+     "optimizer", "scheduler", "scaler" (or None), "ema" (or None): their state dicts,
+     "epoch": epochs completed, "num_updates": optimizer steps taken,
+     "rng": one dict per process {"torch", "cuda", "numpy", "python"},
+     "meta": what the script says about the run (model name, head, loss, keep rate, ...),
+     "args": the command-line arguments}
+
+They are written at the end of every epoch; ``resume=True`` reloads the last one and the run
+continues exactly as an uninterrupted run would (same data order, augmentations and weights).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+CHECKPOINT = "last.pth"
+LOG = "log.jsonl"
+
+StepFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, dict[str, float]]]
+EvalFn = Callable[[nn.Module, Tensor, Tensor], dict[str, float]]
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: Optional[str] = None) -> DistInfo:
+    """Join the process group ``torchrun`` set up (NCCL on CUDA, gloo otherwise), or run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local, dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    if not info.distributed:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints and weights
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """``torch.save`` to a temp file beside ``path``, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_state_dict(path: str) -> dict[str, Tensor]:
+    """Weights from a DeiT release ``.pth`` (a ``"model"`` key), one of our checkpoints, a plain
+    (timm) state dict, or a ``.safetensors`` file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key]
+    if isinstance(obj, dict) and all(isinstance(v, Tensor) for v in obj.values()):
+        return obj
+    raise ValueError(f"{path!r} holds no state dict: expected a dict of tensors or one under "
+                     f"'model' / 'state_dict'")
+
+
+def load_weights(model: nn.Module, path: str, optional_prefixes: tuple[str, ...] = ("ice_head.",)
+                 ) -> list[str]:
+    """Load ``path`` into ``model``; every key must match in name and shape except model keys under
+    ``optional_prefixes`` (a new ICE head), which may be missing. Returns the keys left as they were.
+    On a mismatch the error lists the missing, unexpected and differently shaped keys."""
+    theirs = read_state_dict(path)
+    theirs = {k[7:] if k.startswith("module.") else k: v for k, v in theirs.items()}
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in theirs and not k.startswith(optional_prefixes)]
+    unexpected = [k for k in theirs if k not in ours]
+    shapes = [f"{k}: checkpoint {tuple(theirs[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in ours.items() if k in theirs and theirs[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        def show(items):
+            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
+
+        lines = [f"checkpoint {path!r} does not fit this model ({type(model).__name__}, "
+                 f"{getattr(model, 'num_classes', '?')} classes):"]
+        if shapes:
+            lines.append(f"  shapes differ: {show(shapes)}")
+        if missing:
+            lines.append(f"  missing in the checkpoint: {show(missing)}")
+        if unexpected:
+            lines.append(f"  not in the model: {show(unexpected)}")
+        lines.append("  pick the --model (and --num-classes) the checkpoint was trained with")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(theirs, strict=False)
+    return [k for k in ours if k not in theirs]
+
+
+# ---------------------------------------------------------------------------------------------
+# output directory
+
+
+def resume_command(argv: Optional[list[str]] = None, world_size: int = 1) -> str:
+    """The command line that continues this run."""
+    argv = list(sys.argv if argv is None else argv)
+    args = [a for a in argv[1:] if a not in ("--resume", "--overwrite")] + ["--resume"]
+    launcher = ([f"torchrun --nproc_per_node {world_size}"] if world_size > 1
+                else [shlex.quote(sys.executable)])
+    return " ".join(launcher + [shlex.quote(argv[0])] + [shlex.quote(a) for a in args])
+
+
+def prepare_output(output: str, resume: bool, overwrite: bool, info: DistInfo) -> Optional[str]:
+    """Make ``output``; refuse to clobber a run there. Returns the checkpoint to resume or None."""
+    ckpt = os.path.join(output, CHECKPOINT)
+    has_run = os.path.exists(ckpt) or os.path.exists(os.path.join(output, LOG))
+    if resume and overwrite:
+        raise ValueError("give --resume or --overwrite, not both")
+    if resume:
+        if not os.path.exists(ckpt):
+            raise FileNotFoundError(f"--resume: no checkpoint {ckpt!r}; start the run without "
+                                    f"--resume")
+        return ckpt
+    if has_run and not overwrite:
+        raise FileExistsError(
+            f"{output!r} already holds a run ({CHECKPOINT} / {LOG}); continue it with --resume, "
+            f"start over with --overwrite, or choose another --output")
+    if info.is_main:
+        os.makedirs(output, exist_ok=True)
+        for name in (CHECKPOINT, LOG):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output, name))
+    if info.distributed:
+        dist.barrier()
+    return None
+
+
+class JsonLog:
+    """Appends one JSON object per line (main process only), flushed at once."""
+
+    def __init__(self, path: str, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, **record: Any) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# loops
+
+
+class _Meter:
+    """Batch-size-weighted sums of named metrics, reduced over processes at the end."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def update(self, metrics: dict[str, float], n: int) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
+        self.count += n
+
+    def result(self, info: DistInfo) -> dict[str, float]:
+        keys = sorted(self.sums)
+        t = torch.tensor([self.sums[k] for k in keys] + [self.count], dtype=torch.float64)
+        if info.distributed:
+            dist.all_reduce(t)
+        return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
+
+
+def autocast(device: torch.device, amp: str):
+    """bf16 / fp16 autocast on CUDA; a no-op elsewhere (CPU training runs in fp32)."""
+    if device.type != "cuda" or amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+
+
+def train_one_epoch(model: nn.Module, step_fn: StepFn, loader: Iterable, optimizer, info: DistInfo,
+                    epoch: int, num_updates: int, amp: str = "off", scaler=None,
+                    clip_grad: Optional[float] = None, ema=None, mixup_fn=None, lr_scheduler=None,
+                    keep_rate_fn: Optional[Callable[[int], Any]] = None,
+                    log: Optional[JsonLog] = None, log_every: int = 10,
+                    progress: bool = True) -> tuple[dict[str, float], int]:
+    """One pass over ``loader``; returns (mean metrics over all processes, updated ``num_updates``)."""
+    from timm.utils import dispatch_clip_grad
+    from tqdm import tqdm
+
+    model.train()
+    meter = _Meter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not (progress and info.is_main),
+               dynamic_ncols=True)
+    for it, (images, targets) in enumerate(bar):
+        images = images.to(info.device, non_blocking=True)
+        targets = targets.to(info.device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        if keep_rate_fn is not None:
+            unwrap(model).keep_rate = keep_rate_fn(num_updates)
+        with autocast(info.device, amp):
+            loss, metrics = step_fn(model, images, targets)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} iteration {it}; "
+                                     f"lower --lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler(loss, optimizer, clip_grad=clip_grad, parameters=params)
+        else:
+            loss.backward()
+            if clip_grad is not None:
+                dispatch_clip_grad(params, clip_grad)
+            optimizer.step()
+        num_updates += 1
+        if ema is not None:
+            ema.update(unwrap(model), step=num_updates)
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates)
+        metrics = {"loss": loss.item(), **metrics}
+        meter.update(metrics, images.shape[0])
+        lr = optimizer.param_groups[0]["lr"]
+        if info.is_main:
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
+        if log is not None and (it % log_every == 0):
+            log.write(epoch=epoch, iter=it, lr=lr, **metrics)
+    return meter.result(info), num_updates
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, eval_fn: EvalFn, loader: Iterable, info: DistInfo,
+             amp: str = "off", progress: bool = True) -> dict[str, float]:
+    from tqdm import tqdm
+
+    model.eval()
+    meter = _Meter()
+    for images, targets in tqdm(loader, desc="eval", disable=not (progress and info.is_main),
+                                dynamic_ncols=True):
+        images = images.to(info.device, non_blocking=True)
+        targets = targets.to(info.device, non_blocking=True)
+        with autocast(info.device, amp):
+            metrics = eval_fn(model, images, targets)
+        meter.update(metrics, images.shape[0])
+    return meter.result(info)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """What :func:`fit` needs besides the model, the data and the loss. Defaults: DeiT's recipe
+    (AdamW, cosine per update, weight decay 0.05); the scripts set the paper's values."""
+
+    output: str
+    epochs: int = 30
+    batch_size: int = 64  # per process
+    opt: str = "adamw"
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-6
+    warmup_epochs: int = 0
+    weight_decay: float = 0.05
+    sched: str = "cosine"
+    clip_grad: Optional[float] = None
+    amp: str = "bf16"  # bf16 | fp16 | off; CUDA only
+    ema_decay: Optional[float] = None
+    workers: int = 4
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 1
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    device: Optional[str] = None
+    # a pruned model's ICE head sits idle while the keep rate is still 1 (shrink_start > 0)
+    find_unused_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.amp not in ("bf16", "fp16", "off"):
+            raise ValueError(f"amp must be bf16, fp16 or off, got {self.amp!r}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"clip_grad must be > 0, got {self.clip_grad}")
+
+
+def fit(cfg: TrainConfig, model: nn.Module, step_fn: StepFn, eval_fn: EvalFn, train_set: Dataset,
+        val_set: Optional[Dataset], info: DistInfo, save_module: Optional[nn.Module] = None,
+        mixup_fn=None, keep_rate_fn_factory: Optional[Callable[[int], Callable[[int], Any]]] = None,
+        meta: Optional[dict] = None, args: Optional[dict] = None) -> dict[str, Any]:
+    """Train ``model`` for ``cfg.epochs`` with checkpoints in ``cfg.output``; return the last record.
+
+    ``save_module`` is what goes into the checkpoint's "model" (default: ``model``), e.g. the timm ViT
+    carrying its ICE head when ``model`` is a wrapper. ``keep_rate_fn_factory(iters_per_epoch)`` gives
+    the keep-rate schedule of a pruned model (``ice_prune.keep_rate_schedule``).
+    """
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3, NativeScaler
+
+    resume_from = prepare_output(cfg.output, cfg.resume, cfg.overwrite, info)
+    seed_everything(cfg.seed + info.rank)
+    save_module = save_module if save_module is not None else model
+    model.to(info.device)
+
+    def loader(ds, train):
+        sampler = DistributedSampler(ds, num_replicas=info.world_size, rank=info.rank,
+                                     shuffle=train, seed=cfg.seed, drop_last=train)
+        return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                          pin_memory=info.device.type == "cuda", drop_last=train,
+                          persistent_workers=False)
+
+    train_loader = loader(train_set, True)
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train_set)} training images make no full batch of "
+                         f"{cfg.batch_size} x {info.world_size} processes; lower --batch-size")
+    val_loader = loader(val_set, False) if val_set is not None else None
+
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_on_epochs=False,
+        updates_per_epoch=len(train_loader))
+    use_scaler = info.device.type == "cuda" and cfg.amp == "fp16"
+    scaler = NativeScaler(device="cuda") if use_scaler else None
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    start_epoch, num_updates = 0, 0
+    if resume_from is not None:
+        ckpt = torch.load(resume_from, map_location="cpu", weights_only=False)
+        save_module.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        lr_scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler") is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        start_epoch, num_updates = ckpt["epoch"], ckpt["num_updates"]
+        rngs = ckpt["rng"]
+        if len(rngs) != info.world_size:
+            raise ValueError(f"the checkpoint was written by {len(rngs)} processes, this run has "
+                             f"{info.world_size}; resume with the same process count for an "
+                             f"exact continuation")
+        set_rng_state(rngs[info.rank])
+        lr_scheduler.step_update(num_updates=num_updates)
+    if info.distributed:
+        ddp_kwargs = {"device_ids": [info.device.index]} if info.device.type == "cuda" else {}
+        ddp_kwargs["find_unused_parameters"] = cfg.find_unused_parameters
+        train_model: nn.Module = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+    else:
+        train_model = model
+    keep_rate_fn = keep_rate_fn_factory(len(train_loader)) if keep_rate_fn_factory else None
+    log = JsonLog(os.path.join(cfg.output, LOG), info.is_main)
+    if info.is_main:
+        print(f"output: {cfg.output}\nto resume: {resume_command(world_size=info.world_size)}",
+              flush=True)
+    record: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        t0 = time.time()
+        train_stats, num_updates = train_one_epoch(
+            train_model, step_fn, train_loader, optimizer, info, epoch, num_updates, amp=cfg.amp,
+            scaler=scaler, clip_grad=cfg.clip_grad, ema=ema, mixup_fn=mixup_fn,
+            lr_scheduler=lr_scheduler, keep_rate_fn=keep_rate_fn, log=log,
+            log_every=cfg.log_every, progress=cfg.progress)
+        record = {"epoch": epoch, "num_updates": num_updates, "time_s": round(time.time() - t0, 3),
+                  "train": train_stats}
+        if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            if keep_rate_fn is not None:
+                unwrap(train_model).keep_rate = keep_rate_fn(num_updates)
+            record["val"] = evaluate(train_model, eval_fn, val_loader, info, cfg.amp,
+                                     cfg.progress)
+            if ema is not None:
+                record["val_ema"] = evaluate(ema.module, eval_fn, val_loader, info, cfg.amp,
+                                             cfg.progress)
+        rngs = _all_gather_objects(rng_state(), info)
+        if info.is_main:
+            save_checkpoint(os.path.join(cfg.output, CHECKPOINT), {
+                "model": save_module.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "epoch": epoch + 1, "num_updates": num_updates, "rng": rngs,
+                "meta": meta or {}, "args": args or {}})
+            log.write(**record)
+            print(json.dumps(record), flush=True)
+        if info.distributed:
+            dist.barrier()
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# what the two scripts compute per batch
+
+
+def classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy for class indices ``[B]`` or soft targets ``[B, C]`` (mixup/cutmix)."""
+    if targets.dim() == 2:
+        return -(targets * torch.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+    return nn.functional.cross_entropy(logits.float(), targets)
+
+
+def _topk_correct(logits: Tensor, targets: Tensor, k: int) -> float:
+    k = min(k, logits.shape[-1])
+    return (logits.topk(k, dim=-1).indices == targets[:, None]).any(-1).float().mean().item()
+
+
+class ExplainTask:
+    """Explanation training of an :class:`ice_prune.head.ICEExplainer`: the ICE loss on the head's
+    patch logits, plus ``cls_weight`` x cross-entropy on [CLS] (0 in the paper and official code)."""
+
+    def __init__(self, loss_fn: nn.Module, cls_weight: float = 0.0) -> None:
+        if cls_weight < 0:
+            raise ValueError(f"cls_weight must be >= 0, got {cls_weight}")
+        self.loss_fn, self.cls_weight = loss_fn, cls_weight
+
+    def step(self, model: nn.Module, images: Tensor, targets: Tensor):
+        cls_logits, patch_logits = model(images)
+        out = self.loss_fn(patch_logits, targets)
+        loss = out.loss
+        if self.cls_weight:
+            loss = loss + self.cls_weight * classification_loss(cls_logits, targets)
+        return loss, {"class_loss": out.class_loss.item(), "bg_loss": out.bg_loss.item(),
+                      "fg_fraction": out.fg_fraction.item(), "bg_active": float(out.bg_active)}
+
+    def eval(self, model: nn.Module, images: Tensor, targets: Tensor) -> dict[str, float]:
+        from ice_prune.loss import ice_image_logits
+
+        cls_logits, patch_logits = model(images)
+        out = self.loss_fn(patch_logits, targets)
+        ice_logits = ice_image_logits(patch_logits, self.loss_fn.config)
+        return {"ice_loss": out.loss.item(), "fg_fraction": out.fg_fraction.item(),
+                "ice_acc1": _topk_correct(ice_logits, targets, 1),
+                "cls_acc1": _topk_correct(cls_logits, targets, 1)}
+
+
+class PruneTask:
+    """Pruning fine-tuning of a patched model: cross-entropy on [CLS] plus, when the model has an ICE
+    head (``method="ice"``), ``ice_weight`` x the ICE loss averaged over the selection points."""
+
+    def __init__(self, loss_fn: Optional[nn.Module], ice_weight: float = 1.0) -> None:
+        if not 0 <= ice_weight:
+            raise ValueError(f"ice_weight must be >= 0, got {ice_weight}")
+        self.loss_fn, self.ice_weight = loss_fn, ice_weight
+
+    def step(self, model: nn.Module, images: Tensor, targets: Tensor):
+        logits = model(images)
+        ce = classification_loss(logits, targets)
+        metrics = {"ce": ce.item()}
+        loss = ce
+        ice_logits = unwrap(model).ice_logits
+        if self.loss_fn is not None and self.ice_weight and ice_logits:
+            out = self.loss_fn(ice_logits, targets)
+            loss = loss + self.ice_weight * out.loss
+            metrics.update(ice_loss=out.loss.item(), fg_fraction=out.fg_fraction.item())
+        return loss, metrics
+
+    def eval(self, model: nn.Module, images: Tensor, targets: Tensor) -> dict[str, float]:
+        logits = model(images)
+        return {"loss": classification_loss(logits, targets).item(),
+                "acc1": _topk_correct(logits, targets, 1), "acc5": _topk_correct(logits, targets, 5)}
+
+
+# ---------------------------------------------------------------------------------------------
+# command lines
+
+
+def add_common_args(parser, *, epochs: int, lr: float, min_lr: float, weight_decay: float,
+                    batch_size: int) -> None:
+    """Arguments both train/ scripts take; defaults are each script's paper recipe."""
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
+    g.add_argument("--model-kwargs", default="{}",
+                   help='JSON keyword arguments for timm.create_model, e.g. \'{"depth": 6}\'')
+    g.add_argument("--checkpoint", default=None,
+                   help="weights to start from: a DeiT release .pth, a timm state dict or "
+                        ".safetensors")
+    g.add_argument("--pretrained", action="store_true",
+                   help="start from timm's pretrained weights (downloads from the hub)")
+    g.add_argument("--data", default="synthetic", help="synthetic | imagefolder:PATH")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help="image classes (synthetic: default 10; imagefolder: its class folders)")
+    g.add_argument("--img-size", type=int, default=224)
+    g.add_argument("--synthetic-train", type=int, default=5000, help="synthetic training images")
+    g.add_argument("--synthetic-val", type=int, default=500, help="synthetic validation images")
+    g.add_argument("--drop-path", type=float, default=0.1)
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=batch_size, help="per process")
+    g.add_argument("--opt", default="adamw")
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--min-lr", type=float, default=min_lr)
+    g.add_argument("--warmup-lr", type=float, default=1e-6)
+    g.add_argument("--warmup-epochs", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=weight_decay)
+    g.add_argument("--sched", default="cosine")
+    g.add_argument("--clip-grad", type=float, default=None)
+    g.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"),
+                   help="autocast dtype on CUDA (CPU runs fp32)")
+    g.add_argument("--ema-decay", type=float, default=None)
+    g.add_argument("--mixup", type=float, default=0.8)
+    g.add_argument("--cutmix", type=float, default=1.0)
+    g.add_argument("--smoothing", type=float, default=0.1)
+    g = parser.add_argument_group("run")
+    g.add_argument("--output", required=True, help="run directory (checkpoint, log.jsonl)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output")
+    g.add_argument("--overwrite", action="store_true", help="start over in --output")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=4)
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args, **extra) -> TrainConfig:
+    return TrainConfig(
+        output=args.output, epochs=args.epochs, batch_size=args.batch_size, opt=args.opt,
+        lr=args.lr, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+        weight_decay=args.weight_decay, sched=args.sched, clip_grad=args.clip_grad, amp=args.amp,
+        ema_decay=args.ema_decay, workers=args.workers, seed=args.seed, log_every=args.log_every,
+        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+        device=args.device, **extra)
+
+
+def build_data(args) -> tuple[Dataset, Optional[Dataset], int]:
+    """``(train, val, num_classes)`` from ``--data``."""
+    from ice_prune.data import SyntheticScenes, build_imagefolder
+
+    if args.data == "synthetic":
+        c = args.num_classes or 10
+        kw = dict(num_classes=c, img_size=args.img_size, seed=args.seed)
+        return (SyntheticScenes(length=args.synthetic_train, split="train", **kw),
+                SyntheticScenes(length=args.synthetic_val, split="val", **kw), c)
+    if args.data.startswith("imagefolder:"):
+        root = args.data.split(":", 1)[1]
+        train_dir = os.path.join(root, "train")
+        has_split = os.path.isdir(train_dir)
+        train = build_imagefolder(train_dir if has_split else root, args.img_size, True)
+        val_dir = os.path.join(root, "val")
+        val = build_imagefolder(val_dir, args.img_size, False) if os.path.isdir(val_dir) else None
+        c = len(train.classes)
+        if args.num_classes is not None and args.num_classes != c:
+            raise ValueError(f"--num-classes {args.num_classes} but {root!r} has {c} class folders")
+        return train, val, c
+    raise ValueError(f"--data must be 'synthetic' or 'imagefolder:PATH', got {args.data!r}")
+
+
+def build_model(args, num_classes: int) -> nn.Module:
+    """``timm.create_model`` from ``--model`` / ``--model-kwargs``; downloads only with
+    ``--pretrained``. The scripts load ``--checkpoint`` after attaching the ICE head."""
+    import timm
+
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-kwargs is not JSON: {e}") from None
+    kwargs.setdefault("img_size", args.img_size)
+    return timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
+                             drop_path_rate=args.drop_path, **kwargs)
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """Run a script's ``main``; a bad argument or path ends it with the message, not a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        cleanup_distributed()

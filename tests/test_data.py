@@ -1,0 +1,87 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ice_prune.data import SHAPES, TEXTURES, SyntheticScenes, build_imagefolder, build_mixup
+
+
+def test_items_are_deterministic_and_masks_cover_the_objects():
+    ds = SyntheticScenes(num_classes=10, img_size=32, length=20, return_mask=True)
+    again = SyntheticScenes(num_classes=10, img_size=32, length=20, return_mask=True)
+    for i in range(5):
+        x, y, m = ds[i]
+        x2, y2, m2 = again[i]
+        assert torch.equal(x, x2) and y == y2 and torch.equal(m, m2)
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        assert m.shape == (32, 32) and m.dtype == torch.bool
+        assert 0 < m.float().mean() < 0.9 and 0 <= y < 10
+        assert ds.label(i) == y
+    x, y = SyntheticScenes(img_size=32, length=3)[0]  # without masks: the usual pair
+    assert isinstance(y, int)
+
+
+def test_mask_is_exactly_where_the_object_was_painted():
+    ds = SyntheticScenes(num_classes=3, img_size=64, length=4, distractors=(0, 0), photos=False)
+    img, label, mask = ds.render(0)
+    # re-render the same background alone by drawing no instances: compare pixel by pixel
+    rng = ds._rng(0)
+    rng.integers(ds.num_classes)
+    H, W = ds.img_size
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
+    bg = np.clip(ds._background(rng, (ys + 0.5) / H, (xs + 0.5) / W), 0, 1)
+    changed = np.abs(img - bg).max(-1) > 1e-6
+    assert not changed[~mask].any()  # nothing outside the mask was painted
+
+
+def test_splits_never_share_an_image_and_any_size_works():
+    tr = SyntheticScenes(img_size=(24, 40), length=30, split="train", photos=False)
+    va = SyntheticScenes(img_size=(24, 40), length=30, split="val", photos=False)
+    a = torch.stack([tr[i][0] for i in range(30)]).flatten(1)
+    b = torch.stack([va[i][0] for i in range(30)]).flatten(1)
+    assert a.shape[1] == 3 * 24 * 40
+    assert torch.cdist(a, b).min() > 1e-3
+
+
+def test_class_specs_are_unique_for_any_class_count():
+    specs = [SyntheticScenes.class_spec(k) for k in range(3 * len(SHAPES) * len(TEXTURES))]
+    assert len(set(specs)) == len(specs)
+
+
+def test_bad_dataset_arguments():
+    with pytest.raises(ValueError, match="split"):
+        SyntheticScenes(split="test")
+    with pytest.raises(ValueError, match="img_size"):
+        SyntheticScenes(img_size=4)
+    with pytest.raises(IndexError):
+        SyntheticScenes(length=2)[2]
+
+
+def _folder(root, counts):
+    for name, n in counts.items():
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.full((40, 40, 3), 30 * i, np.uint8)).save(root / name / f"{i}.png")
+
+
+def test_imagefolder_with_timm_transforms(tmp_path):
+    _folder(tmp_path, {"a": 2, "b": 1})
+    ds = build_imagefolder(str(tmp_path), img_size=32, is_training=True)
+    x, y = ds[0]
+    assert x.shape == (3, 32, 32) and ds.classes == ["a", "b"]
+    mix = build_mixup(2, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    _, t = mix(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert t.shape == (2, 2) and torch.allclose(t.sum(-1), torch.ones(2))
+    _, t = build_mixup(2, mixup=0, cutmix=0, label_smoothing=0.1)(torch.randn(2, 3, 8, 8),
+                                                                  torch.tensor([0, 1]))
+    torch.testing.assert_close(t, torch.tensor([[0.95, 0.05], [0.05, 0.95]]))
+
+
+def test_imagefolder_bad_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        build_imagefolder(str(tmp_path / "missing"))
+    _folder(tmp_path, {"a": 1, "empty": 0})
+    with pytest.raises(FileNotFoundError, match="empty"):
+        build_imagefolder(str(tmp_path), img_size=32)

@@ -1,0 +1,74 @@
+"""Explanation training of ICE: a per-patch head learns the image classes and background.
+
+    python train/explain.py --variant ice --checkpoint deit_small_patch16_224-cd65a155.pth \\
+        --data imagefolder:/data/imagenet --output runs/ice
+
+Paper recipe (Sec. 4.1): DeiT-S, adversarial normalization alpha 0.5, lambda 0.975 (ICE-f 0.99),
+lr 1e-5, batch 256, the other DeiT hyper-parameters. Multi-process: ``torchrun --nproc_per_node N
+train/explain.py ...`` (``--batch-size`` is per process). The checkpoint ``OUTPUT/last.pth`` holds the
+timm model's weights with the head under ``ice_head.`` (see ice_prune.engine).
+"""
+import argparse
+import dataclasses
+
+from ice_prune import engine
+from ice_prune.data import build_mixup
+from ice_prune.head import HEAD_VARIANTS, ICEExplainer, set_trainable
+from ice_prune.loss import LOSS_MODES, ICELoss
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", default="ice", choices=sorted(HEAD_VARIANTS))
+    p.add_argument("--trainable-blocks", type=int, default=None,
+                   help="icev2-style: how many of the last blocks train (default 2)")
+    p.add_argument("--loss-mode", default="paper", choices=sorted(LOSS_MODES))
+    p.add_argument("--lambda-class", type=float, default=None,
+                   help="paper mode class weight (default: the variant's, 0.975 / ICE-f 0.99)")
+    p.add_argument("--alpha", type=float, default=None, help="background scale (default 0.5)")
+    p.add_argument("--cls-weight", type=float, default=0.0,
+                   help="weight of cross-entropy on [CLS] (0 in the paper)")
+    engine.add_common_args(p, epochs=3, lr=1e-5, min_lr=1e-6, weight_decay=0.05, batch_size=256)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    variant = HEAD_VARIANTS[args.variant]
+    if args.trainable_blocks is not None:
+        if args.variant != "icev2-style":
+            raise ValueError("--trainable-blocks applies to --variant icev2-style only")
+        variant = dataclasses.replace(variant, trainable_blocks=args.trainable_blocks)
+    overrides = {} if args.alpha is None else {"alpha": args.alpha}
+    if args.loss_mode == "paper":
+        loss_fn = ICELoss("paper", lambda_class=args.lambda_class if args.lambda_class is not None
+                          else variant.lambda_class, **overrides)
+    else:
+        if args.lambda_class is not None:
+            raise ValueError("--lambda-class sets the paper mode's weights; the official mode uses "
+                             "1 and 0.025")
+        loss_fn = ICELoss("official", **overrides)
+    info = engine.init_distributed(args.device)
+    cfg = engine.config_from_args(args)
+    train_set, val_set, num_classes = engine.build_data(args)
+    engine.seed_everything(args.seed)  # the same initial weights in every process
+    model = engine.build_model(args, num_classes)
+    explainer = ICEExplainer(model, variant.build(model, num_classes))
+    if args.checkpoint:
+        engine.load_weights(model, args.checkpoint)
+    set_trainable(model, explainer.head, variant.trainable_blocks,
+                  train_classifier=args.cls_weight > 0)
+    task = engine.ExplainTask(loss_fn, cls_weight=args.cls_weight)
+    meta = {"kind": "ice-explain", "model": args.model, "model_kwargs": args.model_kwargs,
+            "variant": variant.name, "trainable_blocks": variant.trainable_blocks,
+            "num_classes": num_classes, "head": {"dim": explainer.head.dim,
+                                                 "hidden_dim": explainer.head.hidden_dim},
+            "img_size": args.img_size, "loss_mode": loss_fn.mode,
+            "loss": dataclasses.asdict(loss_fn.config)}
+    engine.fit(cfg, explainer, task.step, task.eval, train_set, val_set, info, save_module=model,
+               mixup_fn=build_mixup(num_classes, args.mixup, args.cutmix, label_smoothing=args.smoothing),
+               meta=meta, args=vars(args))
+
+
+if __name__ == "__main__":
+    engine.run_script(main)
