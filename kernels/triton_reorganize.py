@@ -108,7 +108,7 @@ def _backward_kernel(
     g_ptr, x_ptr, s_ptr, order_ptr, gx_ptr, dot_ptr,
     P, n, keep, D,
     stride_gb, stride_gn, stride_gd, stride_xb, stride_xn, stride_xd, stride_sb, stride_sn,
-    stride_gxb, stride_gxn, stride_dotb, stride_dotc,
+    stride_ordb, stride_ordn, stride_gxb, stride_gxn, stride_dotb, stride_dotc,
     FUSE: tl.constexpr, NORMALIZE: tl.constexpr, EPS_: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -118,7 +118,7 @@ def _backward_kernel(
     md = d < D
     g_row = g_ptr + b * stride_gb + d[None, :] * stride_gd
     gx_row = gx_ptr + b * stride_gxb + d[None, :]
-    order_row = order_ptr + b * n
+    order_row = order_ptr + b * stride_ordb
     s_row = s_ptr + b * stride_sb
     for r0 in range(0, P, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
@@ -128,7 +128,7 @@ def _backward_kernel(
     for r0 in range(0, keep, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         mr = r < keep
-        idx = tl.load(order_row + r, mask=mr, other=0)
+        idx = tl.load(order_row + r * stride_ordn, mask=mr, other=0)
         m = mr[:, None] & md[None, :]
         g = tl.load(g_row + (P + r)[:, None] * stride_gn, mask=m)
         tl.store(gx_row + (P + idx)[:, None] * stride_gxn, g, mask=m)
@@ -141,13 +141,13 @@ def _backward_kernel(
             for r0 in range(keep, n, BLOCK_R):
                 r = r0 + tl.arange(0, BLOCK_R)
                 mr = r < n
-                idx = tl.load(order_row + r, mask=mr, other=0)
+                idx = tl.load(order_row + r * stride_ordn, mask=mr, other=0)
                 total += tl.load(s_row + idx * stride_sn, mask=mr, other=0.0).to(tl.float32)
             scale = 1.0 / tl.maximum(tl.sum(total, axis=0), EPS_)
         for r0 in range(keep, n, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             mr = r < n
-            idx = tl.load(order_row + r, mask=mr, other=0)
+            idx = tl.load(order_row + r * stride_ordn, mask=mr, other=0)
             m = mr[:, None] & md[None, :]
             w = tl.load(s_row + idx * stride_sn, mask=mr, other=0.0).to(tl.float32) * scale
             gx = w[:, None] * g_f[None, :]
@@ -161,7 +161,7 @@ def _backward_kernel(
         for r0 in range(keep, n, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             mr = r < n
-            idx = tl.load(order_row + r, mask=mr, other=0)
+            idx = tl.load(order_row + r * stride_ordn, mask=mr, other=0)
             m = mr[:, None] & md[None, :]
             tl.store(gx_row + (P + idx)[:, None] * stride_gxn,
                      tl.zeros([BLOCK_R, BLOCK_D], dtype=gx_ptr.dtype.element_ty), mask=m)
@@ -215,7 +215,8 @@ def reorganize_backward_triton(grad_out: Tensor, x: Tensor, scores: Tensor, orde
     if grad_x.numel():
         _backward_kernel[(B, blocks)](
             grad_out, x, scores, order, grad_x, dots, num_prefix, n, keep, D,
-            *grad_out.stride(), *x.stride(), *scores.stride(), grad_x.stride(0), grad_x.stride(1),
+            *grad_out.stride(), *x.stride(), *scores.stride(), *order.stride(),
+            grad_x.stride(0), grad_x.stride(1),
             dots.stride(0), dots.stride(1),
             FUSE=fuse, NORMALIZE=normalize, EPS_=EPS, BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D)
     grad_scores = torch.zeros(B, n, dtype=torch.float32, device=scores.device)
