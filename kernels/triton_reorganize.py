@@ -26,6 +26,8 @@ from torch import Tensor
 
 from .reference import EPS
 
+# A [BLOCK_R rows x BLOCK_D channels] tile per step, one program per batch row and 128 channels
+# (B * 3 programs at D = 384). Not yet tuned on a GPU.
 _BLOCK_D = 128
 _BLOCK_R = 32
 
@@ -195,11 +197,12 @@ def reorganize_triton(x: Tensor, scores: Tensor, keep: int, num_prefix: int, fus
     n = N - num_prefix
     order = argsort_descending(scores)
     out = torch.empty(B, num_prefix + keep + int(fuse), D, dtype=x.dtype, device=x.device)
+    block_d = _block(D, _BLOCK_D)
     if out.numel():
-        _gather_fuse_kernel[(B, triton.cdiv(D, _BLOCK_D))](
+        _gather_fuse_kernel[(B, triton.cdiv(D, block_d))](
             x, scores, order, out, num_prefix, n, keep, D,
             *x.stride(), *scores.stride(), out.stride(0), out.stride(1),
-            FUSE=fuse, NORMALIZE=normalize, EPS_=EPS, BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D)
+            FUSE=fuse, NORMALIZE=normalize, EPS_=EPS, BLOCK_R=_BLOCK_R, BLOCK_D=block_d)
     return out, order
 
 
@@ -209,7 +212,8 @@ def reorganize_backward_triton(grad_out: Tensor, x: Tensor, scores: Tensor, orde
     """Gradients to ``x`` and ``scores``; the formulas of ``reorganize_backward_reference``."""
     B, N, D = x.shape
     n = N - num_prefix
-    blocks = triton.cdiv(D, _BLOCK_D)
+    block_d = _block(D, _BLOCK_D)
+    blocks = triton.cdiv(D, block_d)
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     dots = torch.empty(B, blocks, n - keep, dtype=torch.float32, device=x.device)
     if grad_x.numel():
@@ -218,7 +222,7 @@ def reorganize_backward_triton(grad_out: Tensor, x: Tensor, scores: Tensor, orde
             *grad_out.stride(), *x.stride(), *scores.stride(), *order.stride(),
             grad_x.stride(0), grad_x.stride(1),
             dots.stride(0), dots.stride(1),
-            FUSE=fuse, NORMALIZE=normalize, EPS_=EPS, BLOCK_R=_BLOCK_R, BLOCK_D=_BLOCK_D)
+            FUSE=fuse, NORMALIZE=normalize, EPS_=EPS, BLOCK_R=_BLOCK_R, BLOCK_D=block_d)
     grad_scores = torch.zeros(B, n, dtype=torch.float32, device=scores.device)
     if fuse:
         a = dots.sum(dim=1)  # <g_F, x_i> per dropped token
