@@ -94,6 +94,18 @@ def test_reorganize_step(benchmark, impl, B):
         "median_step_us": step * 1e6, "effective_GBps": nbytes / step / 1e9})
 
 
+@pytest.mark.parametrize("B", BATCHES)
+def test_device_copy(benchmark, B):
+    """The yardstick for the bandwidth goal: a plain device-to-device copy of the step's input."""
+    src = torch.randn(B, NUM_PREFIX + NUM_PATCHES, DIM, device=DEVICE, dtype=DTYPE)
+    dst = torch.empty_like(src)
+    benchmark.pedantic(_timed(dst.copy_, src), rounds=30 if CUDA else 20, warmup_rounds=2)
+    step = benchmark.stats.stats.median / STEPS
+    benchmark.extra_info.update({
+        "device": torch.cuda.get_device_name() if CUDA else "cpu", "dtype": str(DTYPE), "B": B,
+        "median_step_us": step * 1e6, "copy_GBps": 2 * src.numel() * src.element_size() / step / 1e9})
+
+
 @pytest.mark.parametrize("B", (256,) if CUDA else (8,))
 def test_reorganize_share_of_pruned_forward(benchmark, B):
     """The reorganize steps at all three selection points of DeiT-S (keep rate 0.7, EViT), timed

@@ -293,3 +293,25 @@ def test_gpu_step_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, ref[0]) and torch.equal(order, ref[1])
+
+
+@pytest.mark.parametrize("method", ("ice", "evit"))
+def test_patched_vit_trains_through_the_triton_kernel(method):
+    # the selector's scores (ICE head, [CLS] attention) get the same gradients from both kernels
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, pretrained=False,
+                              num_classes=10).to(DEVICE).train()
+    ice_prune.patch(model, keep_rate=0.5, method=method, locs=(1, 3))
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    grads = []
+    for kernel in KERNEL_NAMES:
+        model._ice.kernel = kernel
+        model.zero_grad()
+        # the ICE head reaches the loss only through the fused tokens' weights, i.e. the kernel
+        model(images).square().sum().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()
+                      if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    if method == "ice":
+        assert grads[0]["ice_head.fc.weight"].abs().sum() > 0
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-5, msg=k)
