@@ -6,7 +6,7 @@ from torch import Tensor
 
 # Fusion weights are renormalized over the dropped tokens (ICE); a sum of near-zero scores must not
 # divide by zero.
-_EPS = 1e-12
+EPS = 1e-12
 
 
 def reorganize_reference(
@@ -44,21 +44,55 @@ def reorganize_reference(
         dropped = order[:, keep:]
         w = scores.gather(1, dropped)
         if normalize:
-            w = w / w.sum(dim=1, keepdim=True).clamp_min(_EPS)
+            w = w / w.sum(dim=1, keepdim=True).clamp_min(EPS)
         dropped_tokens = tokens.gather(1, dropped[..., None].expand(B, n - keep, D))
         fused = torch.einsum("bn,bnd->bd", w.to(torch.float32), dropped_tokens.to(torch.float32))
         parts.append(fused.to(x.dtype)[:, None])
     return torch.cat(parts, dim=1), order
 
 
-def reorganize(
+def reorganize_backward_reference(
+    grad_out: Tensor,
     x: Tensor,
     scores: Tensor,
+    order: Tensor,
     keep: int,
     num_prefix: int,
     fuse: bool = True,
     normalize: bool = False,
-    kernel: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """The reorganize step, dispatched to a kernel. Same contract as :func:`reorganize_reference`."""
-    return reorganize_reference(x, scores, keep, num_prefix, fuse, normalize)
+    """Gradients of :func:`reorganize_reference` to ``x`` and ``scores``, written out by hand.
+
+    It is the CPU backward of the op and the formula the Triton backward kernel implements; the tests
+    check it against autograd through :func:`reorganize_reference`. With ``F`` the fused row, ``g_F``
+    its gradient, ``a_i = <g_F, x_i>`` and ``S`` the sum of the dropped scores:
+
+    * each input row gets its output row's gradient (kept) or ``w_i g_F`` (dropped; 0 without fusion);
+    * a dropped score gets ``a_i`` (EViT, ``w_i = s_i``) or ``(a_i - sum_j w_j a_j) / S``
+      (ICE, ``w_i = s_i / S``); kept scores get 0 (the ranking is piecewise constant).
+    """
+    B, N, D = x.shape
+    n = N - num_prefix
+    grad_x = torch.empty_like(x)
+    grad_x[:, :num_prefix] = grad_out[:, :num_prefix]
+    # inverse permutation: input row P + order[r] came from output row P + r
+    rows = order[..., None].expand(B, n, D)
+    grad_tokens = torch.zeros(B, n, D, dtype=torch.float32, device=x.device)
+    grad_tokens.scatter_(1, rows[:, :keep], grad_out[:, num_prefix:num_prefix + keep].float())
+    grad_scores = torch.zeros(B, n, dtype=torch.float32, device=scores.device)
+    if fuse:
+        dropped = order[:, keep:]
+        g_f = grad_out[:, num_prefix + keep].float()  # [B, D]
+        s = scores.gather(1, dropped).float()
+        total = s.sum(dim=1, keepdim=True)
+        w = s / total.clamp_min(EPS) if normalize else s
+        grad_tokens.scatter_(1, rows[:, keep:], w[..., None] * g_f[:, None])
+        dropped_tokens = x[:, num_prefix:].gather(1, rows[:, keep:]).float()
+        a = torch.einsum("bd,bnd->bn", g_f, dropped_tokens)
+        if normalize:
+            # clamp_min passes the gradient to S only where S >= EPS, else w_i = s_i / EPS
+            centred = (a - (w * a).sum(dim=1, keepdim=True)) / total.clamp_min(EPS)
+            a = torch.where(total >= EPS, centred, a / EPS)
+        grad_scores.scatter_(1, dropped, a)
+    grad_x[:, num_prefix:] = grad_tokens.to(x.dtype)
+    return grad_x, grad_scores.to(scores.dtype)

@@ -1,0 +1,150 @@
+"""Micro-benchmark of the reorganize step (pytest-benchmark).
+
+    .venv/bin/python -m pytest bench/test_kernels.py --benchmark-only --benchmark-columns=median,min,rounds
+
+Three implementations of one selection point (keep the top ``k`` of ``n`` tokens by score, fuse the
+rest as EViT's attention-weighted sum): the Triton kernels, the plain-torch reference, and EViT-style
+eager code (topk, gather, complement, gather, weighted sum, cat). ``extra_info`` holds the median time
+per step and the effective bandwidth over the minimal bytes: every input row read once, ``P + k + 1``
+rows written, the scores read and the int64 order written. The Triton cases need a CUDA GPU and are
+skipped without one; the torch cases run on CPU too (fp32, as a CPU has no fast bf16).
+"""
+import statistics
+import time
+
+import pytest
+import timm
+import torch
+
+import ice_prune
+from ice_prune.kernels import reorganize, reorganize_reference
+from ice_prune.select import keep_count, token_schedule
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+BATCHES = (256, 1024) if CUDA else (64,)
+# steps timed per round: a GPU step is shorter than one host synchronization
+STEPS = 20 if CUDA else 1
+NUM_PREFIX, NUM_PATCHES, DIM, KEEP_RATE = 1, 196, 384, 0.7  # DeiT-S's first selection point
+
+
+def evit_eager(x, scores, keep, num_prefix):
+    """The step as EViT's code writes it: top-k indices, their complement, two gathers, a sum."""
+    B, N, D = x.shape
+    n = N - num_prefix
+    tokens = x[:, num_prefix:]
+    idx = torch.topk(scores, keep, dim=1, largest=True, sorted=True).indices
+    kept = torch.gather(tokens, 1, idx[..., None].expand(B, keep, D))
+    # complement: zero the kept positions in an arange, sort, drop the first ``keep``
+    others = torch.arange(n, device=x.device).expand(B, n).scatter(1, idx, 0)
+    compl = torch.sort(others, dim=1).values[:, keep:]
+    dropped = torch.gather(tokens, 1, compl[..., None].expand(B, n - keep, D))
+    weights = torch.gather(scores, 1, compl).to(x.dtype)
+    fused = torch.sum(dropped * weights[..., None], dim=1, keepdim=True)
+    return torch.cat([x[:, :num_prefix], kept, fused], dim=1), idx
+
+
+IMPLS = {
+    "triton": lambda x, s, k, p: reorganize(x, s, k, p, True, False, "triton"),
+    "torch": lambda x, s, k, p: reorganize_reference(x, s, k, p, True, False),
+    "evit_eager": evit_eager,
+}
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _timed(fn, *args):
+    def run():
+        for _ in range(STEPS):
+            fn(*args)
+        _sync()
+
+    return run
+
+
+def _minimal_bytes(B, N, D, keep, num_prefix, esize):
+    n = N - num_prefix
+    rows = B * (N + num_prefix + keep + 1) * D * esize  # read every row once, write the output
+    return rows + B * n * 4 + B * n * 8  # fp32 scores read, int64 order written
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("B", BATCHES)
+def test_reorganize_step(benchmark, impl, B):
+    if impl == "triton" and not CUDA:
+        pytest.skip("the Triton kernels are benchmarked on a CUDA GPU only")
+    N, keep = NUM_PREFIX + NUM_PATCHES, keep_count(KEEP_RATE, NUM_PATCHES)
+    x = torch.randn(B, N, DIM, device=DEVICE, dtype=DTYPE)
+    scores = torch.rand(B, NUM_PATCHES, device=DEVICE).softmax(dim=1)
+    fn = IMPLS[impl]
+    for _ in range(3):  # warm-up: Triton compile, allocator
+        fn(x, scores, keep, NUM_PREFIX)
+    _sync()
+    benchmark.pedantic(_timed(fn, x, scores, keep, NUM_PREFIX), rounds=30 if CUDA else 20,
+                       warmup_rounds=2)
+    step = benchmark.stats.stats.median / STEPS
+    nbytes = _minimal_bytes(B, N, DIM, keep, NUM_PREFIX, x.element_size())
+    benchmark.extra_info.update({
+        "device": torch.cuda.get_device_name() if CUDA else "cpu",
+        "dtype": str(DTYPE), "B": B, "N": N, "D": DIM, "keep": keep,
+        "median_step_us": step * 1e6, "effective_GBps": nbytes / step / 1e9})
+
+
+@pytest.mark.parametrize("B", BATCHES)
+def test_device_copy(benchmark, B):
+    """The yardstick for the bandwidth goal: a plain device-to-device copy of the step's input."""
+    src = torch.randn(B, NUM_PREFIX + NUM_PATCHES, DIM, device=DEVICE, dtype=DTYPE)
+    dst = torch.empty_like(src)
+    benchmark.pedantic(_timed(dst.copy_, src), rounds=30 if CUDA else 20, warmup_rounds=2)
+    step = benchmark.stats.stats.median / STEPS
+    benchmark.extra_info.update({
+        "device": torch.cuda.get_device_name() if CUDA else "cpu", "dtype": str(DTYPE), "B": B,
+        "median_step_us": step * 1e6, "copy_GBps": 2 * src.numel() * src.element_size() / step / 1e9})
+
+
+@pytest.mark.parametrize("B", (256,) if CUDA else (8,))
+def test_reorganize_share_of_pruned_forward(benchmark, B):
+    """The reorganize steps at all three selection points of DeiT-S (keep rate 0.7, EViT), timed
+    alone, as a share of the pruned model's whole forward (eval, no grad)."""
+    kernel = "triton" if CUDA else "torch"
+    model = timm.create_model("deit_small_patch16_224", pretrained=False)
+    model = ice_prune.patch(model, keep_rate=KEEP_RATE, method="evit", kernel=kernel)
+    model = model.to(DEVICE, DTYPE).eval()
+    images = torch.randn(B, 3, 224, 224, device=DEVICE, dtype=DTYPE)
+    lengths = [NUM_PREFIX + NUM_PATCHES] + token_schedule(NUM_PREFIX + NUM_PATCHES, NUM_PREFIX,
+                                                          [KEEP_RATE] * 3)
+    steps = []
+    for N in lengths[:-1]:
+        n = N - NUM_PREFIX
+        steps.append((torch.randn(B, N, DIM, device=DEVICE, dtype=DTYPE),
+                      torch.rand(B, n, device=DEVICE).softmax(dim=1), keep_count(KEEP_RATE, n)))
+
+    def reorganize_all():
+        for x, scores, keep in steps:
+            reorganize(x, scores, keep, NUM_PREFIX, True, False, kernel)
+
+    def median_seconds(fn, reps):
+        times = []
+        for _ in range(reps):
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    with torch.no_grad():
+        for _ in range(2):
+            model(images)
+            reorganize_all()
+        benchmark.pedantic(lambda: (model(images), _sync()), rounds=10 if CUDA else 3)
+        forward = benchmark.stats.stats.median
+        step_time = median_seconds(reorganize_all, 50 if CUDA else 10)
+    benchmark.extra_info.update({
+        "device": torch.cuda.get_device_name() if CUDA else "cpu", "dtype": str(DTYPE), "B": B,
+        "kernel": kernel, "tokens": lengths, "forward_ms": forward * 1e3,
+        "reorganize_ms": step_time * 1e3, "reorganize_share": step_time / forward})

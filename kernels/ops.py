@@ -1,0 +1,164 @@
+"""The reorganize step as the torch op ``ice_prune::reorganize``, with its kernels and FLOP formula.
+
+The op (``torch.library.custom_op``) has a fake implementation, so ``torch.compile(fullgraph=True)``
+traces through it, and an autograd formula that calls the op ``ice_prune::reorganize_backward``.
+Both dispatch by the ``kernel`` argument to a registry: ``"torch"`` (the plain-torch reference, the
+CPU path) and ``"triton"`` (the kernels in ``triton_reorganize.py``, on CUDA tensors, or on CPU
+tensors when the Triton interpreter is on). ``"auto"`` picks Triton for CUDA tensors.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from .reference import reorganize_backward_reference, reorganize_reference
+
+
+class Kernel(NamedTuple):
+    forward: Callable[..., tuple[Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor]]
+    #: runs on tensors of this device type (besides CUDA)
+    runs_on_cpu: bool
+
+
+KERNELS: dict[str, Kernel] = {
+    "torch": Kernel(reorganize_reference, reorganize_backward_reference, runs_on_cpu=True),
+}
+try:
+    from . import triton_reorganize
+except ImportError:  # no Triton (CPU-only or macOS install): the torch kernel serves everything
+    triton_reorganize = None
+else:
+    KERNELS["triton"] = Kernel(triton_reorganize.reorganize_triton,
+                               triton_reorganize.reorganize_backward_triton,
+                               runs_on_cpu=triton_reorganize.INTERPRETED)
+
+KERNEL_CHOICES = ("auto", "torch", "triton")
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """The kernel that runs for ``kernel`` (``"auto"``, ``"torch"`` or ``"triton"``) on ``device``."""
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNEL_CHOICES}")
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" and "triton" in KERNELS else "torch"
+    if kernel == "triton":
+        if "triton" not in KERNELS:
+            raise RuntimeError("kernel='triton' needs the triton package (pip install triton); "
+                               "use kernel='torch' or 'auto'")
+        if device.type != "cuda" and not KERNELS["triton"].runs_on_cpu:
+            raise ValueError(
+                f"kernel='triton' runs on CUDA tensors, got {device.type} tensors; move the model "
+                f"to a GPU, use kernel='torch' (or 'auto'), or set TRITON_INTERPRET=1 before "
+                f"importing ice_prune to run the Triton interpreter on CPU (slow, for testing)")
+    return kernel
+
+
+@torch.library.custom_op("ice_prune::reorganize", mutates_args=())
+def reorganize_op(x: Tensor, scores: Tensor, keep: int, num_prefix: int, fuse: bool,
+                  normalize: bool, kernel: str) -> tuple[Tensor, Tensor]:
+    """``(out, order)`` of the reorganize step; see :func:`reorganize`."""
+    impl = KERNELS[resolve_kernel(kernel, x.device)]
+    return impl.forward(x, scores, keep, num_prefix, fuse, normalize)
+
+
+@reorganize_op.register_fake
+def _reorganize_fake(x, scores, keep, num_prefix, fuse, normalize, kernel):
+    B, N, D = x.shape
+    out = x.new_empty(B, num_prefix + keep + int(fuse), D)
+    order = scores.new_empty(B, N - num_prefix, dtype=torch.int64)
+    return out, order
+
+
+@torch.library.custom_op("ice_prune::reorganize_backward", mutates_args=())
+def reorganize_backward_op(grad_out: Tensor, x: Tensor, scores: Tensor, order: Tensor, keep: int,
+                           num_prefix: int, fuse: bool, normalize: bool,
+                           kernel: str) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`reorganize_op` to ``x`` and ``scores``."""
+    impl = KERNELS[resolve_kernel(kernel, x.device)]
+    return impl.backward(grad_out, x, scores, order, keep, num_prefix, fuse, normalize)
+
+
+@reorganize_backward_op.register_fake
+def _reorganize_backward_fake(grad_out, x, scores, order, keep, num_prefix, fuse, normalize,
+                              kernel):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scores)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, scores, keep, num_prefix, fuse, normalize, kernel = inputs
+    ctx.save_for_backward(x, scores, output[1])
+    ctx.args = (keep, num_prefix, fuse, normalize, kernel)
+
+
+def _backward(ctx, grad_out: Tensor, grad_order: Optional[Tensor]):
+    x, scores, order = ctx.saved_tensors
+    grad_x, grad_scores = reorganize_backward_op(grad_out, x, scores, order, *ctx.args)
+    return grad_x, grad_scores, None, None, None, None, None
+
+
+reorganize_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def reorganize_macs(B: int, n: int, D: int, keep: int, fuse: bool = True) -> int:
+    """Multiply-adds of one reorganize step: the weighted sum of the ``n - keep`` dropped rows of
+    width ``D`` into the fused row, per batch row (copies and the ranking are not arithmetic)."""
+    return B * (n - keep) * D if fuse else 0
+
+
+# FlopCounterMode counts FLOPs, 2 per multiply-add (as its matmul formulas do).
+@register_flop_formula(torch.ops.ice_prune.reorganize)
+def _reorganize_flop(x_shape, scores_shape, keep, num_prefix, fuse, *args, out_shape=None,
+                     **kwargs) -> int:
+    B, N, D = x_shape
+    return 2 * reorganize_macs(B, N - num_prefix, D, keep, fuse)
+
+
+@register_flop_formula(torch.ops.ice_prune.reorganize_backward)
+def _reorganize_backward_flop(grad_shape, x_shape, scores_shape, order_shape, keep, num_prefix,
+                              fuse, *args, out_shape=None, **kwargs) -> int:
+    # the dropped rows' gradient w_i * g_F and the scores' dot products <g_F, x_i>
+    B, N, D = x_shape
+    return 2 * 2 * reorganize_macs(B, N - num_prefix, D, keep, fuse)
+
+
+def reorganize(
+    x: Tensor,
+    scores: Tensor,
+    keep: int,
+    num_prefix: int,
+    fuse: bool = True,
+    normalize: bool = False,
+    kernel: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """The reorganize step through the op ``ice_prune::reorganize``.
+
+    Same contract as :func:`~ice_prune.kernels.reference.reorganize_reference` (``out [B, P + keep
+    (+1), D]`` with the kept tokens in descending score order and the fused token last, and ``order
+    [B, n]`` int64, the stable descending argsort of ``scores``); differentiable in ``x`` and
+    ``scores``. ``kernel``: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or
+    ``"torch"``.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, N, D] tokens, got shape {tuple(x.shape)}")
+    B, N, D = x.shape
+    if (isinstance(num_prefix, bool) or not isinstance(num_prefix, numbers.Integral)
+            or not 0 <= num_prefix < N):
+        raise ValueError(f"num_prefix must be an int in [0, {N}) for {N} tokens, got {num_prefix!r}")
+    n = N - num_prefix
+    if scores.shape != (B, n):
+        raise ValueError(
+            f"scores must be [B, N - num_prefix] = [{B}, {n}] (one per non-prefix token), got "
+            f"{tuple(scores.shape)}")
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or not 0 < keep <= n:
+        raise ValueError(f"keep must be an int in [1, {n}] (of {n} non-prefix tokens), got {keep!r}")
+    if not x.is_floating_point() or not scores.is_floating_point():
+        raise TypeError(f"x and scores must be floating point, got {x.dtype} and {scores.dtype}")
+    if x.device != scores.device:
+        raise ValueError(f"x and scores must be on one device, got {x.device} and {scores.device}")
+    kernel = resolve_kernel(kernel, x.device)
+    return reorganize_op(x, scores, int(keep), int(num_prefix), bool(fuse), bool(normalize), kernel)

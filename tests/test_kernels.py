@@ -1,0 +1,317 @@
+"""The reorganize op and its kernels against the plain-torch reference.
+
+The same tests run on CPU, where the Triton kernels run in the interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), and on a GPU, where they are compiled.
+"""
+import pytest
+import timm
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+import ice_prune
+from ice_prune.kernels import (KERNELS, reorganize, reorganize_backward_reference, reorganize_macs,
+                               reorganize_reference, resolve_kernel)
+from ice_prune.kernels import ops
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KERNEL_NAMES = ("torch", "triton")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# relative to sum_i |w_i x_i| (the fused row's condition): fp32 summation order, one rounding of the
+# output and, for bf16/fp16 scores, the reference's weights computed in that dtype
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-5}
+
+
+def _inputs(B, N, D, P, dtype=torch.float32, score_dtype=torch.float32):
+    x = torch.randn(B, N, D, device=DEVICE).to(dtype)
+    scores = torch.rand(B, N - P, device=DEVICE).to(score_dtype)
+    return x, scores
+
+
+def _check_forward(x, scores, keep, P, fuse, normalize, kernel):
+    out, order = reorganize(x, scores, keep, P, fuse, normalize, kernel)
+    ref, ref_order = reorganize_reference(x, scores, keep, P, fuse, normalize)
+    assert out.shape == ref.shape and out.dtype == x.dtype and out.is_contiguous()
+    assert order.dtype == torch.int64
+    torch.testing.assert_close(order, ref_order, rtol=0, atol=0)
+    assert torch.equal(out[:, :P + keep], ref[:, :P + keep]), "prefix and kept rows must be copies"
+    if fuse:
+        # the same weighted sum of |w_i| |x_i| bounds the rounding error
+        scale = reorganize_reference(x.abs(), scores.abs(), keep, P, True, normalize)[0][:, -1]
+        err = (out[:, -1].float() - ref[:, -1].float()).abs()
+        tol = max(TOL[x.dtype], TOL[scores.dtype])
+        assert (err <= tol * scale.float() + 1e-6).all(), f"fused row off by {err.max().item()}"
+    return out, order
+
+
+def test_reference_hand_computed():
+    # 1 prefix token, 3 patch tokens scored 0.1, 0.5, 0.2; keep 1: token 1 kept, tokens 2 then 0 fused
+    x = torch.tensor([[[9.0, 9.0], [1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]])
+    s = torch.tensor([[0.1, 0.5, 0.2]])
+    out, order = reorganize_reference(x, s, 1, 1, fuse=True, normalize=False)
+    assert order.tolist() == [[1, 2, 0]]
+    torch.testing.assert_close(out, torch.tensor([[[9.0, 9.0], [3.0, 4.0],
+                                                  [0.2 * 5 + 0.1 * 1, 0.2 * 6 + 0.1 * 2]]]))
+    out, _ = reorganize_reference(x, s, 1, 1, fuse=True, normalize=True)
+    torch.testing.assert_close(out[0, -1], torch.tensor([(0.2 * 5 + 0.1 * 1) / 0.3,
+                                                         (0.2 * 6 + 0.1 * 2) / 0.3]))
+    out, _ = reorganize_reference(x, s, 2, 1, fuse=False)
+    torch.testing.assert_close(out, torch.tensor([[[9.0, 9.0], [3.0, 4.0], [5.0, 6.0]]]))
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fuse,normalize", [(True, False), (True, True), (False, False)])
+def test_forward_matches_reference(kernel, dtype, fuse, normalize):
+    x, scores = _inputs(3, 1 + 50, 72, 1, dtype)
+    _check_forward(x, scores, 35, 1, fuse, normalize, kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+def test_ties_nan_and_inf_sort_like_torch(kernel):
+    x, _ = _inputs(2, 2 + 40, 16, 2)
+    scores = (torch.rand(2, 40, device=DEVICE) * 4).floor()  # many ties: stable order decides
+    scores[0, 5], scores[0, 9], scores[1, 0] = float("nan"), float("nan"), float("inf")
+    scores[1, 7] = float("-inf")
+    out, order = reorganize(x, scores, 12, 2, False, False, kernel)
+    torch.testing.assert_close(order, torch.argsort(scores, dim=1, descending=True, stable=True),
+                               rtol=0, atol=0)
+    assert torch.equal(out, reorganize_reference(x, scores, 12, 2, False)[0])
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+def test_keep_all_gives_a_zero_fused_row(kernel):
+    x, scores = _inputs(2, 1 + 9, 8, 1)
+    out, _ = _check_forward(x, scores, 9, 1, True, True, kernel)
+    assert torch.equal(out[:, -1], torch.zeros_like(out[:, -1]))
+
+
+@pytest.mark.parametrize("fuse,normalize", [(True, False), (True, True), (False, False)])
+def test_backward_reference_is_autograd(fuse, normalize):
+    x = torch.randn(2, 1 + 30, 24, dtype=torch.float64, requires_grad=True)
+    s = torch.rand(2, 30, dtype=torch.float64, requires_grad=True)
+    out, order = reorganize_reference(x, s, 11, 1, fuse, normalize)
+    g = torch.randn_like(out)
+    gx, gs = torch.autograd.grad(out, (x, s), g, allow_unused=True)
+    mine_x, mine_s = reorganize_backward_reference(g, x.detach(), s.detach(), order, 11, 1, fuse,
+                                                   normalize)
+    torch.testing.assert_close(mine_x, gx)
+    torch.testing.assert_close(mine_s, gs if gs is not None else torch.zeros_like(s))
+
+
+def test_backward_reference_tiny_dropped_sum_follows_clamp():
+    # sum of dropped scores below EPS: weights s_i / EPS, no gradient through the sum
+    x = torch.randn(1, 6, 4, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([[0.9, 0.8, 1e-14, 2e-14, 3e-14, 0.7]], dtype=torch.float64,
+                     requires_grad=True)
+    out, order = reorganize_reference(x, s, 3, 0, True, True)
+    g = torch.randn_like(out)
+    gx, gs = torch.autograd.grad(out, (x, s), g)
+    mine = reorganize_backward_reference(g, x.detach(), s.detach(), order, 3, 0, True, True)
+    torch.testing.assert_close(mine[0], gx)
+    torch.testing.assert_close(mine[1], gs)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("fuse,normalize", [(True, False), (True, True), (False, False)])
+def test_gradients_match_reference_autograd(kernel, dtype, fuse, normalize):
+    x, scores = _inputs(3, 1 + 40, 150, 1, dtype)  # D = 150: two channel blocks, the last partial
+    g = torch.randn(3, 1 + 17 + int(fuse), 150, device=DEVICE).to(dtype)
+    grads = []
+    for fn in (reorganize_reference, lambda *a: reorganize(*a, kernel=kernel)):
+        xr, sr = x.clone().requires_grad_(), scores.clone().requires_grad_()
+        out, _ = fn(xr, sr, 17, 1, fuse, normalize)
+        out.backward(g)
+        grads.append((xr.grad, sr.grad if sr.grad is not None else torch.zeros_like(sr)))
+    (ref_x, ref_s), (gx, gs) = grads
+    tol = TOL[dtype]
+    torch.testing.assert_close(gx, ref_x, rtol=tol, atol=tol)
+    torch.testing.assert_close(gs, ref_s, rtol=1e-4, atol=1e-4 * ref_s.abs().max().item())
+
+
+def test_backward_accepts_expanded_gradient():
+    # out.sum() backpropagates a stride-0 gradient; the kernel reads it through its strides
+    x, scores = _inputs(2, 1 + 20, 33, 1)
+    for kernel in KERNEL_NAMES:
+        xr, sr = x.clone().requires_grad_(), scores.clone().requires_grad_()
+        reorganize(xr, sr, 8, 1, True, True, kernel)[0].sum().backward()
+        if kernel == "torch":
+            ref = xr.grad, sr.grad
+        else:
+            torch.testing.assert_close((xr.grad, sr.grad), ref)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("fuse,normalize", [(True, True), (False, False)])
+def test_opcheck(kernel, fuse, normalize):
+    x, scores = _inputs(2, 1 + 12, 20, 1)
+    args = (x.requires_grad_(), scores.requires_grad_(), 5, 1, fuse, normalize, kernel)
+    torch.library.opcheck(torch.ops.ice_prune.reorganize.default, args)
+
+
+def test_flop_counter_counts_the_fused_sum():
+    B, P, n, D, keep = 4, 1, 30, 64, 20
+    x, scores = _inputs(B, P + n, D, P)
+    x.requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        out, _ = reorganize(x, scores, keep, P, True, True, "torch")
+    assert reorganize_macs(B, n, D, keep) == B * (n - keep) * D
+    assert counter.get_total_flops() == 2 * B * (n - keep) * D
+    with FlopCounterMode(display=False) as counter:
+        out.sum().backward()
+    assert counter.get_total_flops() == 4 * B * (n - keep) * D
+    assert reorganize_macs(B, n, D, keep, fuse=False) == 0
+
+
+def test_kernel_resolution_and_errors(monkeypatch):
+    assert resolve_kernel("auto", torch.device("cpu")) == "torch"
+    assert resolve_kernel("auto", torch.device("cuda")) == ("triton" if "triton" in KERNELS
+                                                            else "torch")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        resolve_kernel("cuda", torch.device("cpu"))
+    monkeypatch.setitem(KERNELS, "triton", KERNELS["triton"]._replace(runs_on_cpu=False))
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        resolve_kernel("triton", torch.device("cpu"))
+
+
+def test_bad_input_raises_a_clear_error():
+    x, scores = _inputs(2, 11, 8, 1)
+    with pytest.raises(ValueError, match="keep must be an int in"):
+        reorganize(x, scores, 0, 1)
+    with pytest.raises(ValueError, match="keep must be an int in"):
+        reorganize(x, scores, 11, 1)
+    with pytest.raises(ValueError, match=r"scores must be \[B, N - num_prefix\]"):
+        reorganize(x, scores[:, 1:], 3, 1)
+    with pytest.raises(ValueError, match="num_prefix must be"):
+        reorganize(x, scores, 3, 11)
+    with pytest.raises(ValueError, match=r"x must be \[B, N, D\]"):
+        reorganize(x[0], scores, 3, 1)
+    with pytest.raises(TypeError, match="floating point"):
+        reorganize(x, (scores * 10).long(), 3, 1)
+
+
+def test_compiled_op_forward_and_backward_match_eager():
+    x, scores = _inputs(2, 1 + 24, 40, 1)
+
+    def step(x, s):
+        out, order = reorganize(x, s, 10, 1, True, True, "triton")
+        return (out.float() ** 2).sum(), order
+
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        xr, sr = x.clone().requires_grad_(), scores.clone().requires_grad_()
+        loss, order = fn(xr, sr)
+        loss.backward()
+        grads.append((loss.detach(), order, xr.grad, sr.grad))
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("method", ("ice", "evit"))
+def test_compiled_patched_vit_with_triton_matches_torch_kernel(method):
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, pretrained=False,
+                              num_classes=10).to(DEVICE).eval()
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    ice_prune.patch(model, keep_rate=0.5, method=method, kernel="torch", trace=True)
+    with torch.no_grad():
+        expected = model(images)
+        kept = [loc["kept"] for loc in model.ice_trace["locations"]]
+        model._ice.kernel = "triton"
+        torch.testing.assert_close(model(images), expected, rtol=1e-5, atol=1e-5)
+        assert all(torch.equal(loc["kept"], k) for loc, k in zip(model.ice_trace["locations"], kept))
+        model.trace = False
+        # inductor on a GPU; on CPU aot_eager traces the same graph (fake op, autograd) without the
+        # C++ compile time
+        backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        torch.testing.assert_close(compiled(images), expected, rtol=1e-4, atol=1e-4)
+
+
+def _strided(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``t`` in another memory layout."""
+    if layout == "transposed":  # last dim not unit-stride
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "sliced":  # every other element of a wider buffer
+        wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    B=st.integers(1, 3), P=st.integers(0, 2), n=st.integers(1, 40), D=st.integers(1, 70),
+    keep_frac=st.floats(0.0, 1.0), dtype=st.sampled_from(DTYPES),
+    score_dtype=st.sampled_from((torch.float32, "same")),
+    layout=st.sampled_from(("contiguous", "transposed", "sliced")),
+    fuse=st.booleans(), normalize=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_forward_matches_reference(B, P, n, D, keep_frac, dtype, score_dtype, layout,
+                                            fuse, normalize, seed):
+    torch.manual_seed(seed)
+    keep = max(1, round(keep_frac * n))
+    x, scores = _inputs(B, P + n, D, P, dtype, dtype if score_dtype == "same" else score_dtype)
+    _check_forward(_strided(x, layout), _strided(scores, layout), keep, P, fuse, normalize,
+                   "triton")
+
+
+@settings(max_examples=15, deadline=None)
+@given(B=st.integers(1, 2), P=st.integers(0, 2), n=st.integers(1, 30), D=st.integers(1, 40),
+       keep_frac=st.floats(0.0, 1.0), fuse=st.booleans(), normalize=st.booleans(),
+       layout=st.sampled_from(("contiguous", "transposed")), seed=st.integers(0, 2**16))
+def test_property_backward_matches_reference(B, P, n, D, keep_frac, fuse, normalize, layout, seed):
+    torch.manual_seed(seed)
+    keep = max(1, round(keep_frac * n))
+    x, scores = _inputs(B, P + n, D, P)
+    x, scores = _strided(x, layout), _strided(scores, layout)
+    out, order = reorganize_reference(x, scores, keep, P, fuse, normalize)
+    g = torch.randn_like(out)
+    ref = reorganize_backward_reference(g, x, scores, order, keep, P, fuse, normalize)
+    mine = ops.reorganize_backward_op(_strided(g, layout), x, scores, order, keep, P, fuse,
+                                      normalize, "triton")
+    torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse,normalize", [(True, False), (True, True)])
+def test_gpu_large_shapes(fuse, normalize):
+    x, scores = _inputs(256, 1 + 196, 384, 1, torch.bfloat16)
+    _check_forward(x, scores, 138, 1, fuse, normalize, "triton")
+    x, scores = _inputs(4, 1 + 3136, 768, 1, torch.bfloat16)  # 896 px images: n in the thousands
+    _check_forward(x, scores, 2195, 1, fuse, normalize, "triton")
+
+
+@pytest.mark.gpu
+def test_gpu_step_captures_in_a_cuda_graph():
+    # a host synchronization (.item(), nonzero) inside the step would make the capture fail
+    x, scores = _inputs(64, 1 + 196, 384, 1, torch.bfloat16)
+    ref = reorganize(x, scores, 138, 1, True, True, "triton")
+    reorganize(x, scores, 138, 1, True, True, "triton")  # compile the kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, order = reorganize(x, scores, 138, 1, True, True, "triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref[0]) and torch.equal(order, ref[1])
+
+
+@pytest.mark.parametrize("method", ("ice", "evit"))
+def test_patched_vit_trains_through_the_triton_kernel(method):
+    # the selector's scores (ICE head, [CLS] attention) get the same gradients from both kernels
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, pretrained=False,
+                              num_classes=10).to(DEVICE).train()
+    ice_prune.patch(model, keep_rate=0.5, method=method, locs=(1, 3))
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    grads = []
+    for kernel in KERNEL_NAMES:
+        model._ice.kernel = kernel
+        model.zero_grad()
+        # the ICE head reaches the loss only through the fused tokens' weights, i.e. the kernel
+        model(images).square().sum().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()
+                      if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    if method == "ice":
+        assert grads[0]["ice_head.fc.weight"].abs().sum() > 0
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-5, msg=k)
