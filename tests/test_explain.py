@@ -1,0 +1,192 @@
+"""Explanation maps against a plain-torch re-implementation of a tiny 2-block ViT's forward, with its
+attention written out by hand, and the baselines' formulas computed from those matrices."""
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import ice_prune
+from ice_prune import explain as ex
+from ice_prune.head import ICEHead
+
+C = 3  # classes
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=C)
+    # break the symmetry of the default zero-initialized head and cls token
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+@pytest.fixture
+def images():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 16, 16)
+
+
+def reference_forward(m, x):
+    """Plain torch: returns (logits, attention per block [B, H, N, N], pre-norm tokens)."""
+    B = x.shape[0]
+    t = m.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    t = torch.cat([m.cls_token.expand(B, -1, -1), t], 1) + m.pos_embed
+    attns = []
+    for blk in m.blocks:
+        h = blk.norm1(t)
+        H, D = blk.attn.num_heads, t.shape[-1]
+        qkv = (h @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).reshape(B, -1, 3, H, D // H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / (D // H) ** 0.5, dim=-1)
+        attns.append(a)
+        o = (a @ v).transpose(1, 2).reshape(B, -1, D)
+        t = t + blk.attn.proj(o)
+        t = t + blk.mlp(blk.norm2(t))
+    logits = m.head(m.norm(t)[:, 0])
+    return logits, attns, t
+
+
+def grads_of_target(m, x):
+    logits, attns, _ = reference_forward(m, x)
+    cls = logits.argmax(-1)
+    grads = torch.autograd.grad(logits.gather(1, cls[:, None]).sum(), attns)
+    return [a.detach() for a in attns], grads, cls
+
+
+def test_reference_forward_matches_timm(model, images):
+    logits, _, _ = reference_forward(model, images)
+    torch.testing.assert_close(logits, model(images), atol=1e-5, rtol=1e-5)
+
+
+def test_raw_attention(model, images):
+    _, attns, _ = reference_forward(model, images)
+    a = attns[-1].detach()
+    torch.testing.assert_close(ex.raw_attention(model, images), a.mean(1)[:, 0, 1:].reshape(2, 2, 2))
+    torch.testing.assert_close(ex.raw_attention(model, images, per_head=True),
+                               a[:, :, 0, 1:].reshape(2, 2, 2, 2))
+
+
+def test_rollout_by_hand(model, images):
+    _, attns, _ = reference_forward(model, images)
+    eye = torch.eye(5)
+    a0, a1 = (0.5 * a.detach().mean(1) + 0.5 * eye for a in attns)  # rows of A sum to 1
+    expected = (a1 @ a0)[:, 0, 1:].reshape(2, 2, 2)
+    torch.testing.assert_close(ex.rollout(model, images), expected)
+
+
+def test_attention_gradcam(model, images):
+    attns, grads, _ = grads_of_target(model, images)
+    cam, g = attns[-1][:, :, 0, 1:], grads[-1][:, :, 0, 1:]          # [B, H, 4]
+    w = g.mean(-1, keepdim=True)
+    expected = torch.relu((cam * w).mean(1)).reshape(2, 2, 2)
+    torch.testing.assert_close(ex.attention_gradcam(model, images), expected)
+
+
+def test_generic_attention(model, images):
+    attns, grads, _ = grads_of_target(model, images)
+    expected = []
+    for b in range(2):
+        R = torch.eye(5)
+        for a, g in zip(attns, grads):
+            R = R + torch.relu(g[b] * a[b]).mean(0) @ R
+        expected.append(R[0, 1:].reshape(2, 2))
+    torch.testing.assert_close(ex.generic_attention(model, images), torch.stack(expected))
+
+
+def test_given_target_changes_gradient_maps(model, images):
+    _, _, cls = grads_of_target(model, images)
+    other = (cls + 1) % C
+    assert not torch.allclose(ex.generic_attention(model, images, target=other),
+                              ex.generic_attention(model, images))
+    with pytest.raises(ValueError, match="target"):
+        ex.attention_gradcam(model, images, target=C)
+
+
+def test_model_left_as_it_was(model, images):
+    before = model(images)
+    model.blocks[1].attn.fused_attn = True
+    ex.generic_attention(model, images)
+    assert [b.attn.fused_attn for b in model.blocks] == [model.blocks[0].attn.fused_attn, True]
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not b.attn.attn_drop._forward_hooks for b in model.blocks)
+    torch.testing.assert_close(model(images), before)
+
+
+def test_ice_explain(model, images):
+    head = ICEHead(16, C)
+    with torch.no_grad():
+        head.fc.weight.normal_()
+    logits, _, tokens = reference_forward(model, images)
+    z = head(tokens[:, 1:]).detach()                           # [B, 4, C+1]
+    e = ex.ice_explain(model, images, head=head)
+    torch.testing.assert_close(e.patch_logits, z.transpose(1, 2).reshape(2, C + 1, 2, 2))
+    assert torch.equal(e.target, logits.argmax(-1))
+    p = z.softmax(-1)
+    expected = p[torch.arange(2), :, e.target].reshape(2, 2, 2)
+    torch.testing.assert_close(e.class_map, expected)
+    assert torch.equal(e.foreground, (z.argmax(-1) != C).reshape(2, 2, 2))
+    assert torch.equal(e.prediction, z.argmax(-1).reshape(2, 2, 2))
+    torch.testing.assert_close(ex.explain(model, images, "ice", target=1, head=head),
+                               p[:, :, 1].reshape(2, 2, 2))
+
+
+def test_ice_head_from_a_patched_model_and_full_tokens(model, images):
+    ice_prune.patch(model, keep_rate=0.5, method="ice", num_classes=C, locs=(1,))
+    logits, _, tokens = reference_forward(model, images)  # the unpruned network
+    z = model.ice_head(tokens[:, 1:]).detach()
+    e = ex.ice_explain(model, images)                  # runs with every token, keep_rate restored
+    assert model.keep_rate == 0.5
+    assert torch.equal(e.target, logits.argmax(-1))
+    torch.testing.assert_close(e.patch_logits, z.transpose(1, 2).reshape(2, C + 1, 2, 2))
+    # the baselines see every token too
+    torch.testing.assert_close(ex.raw_attention(model, images),
+                               reference_forward(model, images)[1][-1].detach().mean(1)[:, 0, 1:]
+                               .reshape(2, 2, 2))
+
+
+def test_ice_explain_needs_a_head(model, images):
+    with pytest.raises(ValueError, match="ice_head"):
+        ex.ice_explain(model, images)
+    with pytest.raises(ValueError, match="target="):
+        ex.ice_explain(model, images, head=ICEHead(16, C + 2))
+
+
+def test_pm_style_map(model, images):
+    logits, _, tokens = reference_forward(model, images)
+    patch_logits = model.head(model.norm(tokens[:, 1:])).detach()  # fc_norm is Identity here
+    cls = logits.argmax(-1)
+    expected = patch_logits.softmax(-1)[torch.arange(2), :, cls].reshape(2, 2, 2)
+    torch.testing.assert_close(ex.pm_style_map(model, images), expected)
+
+
+def test_pm_style_loss_by_hand():
+    # one image, two patches, two classes: P(class 0) = 3/4 on both
+    logits = torch.log(torch.tensor([3.0, 1.0]))[None, :, None, None].expand(1, 2, 1, 2)
+    loss = ex.pm_style_loss(logits, torch.tensor([0]), torch.tensor([[[1.0, 0.0]]]))
+    expected = -(torch.log(torch.tensor(0.75)) + torch.log(torch.tensor(0.25))) / 2
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="patch_masks"):
+        ex.pm_style_loss(logits, torch.tensor([0]), torch.ones(1, 2, 2))
+
+
+def test_upsample_modes():
+    m = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
+    up = ex.upsample(m, (4, 4), mode="nearest")
+    assert torch.equal(up[0], torch.tensor([[0.0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]))
+    # bilinear, align_corners=False: pixel 1 of 4 samples source coordinate 0.25
+    assert ex.upsample(m, (4, 4))[0, 0, 1].item() == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="unknown explanation method"):
+        ex.explain(None, m, "lrp")
+
+
+def test_every_method_runs_on_a_timm_model():
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, pretrained=False,
+                          num_classes=5).eval()
+    x = torch.randn(1, 3, 32, 32)
+    for name in ex.METHODS:
+        kw = {"head": ICEHead(192, 5)} if name == "ice" else {}
+        out = ex.explain(m, x, name, size=(32, 32), **kw)
+        assert out.shape == (1, 32, 32) and torch.isfinite(out).all(), name
