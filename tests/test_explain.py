@@ -277,6 +277,36 @@ def test_explain_errors(setup, tmp_path):
                        "--out", str(tmp_path)])
 
 
+class FakeScenes(torch.utils.data.Dataset):
+    """Stands in for SyntheticScenes (another issue's dataset) with its item layout."""
+
+    def __init__(self, num_classes, img_size, split, return_mask, length=3):
+        assert (split, return_mask) == ("val", True)
+        self.num_classes, self.img_size, self.length = num_classes, img_size, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        mask = torch.zeros(self.img_size, self.img_size, dtype=torch.bool)
+        mask[4 * i: 16 + 4 * i, 8:24] = True
+        return torch.randn(3, self.img_size, self.img_size), i % self.num_classes, mask
+
+
+def test_explain_synthetic_code_path(setup, tmp_path, monkeypatch):
+    _, ckpt, _ = setup
+    monkeypatch.setattr(data, "SyntheticScenes", FakeScenes, raising=False)
+    res = evaluate.main(["explain", "--data", "synthetic", "--data-kwargs", '{"length": 2}', "--checkpoint",
+                         ckpt, *MODEL, "--out", str(tmp_path / "o"), "--quiet"])
+    assert res["images"] == 2
+    for m, r in res["methods"].items():
+        assert 0 <= r["pixel_accuracy"] <= 100 and 0 <= r["miou"] <= 100, m
+        assert all(0 <= v <= 100 for v in r["jaccard"].values()), m
+    assert set(res["methods"]["raw-attention"]["jaccard"]) == {"mean@0.9", "mean@0.8", "best-head@0.9",
+                                                                "best-head@0.8"}
+    assert set(res["methods"]["ice"]["jaccard"]) == {"mask"}
+
+
 def test_synthetic_needs_scenes_dataset(tmp_path):
     if hasattr(data, "SyntheticScenes"):
         pytest.skip("SyntheticScenes present: covered by the training issue's tests")

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 import numpy as np
 import timm
 import torch
+import torchvision
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -102,27 +103,32 @@ def build_model(args, num_classes: Optional[int] = None) -> tuple[torch.nn.Modul
 # ---------------------------------------------------------------------------------------------
 # data
 
-def synthetic_dataset(args) -> Dataset:
+def synthetic_dataset(args, num_classes: int) -> Dataset:
+    """SyntheticScenes' validation split with masks, sized for the model; ``--data-kwargs`` (JSON)
+    overrides any argument, e.g. ``'{"length": 500, "seed": 0}'``."""
     try:
         from ice_prune.data import SyntheticScenes
     except ImportError as e:
         raise SystemExit("--data synthetic needs ice_prune.data.SyntheticScenes (the training issue's "
                          "dataset); it is not in this installation") from e
-    return SyntheticScenes(**json.loads(args.data_kwargs))
+    kwargs = {"num_classes": num_classes, "img_size": image_size(args), "split": "val",
+              "return_mask": True, **json.loads(args.data_kwargs)}
+    return SyntheticScenes(**kwargs)
 
 
 def image_size(args) -> int:
     return args.img_size or 224
 
 
+# (path, args, num_classes of the model) -> dataset
 DATASETS: dict[str, Callable] = {
-    "synthetic": lambda path, a: synthetic_dataset(a),
-    "imagenet-seg": lambda path, a: idata.ImageNetSegmentation(path, image_size=image_size(a)),
-    "voc": lambda path, a: idata.VOCSegmentationEval(path, image_size=image_size(a)),
-    "voc07": lambda path, a: idata.VOCDetectionEval(path, year="2007", image_size=image_size(a)),
-    "voc12": lambda path, a: idata.VOCDetectionEval(path, year="2012", image_size=image_size(a)),
-    "cub": lambda path, a: idata.CUB200(path, image_size=image_size(a)),
-    "folder": lambda path, a: __import__("torchvision").datasets.ImageFolder(
+    "synthetic": lambda path, a, c: synthetic_dataset(a, c),
+    "imagenet-seg": lambda path, a, c: idata.ImageNetSegmentation(path, image_size=image_size(a)),
+    "voc": lambda path, a, c: idata.VOCSegmentationEval(path, image_size=image_size(a)),
+    "voc07": lambda path, a, c: idata.VOCDetectionEval(path, year="2007", image_size=image_size(a)),
+    "voc12": lambda path, a, c: idata.VOCDetectionEval(path, year="2012", image_size=image_size(a)),
+    "cub": lambda path, a, c: idata.CUB200(path, image_size=image_size(a)),
+    "folder": lambda path, a, c: torchvision.datasets.ImageFolder(
         path, transform=timm.data.create_transform(image_size(a))),
 }
 
@@ -188,8 +194,8 @@ def run_explain(args) -> dict:
     if kind not in PROTOCOLS:
         raise SystemExit(f"--data {kind} has no masks or boxes to explain against; use one of "
                          f"{sorted(PROTOCOLS)}")
-    dataset = DATASETS[kind](path, args)
     model, head, _ = build_model(args)
+    dataset = DATASETS[kind](path, args, model.num_classes)
     if "ice" in methods and head is None:
         raise SystemExit("--methods ice needs an ICE head: the checkpoint has no ice_head.* keys "
                          "(train one with train/explain.py, or drop ice from --methods)")
@@ -264,17 +270,21 @@ def jaccard_masks(model, image, name, patch_map, ice, i, size, target):
     if name == "ice":
         yield "mask", ex.upsample(ice.foreground[i:i + 1].float(), size, mode="nearest")[0] > 0.5
         return
+    heads = ex.raw_attention(model, image, target=target, per_head=True)[0] if name == "raw-attention" else None
     for tau in JACCARD_TAUS:
         flat = patch_map.reshape(1, -1)
         m = torch.from_numpy(M.cumulative_mass_mask(flat, tau)).float().reshape(1, *patch_map.shape)
         yield f"mean@{tau}", ex.upsample(m, size, mode="nearest")[0] > 0.5
-        if name == "raw-attention":
-            heads = ex.raw_attention(model, image, target=target, per_head=True)[0]
+        if heads is not None:
             hm = torch.from_numpy(M.cumulative_mass_mask(heads.reshape(heads.shape[0], -1), tau)).float()
             yield f"best-head@{tau}", ex.upsample(hm.reshape(heads.shape), size, mode="nearest") > 0.5
 
 
 def grid_row(image, up, ice, i, target, kind) -> dict[str, np.ndarray]:
+    # every dataset here normalizes with ImageNet's mean and std (SyntheticScenes too): undo it
+    mean = torch.tensor(timm.data.IMAGENET_DEFAULT_MEAN)[:, None, None]
+    std = torch.tensor(timm.data.IMAGENET_DEFAULT_STD)[:, None, None]
+    image = (image * std + mean).clamp(0, 1)
     row = {"image": vis.to_uint8_image(image)}
     for m, v in up.items():
         row[m] = vis.overlay(image, v[i])
@@ -308,8 +318,8 @@ def format_table(results: dict) -> str:
 
 def run_accuracy(args) -> dict:
     kind, path = parse_data(args.data)
-    dataset = DATASETS[kind](path, args)
     model, head, head_sd = build_model(args)
+    dataset = DATASETS[kind](path, args, model.num_classes)
     if args.method is not None:
         num_classes = head.num_classes if head is not None else None
         ice_prune.patch(model, keep_rate=args.keep_rate, method=args.method, num_classes=num_classes)
