@@ -4,7 +4,12 @@
 >>> model = timm.create_model("deit_small_patch16_224")
 >>> ice_prune.patch(model, keep_rate=0.7, method="ice")   # 197 -> 140 -> 100 -> 72 tokens
 >>> model.keep_rate = 0.5                                 # takes effect on the next forward
+>>> maps = ice_prune.explain(model, images, "ice")        # or "rollout", "gradcam", "generic", ...
+
+``ice_prune.explain`` is the function; the module of the same name is reached with
+``from ice_prune.explain import ...`` (or ``importlib.import_module("ice_prune.explain")``).
 """
+from ice_prune.explain import explain
 from ice_prune.head import ICEHead
 from ice_prune.patch import keep_rate_schedule, patch, unpatch
 from ice_prune.select import SELECTORS, register_selector, token_schedule
@@ -14,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ICEHead",
     "SELECTORS",
+    "explain",
     "keep_rate_schedule",
     "patch",
     "register_selector",
