@@ -275,6 +275,8 @@ def test_explain_errors(setup, tmp_path):
         evaluate.main(["explain", "--data", "coco:/x", *MODEL])
     with pytest.raises(SystemExit, match="unknown --methods"):
         evaluate.main(["explain", "--data", f"imagenet-seg:{mat}", "--methods", "ice,lrp", *MODEL])
+    with pytest.raises(SystemExit, match="no image-class labels"):
+        evaluate.main(["accuracy", "--data", f"imagenet-seg:{mat}", *MODEL])
     with pytest.raises(SystemExit, match="ICE head"):
         evaluate.main(["explain", "--data", f"imagenet-seg:{mat}", "--methods", "ice", *MODEL,
                        "--out", str(tmp_path)])

@@ -319,8 +319,13 @@ def format_table(results: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # accuracy
 
+LABELED = ("synthetic", "cub", "folder")  # datasets whose second field is the image class
+
+
 def run_accuracy(args) -> dict:
     kind, path = parse_data(args.data)
+    if kind not in LABELED:
+        raise SystemExit(f"--data {kind} has no image-class labels; accuracy needs one of {LABELED}")
     model, head, head_sd = build_model(args)
     dataset = DATASETS[kind](path, args, model.num_classes)
     if args.method is not None:
