@@ -4,8 +4,13 @@
 >>> model = timm.create_model("deit_small_patch16_224")
 >>> ice_prune.patch(model, keep_rate=0.7, method="ice")   # 197 -> 140 -> 100 -> 72 tokens
 >>> model.keep_rate = 0.5                                 # takes effect on the next forward
+>>> maps = ice_prune.explain(model, images, "ice")        # or "rollout", "gradcam", "generic", ...
+
+``ice_prune.explain`` is the function; the module of the same name is reached with
+``from ice_prune.explain import ...`` (or ``importlib.import_module("ice_prune.explain")``).
 """
 from ice_prune.data import SyntheticScenes
+from ice_prune.explain import explain
 from ice_prune.head import HEAD_VARIANTS, ICEExplainer, ICEHead
 from ice_prune.loss import LOSS_MODES, ICELoss
 from ice_prune.patch import keep_rate_schedule, patch, unpatch
@@ -21,6 +26,7 @@ __all__ = [
     "LOSS_MODES",
     "SELECTORS",
     "SyntheticScenes",
+    "explain",
     "keep_rate_schedule",
     "patch",
     "register_selector",
