@@ -25,8 +25,6 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as TF
 
-IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
 
 # Object shapes: indicator functions of local coordinates (u, v) in [-1, 1], before rotation/scale.
 def _polar(u, v):
@@ -104,7 +102,7 @@ class SyntheticScenes(Dataset):
                  length: int = 1000, split: str = "train", seed: int = 0,
                  instances: tuple[int, int] = (1, 3), scale: tuple[float, float] = (0.18, 0.4),
                  distractors: tuple[int, int] = (1, 4), photos: bool = True,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
                  transform: Optional[Callable[[Tensor], Tensor]] = None,
                  return_mask: bool = False) -> None:
         if num_classes < 1:
