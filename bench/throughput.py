@@ -68,6 +68,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         f"{DEFAULTS['cuda']['reps']} on CUDA")
     p.add_argument("--warmup", type=int, default=None, help="discarded repetitions")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--ice-classes", type=int, default=None,
+                   help="image classes of the ICE head (default: the model's); 1 gives a 2-output "
+                        "head, the cost of a distilled foreground/background selector")
     p.add_argument("--kernel", default="auto", choices=KERNELS, help="reorganize kernel")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--json", default=None, help="write every figure and the settings here")
@@ -96,7 +99,9 @@ def build_variants(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module]
     models, meta = {"baseline": base}, {"baseline": {"method": "baseline", "keep_rate": 1.0}}
     for rate in args.keep_rates:
         for method in METHODS:
-            model = ice_prune.patch(copy.deepcopy(base), rate, method=method, kernel=args.kernel)
+            extra = {"num_classes": args.ice_classes} if method == "ice" and args.ice_classes else {}
+            model = ice_prune.patch(copy.deepcopy(base), rate, method=method, kernel=args.kernel,
+                                    **extra)
             if method == "ice" and head_state:
                 load_checkpoint(model, state)
             name = f"{method}@{rate:g}"
