@@ -27,9 +27,10 @@ from torch import nn
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 #: defaults per device type: the CPU ones keep the default 5-model run of bench/throughput.py on a
-#: 2-core CPU within 5 minutes; on a GPU batches are large and repetitions cheap
+#: 2-core CPU within 5 minutes, in short rounds (a few seconds) so that interleaving follows the load
+#: of a shared machine; on a GPU batches are large and repetitions cheap
 DEFAULTS = {
-    "cpu": {"batch_size": 32, "reps": 6, "warmup": 1},
+    "cpu": {"batch_size": 16, "reps": 12, "warmup": 2},
     "cuda": {"batch_size": 256, "reps": 30, "warmup": 5},
 }
 
@@ -82,11 +83,18 @@ class BenchmarkRun:
         """Median images/s of ``name`` over the baseline's median, both from this run."""
         return self.measurements[name].median / self.measurements[self.baseline].median
 
+    def paired_speedup(self, name: str) -> float:
+        """Median over repetitions of the baseline's time over ``name``'s in the same repetition: on a
+        machine whose load changes during the run (shared CPUs) a pair shares the load it saw."""
+        pairs = zip(self.measurements[self.baseline].times, self.measurements[name].times)
+        return statistics.median(base / t for base, t in pairs)
+
     def to_dict(self) -> dict:
         return {"baseline": self.baseline, "device": self.device, "dtype": self.dtype,
                 "input_size": list(self.input_size), "warmup": self.warmup,
                 "reps": len(next(iter(self.measurements.values())).times),
-                "results": [dict(m.to_dict(), speedup=self.speedup(name))
+                "results": [dict(m.to_dict(), speedup=self.speedup(name),
+                                 paired_speedup=self.paired_speedup(name))
                             for name, m in self.measurements.items()]}
 
 

@@ -87,6 +87,17 @@ def test_speedup_is_ratio_of_medians(monkeypatch):
     assert [r["speedup"] for r in out["results"]] == [1.0, 2.0]
 
 
+def test_paired_speedup_pairs_each_repetition(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(bm.time, "perf_counter", lambda: clock[0])
+    base = Recorder("base", [], clock, [2.0, 4.0, 2.0])   # img/s 1, 0.5, 1     -> median 1
+    slow = Recorder("slow", [], clock, [1.0, 2.0, 3.0])   # img/s 2, 1, 0.667   -> median 1
+    run = bm.benchmark_models({"base": base, "slow": slow}, (1, 2, 2), batch_size=2, device="cpu",
+                              reps=3, warmup=0)
+    assert run.speedup("slow") == 1.0
+    assert run.paired_speedup("slow") == 2.0  # per repetition: 2/1, 4/2, 2/3
+
+
 def test_bad_arguments_name_the_fix():
     models = {"a": Recorder("a", [])}
     with pytest.raises(ValueError, match="baseline 'z'"):
@@ -203,6 +214,8 @@ def test_script_writes_table_json_and_plot(tmp_path, throughput, capsys):
         assert len(r["img_per_s"]) == 2
         assert r["median_img_per_s"] == statistics.median(r["img_per_s"])
         assert r["speedup"] == pytest.approx(r["median_img_per_s"] / base["median_img_per_s"])
+        assert r["paired_speedup"] == pytest.approx(statistics.median(
+            b / t for b, t in zip(base["times_s"], r["times_s"])))
         assert r["macs"] == ice_prune.count_flops(
             ice_prune.patch(timm.create_model("vit_tiny_patch16_224", img_size=32), r["keep_rate"],
                             method=r["method"]) if r["method"] != "baseline" else
