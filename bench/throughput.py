@@ -128,13 +128,13 @@ def environment(device: torch.device, threads: int) -> tuple[dict, dict]:
 
 def print_table(rows: list[dict], header: str) -> None:
     print(header)
-    cols = f"{'variant':<14}{'keep':>6}{'params(M)':>11}{'GMACs':>8}{'img/s med':>11}" \
+    cols = f"{'variant':<18}{'keep':>6}{'params(M)':>11}{'GMACs':>8}{'img/s med':>11}" \
            f"{'img/s best':>12}{'speed-up':>10}{'paired':>8}{'vs EViT':>9}"
     print(cols)
     print("-" * len(cols))
     for r in rows:
         vs = f"{r['vs_evit']:.3f}" if r.get("vs_evit") is not None else ""
-        print(f"{r['name']:<14}{r['keep_rate']:>6.2f}{r['params_m']:>11.2f}{r['gmacs']:>8.2f}"
+        print(f"{r['name']:<18}{r['keep_rate']:>6.2f}{r['params_m']:>11.2f}{r['gmacs']:>8.2f}"
               f"{r['median_img_per_s']:>11.1f}{r['best_img_per_s']:>12.1f}{r['speedup']:>9.2f}x"
               f"{r['paired_speedup']:>7.2f}x{vs:>9}")
     print("speed-up: ratio of median img/s; paired: median over repetitions of the ratio within one "
