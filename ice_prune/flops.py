@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ice_prune.kernels import reorganize_macs
+
 # aten names the JIT tracer records for scaled-dot-product attention, on CPU and CUDA
 SDPA_OPS = (
     "aten::scaled_dot_product_attention",
@@ -41,15 +43,6 @@ def sdpa_macs(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[
     *batch, nq, d = q_shape
     nk, dv = k_shape[-2], v_shape[-1]
     return prod(batch) * nq * nk * (d + dv)
-
-
-def reorganize_macs(x_shape: Sequence[int], scores_shape: Sequence[int], keep: int,
-                    fuse: bool) -> int:
-    """The reorganize step: the fused token is a weighted sum of the ``n - keep`` dropped tokens,
-    ``B * (n - keep) * D`` multiply-adds; sorting and gathering count zero."""
-    B, _, D = x_shape
-    n = scores_shape[1]
-    return B * (n - keep) * D if fuse else 0
 
 
 def einsum_macs(equation: str, shapes: Sequence[Sequence[int]]) -> Optional[int]:
@@ -77,9 +70,10 @@ def _sdpa_flop_jit(inputs: list, outputs: list) -> int:
 
 
 def _reorganize_flop_jit(inputs: list, outputs: list) -> int:
-    # schema: reorganize(Tensor x, Tensor scores, int keep, int num_prefix, bool fuse, bool normalize)
+    # schema: reorganize(Tensor x, Tensor scores, int keep, int num_prefix, bool fuse, ...)
     keep, fuse = inputs[2].toIValue(), inputs[4].toIValue()
-    return reorganize_macs(_shape(inputs[0]), _shape(inputs[1]), int(keep), bool(fuse))
+    B, _, D = _shape(inputs[0])
+    return reorganize_macs(B, _shape(inputs[1])[1], D, int(keep), bool(fuse))
 
 
 def _einsum_flop_jit(inputs: list, outputs: list) -> int:
@@ -122,22 +116,13 @@ def _layer_norm_flop(input, normalized_shape, weight=None, *args, out_shape=None
     return 2 * prod(input) * (5 if weight is not None else 4)
 
 
-def _reorganize_flop(x, scores, keep, num_prefix, fuse=True, normalize=False, *args,
-                     out_shape=None, **kwargs) -> int:
-    return 2 * reorganize_macs(x, scores, keep, fuse)
-
-
 def torch_formulas() -> dict:
     """Formulas :func:`count_flops` with ``counter="torch"`` adds to FlopCounterMode's registry:
-    the CPU flash attention it lacks, layer norm (as fvcore counts it) and the reorganize op."""
+    the CPU flash attention it lacks and layer norm (as fvcore counts it). The reorganize op
+    registers its own formula (``ice_prune.kernels``)."""
     aten = torch.ops.aten
-    formulas = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flop,
-                aten.native_layer_norm: _layer_norm_flop}
-    try:  # the custom op is registered when its kernels are imported
-        formulas[torch.ops.ice_prune.reorganize] = _reorganize_flop
-    except (AttributeError, RuntimeError):
-        pass
-    return formulas
+    return {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flop,
+            aten.native_layer_norm: _layer_norm_flop}
 
 
 def _count_fvcore(model: nn.Module, x: Tensor) -> int:

@@ -107,19 +107,6 @@ def test_sdpa_macs_match_explicit_attention(counter):
         assert fc.get_total_flops() == 2 * expected
 
 
-# A stand-in with the schema of the custom op ice_prune::reorganize (registered on the kernels
-# branch), in a namespace of its own, so the handle is tested on a real traced custom-op node.
-@torch.library.custom_op("ice_prune_flops_test::reorganize", mutates_args=())
-def _standin(x: torch.Tensor, scores: torch.Tensor, keep: int, num_prefix: int, fuse: bool,
-             normalize: bool) -> torch.Tensor:
-    return reorganize_reference(x, scores, keep, num_prefix, fuse, normalize)[0]
-
-
-@_standin.register_fake
-def _(x, scores, keep, num_prefix, fuse, normalize):
-    return x.new_empty(x.shape[0], num_prefix + keep + int(fuse), x.shape[2])
-
-
 class Reorganize(nn.Module):
     def __init__(self, op, keep, fuse):
         super().__init__()
@@ -127,7 +114,7 @@ class Reorganize(nn.Module):
 
     def forward(self, x, scores):
         if self.op:
-            return torch.ops.ice_prune_flops_test.reorganize(x, scores, self.keep, 1, self.fuse, True)
+            return torch.ops.ice_prune.reorganize(x, scores, self.keep, 1, self.fuse, True, "torch")[0]
         return reorganize_reference(x, scores, self.keep, 1, self.fuse, True)[0]
 
 
@@ -135,16 +122,12 @@ class Reorganize(nn.Module):
 def test_reorganize_handle_reads_the_op_inputs(fuse):
     B, N, Dx, keep = 2, 11, 6, 4
     x, scores = torch.randn(B, N, Dx), torch.rand(B, N - 1)
-    expected = B * (N - 1 - keep) * Dx if fuse else 0
-    analysis = flops.flop_analysis(Reorganize(True, keep, fuse), (x, scores))
-    analysis.set_op_handle("ice_prune_flops_test::reorganize",
-                           flops.fvcore_handles()[flops.REORGANIZE_OP])
-    assert analysis.total() == expected
+    expected = B * (N - 1 - keep) * Dx if fuse else 0  # the fused row's weighted sum
+    assert flops.flop_analysis(Reorganize(True, keep, fuse), (x, scores)).total() == expected
     # the torch reference path (argsort, gather, einsum) costs the same
     assert flops.flop_analysis(Reorganize(False, keep, fuse), (x, scores)).total() == expected
     from torch.utils.flop_counter import FlopCounterMode
-    mapping = {torch.ops.ice_prune_flops_test.reorganize: flops._reorganize_flop}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
+    with FlopCounterMode(display=False, custom_mapping=flops.torch_formulas()) as fc:
         Reorganize(True, keep, fuse)(x, scores)
     assert fc.get_total_flops() == 2 * expected
 
