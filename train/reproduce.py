@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--scale", default="cpu", choices=sorted(reproduce.SCALES))
     p.add_argument("--out", default=None, help="report folder (default reports/<scale>)")
     p.add_argument("--fresh", action="store_true", help="discard finished stages and start over")
+    p.add_argument("--until", default=None, metavar="STAGE",
+                   help="stop after this stage (e.g. pretrain); a later run goes on from there")
     g = p.add_argument_group("gpu scale")
     g.add_argument("--data", default=None, help="ImageNet ImageFolder root (train/, val/)")
     g.add_argument("--seg-data", default=None, help="ImageNet-Segmentation gtsegs_ijcv.mat")
@@ -54,8 +56,10 @@ def main(argv=None) -> dict:
     scale = build_scale(args)
     out = args.out or os.path.join("reports", scale.name)
     results = reproduce.run(scale, out, reproduce.Scripts(prune, explain, evaluate),
-                            fresh=args.fresh)
-    print(f"report: {os.path.join(out, 'REPORT.md')} ({results['wall_s'] / 60:.1f} min of stages)")
+                            fresh=args.fresh, until=args.until)
+    if results is not None:
+        print(f"report: {os.path.join(out, 'REPORT.md')} ({results['wall_s'] / 60:.1f} min of "
+              f"stages)")
     return results
 
 
