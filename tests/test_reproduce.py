@@ -41,7 +41,13 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path, scripts)
     scale = tiny_scale()
     out = str(tmp_path / "report")
     logs = []
+    # stop after the first explanation run: no report yet; the full run then goes on from there
+    assert reproduce.run(scale, out, scripts, log=logs.append, until="explain-ice") is None
+    assert not os.path.exists(os.path.join(out, "REPORT.md"))
+    logs.clear()
     results = reproduce.run(scale, out, scripts, log=logs.append)
+    assert [line for line in logs if "reused" in line] == [
+        "[1/13] pretrain: done before, reused", "[2/13] explain-ice: done before, reused"]
     names = [s.name for s in reproduce.plan(scale)]
     assert names == ["pretrain", "explain-ice", "explain-ice-f", "explain-icev2-style",
                      "explain-ice-alpha1", "explain-ice-lambda0.5", "explain-ice-alpha1-lambda0.5",
@@ -140,6 +146,8 @@ def test_gpu_scale_builds_the_paper_command_lines(scripts, tmp_path):
     ev = scripts.evaluate.parser().parse_args(reproduce.eval_argv(scale, "accuracy", "c.pth", "o"))
     assert ev.data == "folder:/data/imagenet/val"
 
+    with pytest.raises(ValueError, match="no stage of this scale"):
+        reproduce.run(scale, str(tmp_path), scripts, until="pretrain")
     with pytest.raises(ValueError, match="--seg-data, --checkpoint"):
         reproduce.gpu_scale(data="/data/imagenet")
 
