@@ -155,7 +155,7 @@ def cpu_scale(**over) -> Scale:
         model_kwargs={"patch_size": 8, "embed_dim": 96, "num_heads": 3}, img_size=64,
         train_data="synthetic", maps_data="synthetic", accuracy_data="synthetic",
         # from scratch: a warm-up epoch and a large lr, no mixup (it slows a short run down)
-        pretrain=TrainSpec(epochs=12, lr=5e-4, batch_size=32, train_images=8000, val_images=200,
+        pretrain=TrainSpec(epochs=15, lr=2e-4, batch_size=32, train_images=8000, val_images=200,
                            warmup_epochs=1, min_lr=1e-5, weight_decay=0.05, clip_grad=1.0,
                            mixup=False),
         explain=TrainSpec(epochs=1, lr=1e-4, batch_size=32, train_images=2000, val_images=200,
