@@ -9,8 +9,10 @@
 ``ice_prune.explain`` is the function; the module of the same name is reached with
 ``from ice_prune.explain import ...`` (or ``importlib.import_module("ice_prune.explain")``).
 """
+from ice_prune.benchmark import benchmark, benchmark_models, load_checkpoint, max_batch_size
 from ice_prune.data import SyntheticScenes
 from ice_prune.explain import explain
+from ice_prune.flops import count_flops
 from ice_prune.head import HEAD_VARIANTS, ICEExplainer, ICEHead
 from ice_prune.loss import LOSS_MODES, ICELoss
 from ice_prune.patch import keep_rate_schedule, patch, unpatch
@@ -26,8 +28,13 @@ __all__ = [
     "LOSS_MODES",
     "SELECTORS",
     "SyntheticScenes",
+    "benchmark",
+    "benchmark_models",
+    "count_flops",
     "explain",
     "keep_rate_schedule",
+    "load_checkpoint",
+    "max_batch_size",
     "patch",
     "register_selector",
     "token_schedule",

@@ -312,11 +312,13 @@ def test_explain_synthetic_code_path(setup, tmp_path, monkeypatch):
     assert set(res["methods"]["ice"]["jaccard"]) == {"mask"}
 
 
-def test_synthetic_needs_scenes_dataset(tmp_path):
-    if hasattr(data, "SyntheticScenes"):
-        pytest.skip("SyntheticScenes present: covered by the training issue's tests")
-    with pytest.raises(SystemExit, match="SyntheticScenes"):
-        evaluate.main(["explain", "--data", "synthetic", *MODEL, "--out", str(tmp_path)])
+def test_evaluate_explain_on_synthetic_scenes(tmp_path):
+    res = evaluate.main(["explain", "--data", "synthetic", "--data-kwargs", '{"length": 4}', *MODEL,
+                         "--methods", "rollout,raw-attention", "--out", str(tmp_path), "--quiet"])
+    assert res["images"] == 4 and set(res["methods"]) == {"rollout", "raw-attention"}
+    for r in res["methods"].values():
+        assert 0 <= r["pixel_accuracy"] <= 100 and 0 <= r["miou"] <= 100
+    assert os.path.isfile(tmp_path / "explain.json") and os.path.isfile(tmp_path / "explain_grid.png")
 
 
 def test_accuracy_patched(setup, tmp_path):

@@ -109,11 +109,8 @@ def build_model(args, num_classes: Optional[int] = None) -> tuple[torch.nn.Modul
 def synthetic_dataset(args, num_classes: int) -> Dataset:
     """SyntheticScenes' validation split with masks, sized for the model; ``--data-kwargs`` (JSON)
     overrides any argument, e.g. ``'{"length": 500, "seed": 0}'``."""
-    try:
-        from ice_prune.data import SyntheticScenes
-    except ImportError as e:
-        raise SystemExit("--data synthetic needs ice_prune.data.SyntheticScenes (the training issue's "
-                         "dataset); it is not in this installation") from e
+    from ice_prune.data import SyntheticScenes
+
     kwargs = {"num_classes": num_classes, "img_size": image_size(args), "split": "val",
               "return_mask": True, **json.loads(args.data_kwargs)}
     return SyntheticScenes(**kwargs)

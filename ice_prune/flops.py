@@ -1,0 +1,167 @@
+"""Multiply-add (MAC) counting for ViTs, patched or not: fvcore with the handles it lacks.
+
+fvcore, the counter behind the GMACs that DeiT, EViT and ICE report, skips scaled-dot-product
+attention (DeiT-S: 4.25 instead of 4.60 GMACs) and does not know the library's ``ice_prune::reorganize``
+op. This module registers handles for both, counts index work (argsort, topk, gather) as zero, counts
+a two-operand einsum exactly, and keeps fvcore's other defaults (linear, conv, norms), so a patched
+model's count includes its ICE head (an ``aten::linear``) and EViT's extra [CLS] attention row.
+
+A second counter, ``torch.utils.flop_counter.FlopCounterMode`` given the same formulas, counts at the
+dispatcher instead of a JIT trace; it reports FLOPs = 2 x MACs, halved here. The two agree exactly on
+timm ViTs (tests/test_flops.py), which checks the handles against an independent implementation.
+
+>>> import timm, ice_prune
+>>> ice_prune.count_flops(timm.create_model("deit_small_patch16_224")) / 1e9  # doctest: +SKIP
+4.608...
+"""
+from __future__ import annotations
+
+from math import prod
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ice_prune.kernels import reorganize_macs
+
+# aten names the JIT tracer records for scaled-dot-product attention, on CPU and CUDA
+SDPA_OPS = (
+    "aten::scaled_dot_product_attention",
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_cudnn_attention",
+)
+#: index work: no multiply-adds
+ZERO_OPS = ("aten::topk", "aten::argsort", "aten::sort", "aten::gather", "aten::take_along_dim")
+REORGANIZE_OP = "ice_prune::reorganize"
+
+
+def sdpa_macs(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
+    """``softmax(q k^T) v``: ``Nq*Nk*d`` for ``q k^T`` plus ``Nq*Nk*dv`` for the product with ``v``,
+    for every batch and head (``q [..., Nq, d]``, ``k [..., Nk, d]``, ``v [..., Nk, dv]``)."""
+    *batch, nq, d = q_shape
+    nk, dv = k_shape[-2], v_shape[-1]
+    return prod(batch) * nq * nk * (d + dv)
+
+
+def einsum_macs(equation: str, shapes: Sequence[Sequence[int]]) -> Optional[int]:
+    """Exact MACs of a one- or two-operand einsum: the product of the sizes of all its indices.
+    ``None`` for more operands (the contraction order matters there)."""
+    lhs = equation.replace(" ", "").split("->")[0].split(",")
+    if len(lhs) != len(shapes) or len(shapes) > 2 or any("." in term for term in lhs):
+        return None
+    sizes: dict[str, int] = {}
+    for term, shape in zip(lhs, shapes):
+        sizes.update(zip(term, shape))
+    return prod(sizes.values())
+
+
+# fvcore handles: (inputs, outputs) are torch._C.Value of the traced node
+
+
+def _shape(value) -> Optional[list[int]]:
+    from fvcore.nn.jit_handles import get_shape
+    return get_shape(value)
+
+
+def _sdpa_flop_jit(inputs: list, outputs: list) -> int:
+    return sdpa_macs(_shape(inputs[0]), _shape(inputs[1]), _shape(inputs[2]))
+
+
+def _reorganize_flop_jit(inputs: list, outputs: list) -> int:
+    # schema: reorganize(Tensor x, Tensor scores, int keep, int num_prefix, bool fuse, ...)
+    keep, fuse = inputs[2].toIValue(), inputs[4].toIValue()
+    B, _, D = _shape(inputs[0])
+    return reorganize_macs(B, _shape(inputs[1])[1], D, int(keep), bool(fuse))
+
+
+def _einsum_flop_jit(inputs: list, outputs: list) -> int:
+    from fvcore.nn.jit_handles import einsum_flop_jit
+    equation = inputs[0].toIValue()
+    shapes = [_shape(v) for v in inputs[1].node().inputs()]
+    macs = einsum_macs(equation, shapes)
+    # fvcore's own handle rounds through np.einsum_path's printed float: only for 3+ operands
+    return einsum_flop_jit(inputs, outputs) if macs is None else macs
+
+
+def fvcore_handles() -> dict[str, Optional[Callable]]:
+    """The op handles :func:`flop_analysis` adds to fvcore's defaults (``None``: counts zero)."""
+    handles: dict[str, Optional[Callable]] = {name: _sdpa_flop_jit for name in SDPA_OPS}
+    handles.update({name: None for name in ZERO_OPS})
+    handles[REORGANIZE_OP] = _reorganize_flop_jit
+    handles["aten::einsum"] = _einsum_flop_jit
+    return handles
+
+
+def flop_analysis(model: nn.Module, inputs: Any):
+    """An fvcore ``FlopCountAnalysis`` with the handles of :func:`fvcore_handles` (counts are MACs);
+    use it for per-module or per-operator breakdowns."""
+    from fvcore.nn import FlopCountAnalysis
+    analysis = FlopCountAnalysis(model, inputs).set_op_handle(**fvcore_handles())
+    analysis.unsupported_ops_warnings(False)  # elementwise ops (add, gelu, softmax) count zero
+    analysis.uncalled_modules_warnings(False)
+    return analysis
+
+
+# FlopCounterMode formulas: they get shapes for tensors and the values of other arguments; FLOPs
+
+
+def _sdpa_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return 2 * sdpa_macs(query, key, value)
+
+
+def _layer_norm_flop(input, normalized_shape, weight=None, *args, out_shape=None, **kwargs) -> int:
+    # fvcore's estimate for a norm: 5 operations per element with affine parameters, 4 without
+    return 2 * prod(input) * (5 if weight is not None else 4)
+
+
+def torch_formulas() -> dict:
+    """Formulas :func:`count_flops` with ``counter="torch"`` adds to FlopCounterMode's registry:
+    the CPU flash attention it lacks and layer norm (as fvcore counts it). The reorganize op
+    registers its own formula (``ice_prune.kernels``)."""
+    aten = torch.ops.aten
+    return {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flop,
+            aten.native_layer_norm: _layer_norm_flop}
+
+
+def _count_fvcore(model: nn.Module, x: Tensor) -> int:
+    return int(flop_analysis(model, (x,)).total())
+
+
+def _count_torch(model: nn.Module, x: Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False, custom_mapping=torch_formulas()) as counter:
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+COUNTERS: dict[str, Callable[[nn.Module, Tensor], int]] = {
+    "fvcore": _count_fvcore,
+    "torch": _count_torch,
+}
+
+
+def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batch_size: int = 1,
+                counter: str = "fvcore") -> int:
+    """Multiply-adds (MACs, as the papers report them) of one forward pass in eval mode.
+
+    Args:
+        model: a timm ViT, patched by :func:`ice_prune.patch` or not (any traceable module works).
+        input_size: ``(C, H, W)`` of one image.
+        batch_size: images in the forward pass; the count is for the whole batch.
+        counter: ``"fvcore"`` (JIT trace, the papers' tool) or ``"torch"`` (FlopCounterMode).
+    """
+    if counter not in COUNTERS:
+        raise ValueError(f"unknown counter {counter!r}; choose one of {sorted(COUNTERS)}")
+    if len(input_size) != 3:
+        raise ValueError(f"input_size is (channels, height, width) of one image, got {input_size!r}")
+    ref = next(model.parameters())
+    x = torch.randn(batch_size, *input_size, device=ref.device, dtype=ref.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return COUNTERS[counter](model, x)
+    finally:
+        model.train(was_training)

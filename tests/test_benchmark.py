@@ -1,0 +1,227 @@
+"""ice_prune.benchmark and bench/throughput.py: structure, interleaving, ratio of medians, checkpoints,
+JSON. Timings are never asserted: where exact figures are checked, a fake clock supplies them."""
+import importlib
+import importlib.util
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import ice_prune
+
+# the submodule: the package attribute ice_prune.benchmark is the function (as in ToMe)
+bm = importlib.import_module("ice_prune.benchmark")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Recorder(nn.Module):
+    """A tiny model that logs each forward: its name, and the mode it ran in."""
+
+    def __init__(self, name, log, clock=None, durations=()):
+        super().__init__()
+        self.name, self.log, self.clock, self.durations = name, log, clock, list(durations)
+        self.lin = nn.Linear(4, 2)
+        self.seen = []
+
+    def forward(self, x):
+        self.log.append(self.name)
+        self.seen.append((self.training, torch.is_inference_mode_enabled(),
+                          torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"),
+                          tuple(x.shape)))
+        if self.clock is not None:
+            self.clock[0] += self.durations.pop(0)
+        return self.lin(x.flatten(1)[:, :4])
+
+
+def test_benchmark_structure():
+    log = []
+    model = Recorder("m", log).train()
+    m = ice_prune.benchmark(model, input_size=(1, 2, 2), batch_size=3, device="cpu", reps=4,
+                            warmup=2)
+    assert isinstance(m, bm.Measurement) and m.batch_size == 3 and len(m.times) == 4
+    assert m.img_per_s == [3 / t for t in m.times]
+    assert m.median == statistics.median(m.img_per_s) and m.best == max(m.img_per_s)
+    assert len(log) == 6  # warm-up ran and was discarded
+    # eval mode, inference mode, fp32 without autocast, the batch asked for
+    assert set(model.seen) == {(False, True, False, (3, 1, 2, 2))}
+
+
+def test_autocast_dtype():
+    model = Recorder("m", [])
+    ice_prune.benchmark(model, (1, 2, 2), batch_size=2, device="cpu", dtype="bf16", reps=1,
+                        warmup=0)
+    assert model.seen[0][2] == torch.bfloat16
+
+
+def test_models_interleaved_and_rotated():
+    log = []
+    models = {n: Recorder(n, log) for n in ("a", "b", "c")}
+    run = bm.benchmark_models(models, (1, 2, 2), batch_size=2, device="cpu", reps=3, warmup=1)
+    rounds = [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert log == sum(rounds, []) == run.schedule
+    assert all(len(run[n].times) == 3 for n in models)
+    assert run.baseline == "a" and run.speedup("a") == 1.0
+
+
+def test_speedup_is_ratio_of_medians(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(bm.time, "perf_counter", lambda: clock[0])
+    log = []
+    # warm-up (first value) discarded; timed seconds per batch of 2 images
+    base = Recorder("base", log, clock, [100.0, 2.0, 4.0, 2.0])   # img/s 1, 0.5, 1   -> median 1
+    fast = Recorder("fast", log, clock, [100.0, 1.0, 1.0, 3.0])   # img/s 2, 2, 2/3   -> median 2
+    run = bm.benchmark_models({"base": base, "fast": fast}, (1, 2, 2), batch_size=2, device="cpu",
+                              reps=3, warmup=1)
+    assert run["base"].times == [2.0, 4.0, 2.0]
+    assert run["fast"].times == [1.0, 1.0, 3.0]
+    assert run["fast"].median == 2.0 and run["fast"].best == 2.0
+    assert run.speedup("fast") == 2.0  # a ratio of means would give 1.556 / 0.833 = 1.87
+    out = run.to_dict()
+    assert out["reps"] == 3 and out["warmup"] == 1 and out["dtype"] == "fp32"
+    assert [r["speedup"] for r in out["results"]] == [1.0, 2.0]
+
+
+def test_paired_speedup_pairs_each_repetition(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(bm.time, "perf_counter", lambda: clock[0])
+    base = Recorder("base", [], clock, [2.0, 4.0, 2.0])   # img/s 1, 0.5, 1     -> median 1
+    slow = Recorder("slow", [], clock, [1.0, 2.0, 3.0])   # img/s 2, 1, 0.667   -> median 1
+    run = bm.benchmark_models({"base": base, "slow": slow}, (1, 2, 2), batch_size=2, device="cpu",
+                              reps=3, warmup=0)
+    assert run.speedup("slow") == 1.0
+    assert run.paired_speedup("slow") == 2.0  # per repetition: 2/1, 4/2, 2/3
+
+
+def test_bad_arguments_name_the_fix():
+    models = {"a": Recorder("a", [])}
+    with pytest.raises(ValueError, match="baseline 'z'"):
+        bm.benchmark_models(models, (1, 2, 2), 1, "cpu", reps=1, warmup=0, baseline="z")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        bm.benchmark_models(models, (1, 2, 2), 1, "cpu", dtype="int8", reps=1)
+    with pytest.raises(ValueError, match="reps >= 1"):
+        bm.benchmark_models(models, (1, 2, 2), 1, "cpu", reps=0)
+    with pytest.raises(ValueError, match="on the CPU give a number"):
+        bm.max_batch_size(models, (1, 2, 2), device="cpu")
+
+
+@pytest.mark.parametrize("capacity", [1, 5, 37, 64, 100, 128, 1000, 8192, 10_000])
+def test_find_max_batch_doubles_then_bisects(capacity):
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= capacity
+
+    assert bm.find_max_batch(fits, start=64, limit=8192) == min(capacity, 8192)
+    assert len(tried) <= 2 * 14  # doubling and bisection: logarithmic, not a scan
+    if capacity >= 128:
+        assert tried[:2] == [64, 128]
+
+
+def test_find_max_batch_nothing_fits():
+    with pytest.raises(RuntimeError, match="batch of 1"):
+        bm.find_max_batch(lambda b: False)
+
+
+def tiny_vit(**kw):
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+    return timm.models.vision_transformer.VisionTransformer(**{**args, **kw})
+
+
+@pytest.mark.parametrize("fmt", ["release", "plain", "safetensors"])
+def test_load_checkpoint_formats(tmp_path, fmt):
+    src = tiny_vit()
+    sd = src.state_dict()
+    path = tmp_path / ("w.safetensors" if fmt == "safetensors" else "w.pth")
+    if fmt == "release":
+        torch.save({"model": sd, "epoch": 299}, path)  # the layout of DeiT's release files
+    elif fmt == "plain":
+        torch.save(sd, path)
+    else:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    dst = tiny_vit()
+    ice_prune.load_checkpoint(dst, path)
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_load_checkpoint_mismatch_is_clear(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save({"model": tiny_vit(embed_dim=48).state_dict()}, path)
+    with pytest.raises(ValueError, match=r"shapes differ: .*cls_token.*--model"):
+        ice_prune.load_checkpoint(tiny_vit(), path)
+    torch.save({"model": tiny_vit(depth=2).state_dict()}, path)
+    with pytest.raises(ValueError, match=r"missing from it: blocks\.2\."):
+        ice_prune.load_checkpoint(tiny_vit(), path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ice_prune.load_checkpoint(tiny_vit(), tmp_path / "nope.pth")
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32"]
+
+
+def test_checkpoint_reaches_every_variant(tmp_path, throughput):
+    src = ice_prune.patch(timm.create_model("vit_tiny_patch16_224", img_size=32), method="ice")
+    path = tmp_path / "ice.pth"
+    torch.save({"model": src.state_dict()}, path)  # a backbone plus a trained ICE head
+    models, meta = throughput.build_variants(throughput.parse_args(
+        TINY + ["--checkpoint", str(path), "--keep-rates", "0.5"]))
+    assert list(models) == ["baseline", "evit@0.5", "ice@0.5"]
+    assert meta["ice@0.5"] == {"method": "ice", "keep_rate": 0.5}
+    for model in models.values():
+        assert torch.equal(model.pos_embed, src.pos_embed)
+    assert torch.equal(models["ice@0.5"].ice_head.fc.weight, src.ice_head.fc.weight)
+
+
+def test_checkpoint_of_another_size_fails_clearly(tmp_path, throughput):
+    path = tmp_path / "w.pth"
+    torch.save({"model": timm.create_model("vit_tiny_patch16_224", img_size=64).state_dict()}, path)
+    with pytest.raises(ValueError, match="pos_embed"):
+        throughput.main(TINY + ["--checkpoint", str(path)])
+
+
+def test_script_writes_table_json_and_plot(tmp_path, throughput, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    result = throughput.main(TINY + ["--batch-size", "2", "--reps", "2", "--warmup", "1",
+                                     "--threads", "1", "--json", str(out), "--plot", str(png)])
+    table = capsys.readouterr().out
+    assert "ice@0.7" in table and "vs EViT" in table
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(result))
+    assert data["device"]["type"] == "cpu" and data["device"]["threads"] == 1
+    assert data["versions"]["torch"] == torch.__version__ and data["versions"]["timm"]
+    s = data["settings"]
+    assert (s["batch_size"], s["reps"], s["warmup"], s["input_size"], s["dtype"]) == \
+        (2, 2, 1, [3, 32, 32], "fp32")
+    rows = {r["name"]: r for r in data["results"]}
+    assert list(rows) == ["baseline", "evit@0.7", "ice@0.7", "evit@0.5", "ice@0.5"]
+    base = rows["baseline"]
+    for name, r in rows.items():
+        assert len(r["img_per_s"]) == 2
+        assert r["median_img_per_s"] == statistics.median(r["img_per_s"])
+        assert r["speedup"] == pytest.approx(r["median_img_per_s"] / base["median_img_per_s"])
+        assert r["paired_speedup"] == pytest.approx(statistics.median(
+            b / t for b, t in zip(base["times_s"], r["times_s"])))
+        assert r["macs"] == ice_prune.count_flops(
+            ice_prune.patch(timm.create_model("vit_tiny_patch16_224", img_size=32), r["keep_rate"],
+                            method=r["method"]) if r["method"] != "baseline" else
+            timm.create_model("vit_tiny_patch16_224", img_size=32), (3, 32, 32))
+    assert rows["ice@0.7"]["vs_evit"] == pytest.approx(
+        rows["ice@0.7"]["median_img_per_s"] / rows["evit@0.7"]["median_img_per_s"])
+    assert rows["ice@0.5"]["params"] - base["params"] == 192 * 1001  # the shared ICE head
+    assert len(data["schedule"]) == 3 * 5
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
