@@ -381,61 +381,27 @@ def pruned_models(ctx: Context, seed: int) -> dict[str, torch.nn.Module]:
     return models
 
 
-def count_macs(model: torch.nn.Module, input_size: tuple[int, ...]) -> float:
-    """Multiply-adds of one forward (fvcore), with timm's fused attention switched off while
-    counting so that the two attention matmuls are seen (fvcore skips scaled-dot-product attention).
-    The reorganize step (sorting, gathering) counts as 0, as in the papers."""
-    from fvcore.nn import FlopCountAnalysis
-
-    blocks = [b.attn for b in model.blocks if hasattr(b.attn, "fused_attn")]
-    saved = [a.fused_attn for a in blocks]
-    for a in blocks:
-        a.fused_attn = False
-    try:
-        with torch.no_grad():
-            fca = FlopCountAnalysis(model, torch.zeros(1, *input_size))
-            fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            return float(fca.total())
-    finally:
-        for a, f in zip(blocks, saved):
-            a.fused_attn = f
-
-
-def interleaved_times(models: dict[str, torch.nn.Module], input_size: tuple[int, ...], batch: int,
-                      reps: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per forward of each model on one random batch, the models taking turns in every
-    repetition so that a change in machine load hits all of them alike. Warm-up discarded."""
-    from tqdm import tqdm
-
-    x = torch.randn(batch, *input_size)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    with torch.inference_mode():
-        for rep in tqdm(range(warmup + reps), desc="speed", dynamic_ncols=True):
-            for name, model in models.items():
-                t0 = time.perf_counter()
-                model(x)
-                if rep >= warmup:
-                    times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def _speed(ctx: Context, out: str) -> dict:
+    """Parameters, GMACs (:func:`ice_prune.count_flops`) and the speed-up over the unpruned model,
+    all variants interleaved in one :func:`ice_prune.benchmark_models` run."""
+    import ice_prune
+
     s = ctx.scale
     models = pruned_models(ctx, s.seeds[0])
     size = (3, s.img_size, s.img_size)
-    times = interleaved_times(models, size, s.bench_batch, s.bench_reps)
-    base = float(np.median(times["none-1"]))
+    run = ice_prune.benchmark_models(models, size, batch_size=s.bench_batch, device=s.device,
+                                     reps=s.bench_reps, baseline="none-1", progress=True)
     rows = {}
     for name, model in models.items():
-        med = float(np.median(times[name]))
+        m = run[name]
         rows[name] = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-                      "gmacs": count_macs(model, size) / 1e9,
-                      "img_s_median": s.bench_batch / med,
-                      "img_s_best": s.bench_batch / float(np.min(times[name])),
-                      "speedup": base / med}
+                      "gmacs": ice_prune.count_flops(model, size) / 1e9,
+                      "img_s_median": m.median, "img_s_best": m.best,
+                      "speedup": run.speedup(name), "paired_speedup": run.paired_speedup(name)}
     return {"models": rows, "batch": s.bench_batch, "reps": s.bench_reps,
             "threads": torch.get_num_threads(), "device": _device_name(),
-            "flops": "fvcore (ice_prune.reproduce.count_macs)"}
+            "flops": "ice_prune.count_flops (fvcore with handles for attention and reorganize)",
+            "benchmark": run.to_dict()}
 
 
 def _device_name() -> str:
