@@ -721,6 +721,13 @@ def render(results: dict) -> str:
              f"in all. Every figure below is read from the stages' outputs (`results.json` holds "
              f"them all). **The paper's figures are DeiT-S on ImageNet and its evaluation sets; ours "
              f"are a small ViT on SyntheticScenes**: compare directions and gaps, not values.")
+    if pre is not None and pre["top1"] < 2 * 100 / scale["num_classes"]:
+        L.append("")
+        L.append(f"**Warning: the pretrained stand-in did not learn** (top-1 {pre['top1']:.2f}% on "
+                 f"{scale['num_classes']} classes, chance {100 / scale['num_classes']:.0f}%). Every "
+                 f"later stage explains or prunes a network that has not learned the task, so the "
+                 f"comparisons below are between near-random maps and models: they test that the "
+                 f"pipeline runs end to end, not the paper's claims.")
     L.append("")
     L.append("## Setup")
     L.append("")
