@@ -459,7 +459,7 @@ def _examples(ctx: Context, out: str) -> dict:
                                                color=(0, 255, 0))
         rows.append(row)
     path = os.path.join(out, "examples.png")
-    vis.save_grid(rows, path)
+    vis.save_grid(rows, path, cell_inches=1.1)  # small enough to commit
     return {"figure": path, "images": len(rows)}
 
 
@@ -752,7 +752,7 @@ def render(results: dict) -> str:
              f"same budget for ICE, EViT and the unpruned model; top-1 by `train/evaluate.py "
              f"accuracy` on one common validation set.")
     if scale.get("note"):
-        L.append(f"- Note: {scale['note']}")
+        L.append(f"- Note: {scale['note']}.")
     L.append("")
     L.append("## Explanation maps (paper Tables 1 and 3)")
     L.append("")
@@ -791,7 +791,7 @@ def render(results: dict) -> str:
     sp = st["speed"]
     L.append(f"Top-1: mean over seeds and (max - min). Speed-up: median forward time of the unpruned "
              f"model over the model's, batch {sp['batch']}, {sp['reps']} interleaved repetitions, "
-             f"{sp['threads']} threads, {sp['device']}. GMACs by {sp['flops']}. Paper: DeiT-S on "
+             f"torch threads: {sp['threads']}, {sp['device']}. GMACs by {sp['flops']}. Paper: DeiT-S on "
              f"ImageNet, 30 epochs, throughput on an RTX 3090; its GMACs are EViT's README figures.")
     L.append("")
     L.append("| method | keep rate | top-1 (%) | spread | params (M) | GMACs | img/s | speed-up | "
