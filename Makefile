@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: test bench install clean
+.PHONY: test bench reproduce install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py
+
+# the paper's experiments in miniature on this CPU (about 30 minutes): reports/cpu/REPORT.md
+reproduce: $(STAMP)
+	$(PY) train/reproduce.py --scale cpu
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

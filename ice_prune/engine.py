@@ -564,6 +564,8 @@ def add_common_args(parser, *, epochs: int, lr: float, min_lr: float, weight_dec
     g.add_argument("--img-size", type=int, default=224)
     g.add_argument("--synthetic-train", type=int, default=5000, help="synthetic training images")
     g.add_argument("--synthetic-val", type=int, default=500, help="synthetic validation images")
+    g.add_argument("--synthetic-kwargs", default="{}",
+                   help='JSON keyword arguments for SyntheticScenes, e.g. \'{"distractors": [0, 2]}\'')
     g.add_argument("--drop-path", type=float, default=0.1)
     g = parser.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=epochs)
@@ -609,7 +611,11 @@ def build_data(args) -> tuple[Dataset, Optional[Dataset], int]:
 
     if args.data == "synthetic":
         c = args.num_classes or 10
-        kw = dict(num_classes=c, img_size=args.img_size, seed=args.seed)
+        try:
+            extra = json.loads(getattr(args, "synthetic_kwargs", "{}"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--synthetic-kwargs is not JSON: {e}") from None
+        kw = dict(num_classes=c, img_size=args.img_size, seed=args.seed, **extra)
         return (SyntheticScenes(length=args.synthetic_train, split="train", **kw),
                 SyntheticScenes(length=args.synthetic_val, split="val", **kw), c)
     if args.data.startswith("imagefolder:"):

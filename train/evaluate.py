@@ -88,7 +88,7 @@ def build_model(args, num_classes: Optional[int] = None) -> tuple[torch.nn.Modul
     model_sd, head_sd = split_checkpoint(args.checkpoint)
     if args.checkpoint is None:
         print("warning: no --checkpoint, the model is randomly initialized", file=sys.stderr)
-    kwargs = {"pretrained": False}
+    kwargs = {"pretrained": False, **json.loads(args.model_kwargs)}
     if "head.weight" in model_sd:
         kwargs["num_classes"] = model_sd["head.weight"].shape[0]
     elif num_classes is not None:
@@ -364,6 +364,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--model", default="deit_small_patch16_224")
         s.add_argument("--img-size", type=int, default=None)
         s.add_argument("--patch-size", type=int, default=None)
+        s.add_argument("--model-kwargs", default="{}",
+                       help='JSON keyword arguments for timm.create_model, e.g. \'{"embed_dim": 96}\'')
         s.add_argument("--batch-size", type=int, default=16)
         s.add_argument("--workers", type=int, default=0)
         s.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
