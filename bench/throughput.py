@@ -28,7 +28,7 @@ import ice_prune
 from ice_prune.benchmark import (DEFAULTS, benchmark_models, load_checkpoint, max_batch_size,
                                  read_checkpoint, resolve_device)
 from ice_prune.flops import count_flops
-from ice_prune.patch import KERNELS
+from ice_prune.kernels.ops import KERNEL_CHOICES
 
 METHODS = ("evit", "ice")
 
@@ -71,7 +71,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--ice-classes", type=int, default=None,
                    help="image classes of the ICE head (default: the model's); 1 gives a 2-output "
                         "head, the cost of a distilled foreground/background selector")
-    p.add_argument("--kernel", default="auto", choices=KERNELS, help="reorganize kernel")
+    p.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES, help="reorganize kernel")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--json", default=None, help="write every figure and the settings here")
     p.add_argument("--plot", default=None, help="write a PNG of speed-up and GMACs vs keep rate")

@@ -20,11 +20,11 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ice_prune.head import ICEHead
 from ice_prune.kernels import reorganize
+from ice_prune.kernels.ops import KERNEL_CHOICES
 from ice_prune.select import SELECTORS, Selector, attention_with_cls_row, keep_count
 
 PLACEMENTS = ("attn", "block")
 HEADS = ("shared", "per_location")
-KERNELS = ("auto", "torch", "triton")
 
 KeepRate = Union[float, Sequence[float]]
 
@@ -273,8 +273,8 @@ def patch(
         raise ValueError(f"unknown placement {placement!r}; choose one of {PLACEMENTS}")
     if heads not in HEADS:
         raise ValueError(f"unknown heads {heads!r}; choose one of {HEADS}")
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNELS}")
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNEL_CHOICES}")
     depth = len(model.blocks)
     locs = tuple(locs)
     if not locs or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
