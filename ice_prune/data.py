@@ -87,6 +87,17 @@ class SyntheticScenes(Dataset):
     background of smooth noise, stripes or crops of scikit-image's sample photos (when installed),
     with ``distractors`` class-agnostic irregular polygons in noise colours underneath the objects.
 
+    ``polarity``: an object's two colours are a random colour and its complement. With ``"random"``
+    (the default) either one paints the texture's "on" phase, so the texture's sign in any pixel
+    channel is a coin toss and no linear function of a patch tells the class: a CNN (ReLU after
+    convolution) copes, a ViT from scratch sits at chance for thousands of updates because its patch
+    embedding is linear. ``"fixed"`` paints the "on" phase with the lighter of the two (as in natural
+    images, where an object's light and dark parts keep their places): colour still says nothing
+    about the class, but a ViT can start from first-order patch features. ``texture_scale``
+    multiplies every texture's frequency: at the default a stripe is about half an object's radius
+    wide, wider than a patch of a small ViT, so only the shape over several patches tells the class;
+    finer textures put class evidence into each foreground patch, as in natural images.
+
     Deterministic: item ``i`` of split ``s`` with seed ``seed`` is always the same image, and the
     ``"train"`` and ``"val"`` splits draw from disjoint random streams (they never share an image).
 
@@ -102,6 +113,7 @@ class SyntheticScenes(Dataset):
                  length: int = 1000, split: str = "train", seed: int = 0,
                  instances: tuple[int, int] = (1, 3), scale: tuple[float, float] = (0.18, 0.4),
                  distractors: tuple[int, int] = (1, 4), photos: bool = True,
+                 polarity: str = "random", texture_scale: float = 1.0,
                  mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
                  transform: Optional[Callable[[Tensor], Tensor]] = None,
                  return_mask: bool = False) -> None:
@@ -116,6 +128,10 @@ class SyntheticScenes(Dataset):
             raise ValueError(f"length must be >= 1, got {length}")
         if not (1 <= instances[0] <= instances[1]):
             raise ValueError(f"instances must be (min, max) with 1 <= min <= max, got {instances}")
+        if polarity not in ("random", "fixed"):
+            raise ValueError(f"polarity must be 'random' or 'fixed', got {polarity!r}")
+        if not texture_scale > 0:
+            raise ValueError(f"texture_scale must be > 0, got {texture_scale}")
         if not (0 < scale[0] <= scale[1] <= 1):
             raise ValueError(f"scale must be (min, max) within (0, 1], got {scale}")
         self.num_classes = num_classes
@@ -126,6 +142,8 @@ class SyntheticScenes(Dataset):
         self.instances = instances
         self.scale = scale
         self.distractors = distractors
+        self.polarity = polarity
+        self.texture_scale = texture_scale
         self.photos = sample_photos() if photos else []
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -175,9 +193,11 @@ class SyntheticScenes(Dataset):
         for _ in range(rng.integers(self.instances[0], self.instances[1] + 1)):
             u, v, r = self._frame(rng, ys, xs, side)
             region = SHAPES[shape](u, v)
-            pattern = TEXTURES[texture](u, v, freq * (1.0 + 0.3 * rng.random()))
+            pattern = TEXTURES[texture](u, v, self.texture_scale * freq * (1.0 + 0.3 * rng.random()))
             c1 = rng.random(3).astype(np.float32)
             c2 = 1.0 - c1  # the complement: the texture stays visible whatever the colour
+            if self.polarity == "fixed" and c1.sum() < c2.sum():
+                c1, c2 = c2, c1  # the pattern's "on" phase is always the lighter colour
             colour = np.where(pattern[..., None], c1, c2)
             img[region] = colour[region]
             mask |= region
