@@ -50,6 +50,47 @@ def test_class_specs_are_unique_for_any_class_count():
     assert len(set(specs)) == len(specs)
 
 
+def _solid_textures(monkeypatch, seen=None):
+    """Every texture paints the whole object in its "on" colour; ``seen`` collects the frequencies."""
+    import ice_prune.data as data
+
+    def solid(u, v, f):
+        if seen is not None:
+            seen.append(f)
+        return np.ones_like(u, dtype=bool)
+    monkeypatch.setattr(data, "TEXTURES", {name: solid for name in TEXTURES})
+
+
+@pytest.mark.parametrize("polarity", ["random", "fixed"])
+def test_polarity_fixed_paints_the_on_phase_with_the_lighter_colour(monkeypatch, polarity):
+    _solid_textures(monkeypatch)
+    ds = SyntheticScenes(num_classes=4, img_size=32, length=40, instances=(1, 1), distractors=(0, 0),
+                         photos=False, polarity=polarity)
+    # one object per image in one flat colour c1 (the "on" colour); its complement is 1 - c1
+    lighter = []
+    for i in range(len(ds)):
+        img, _, mask = ds.render(i)
+        colour = img[mask].mean(0)
+        assert np.allclose(img[mask], colour, atol=1e-6)
+        lighter.append(colour.sum() >= (1 - colour).sum())
+    if polarity == "fixed":
+        assert all(lighter)
+    else:  # a coin toss per object: 40 heads in a row would be a 1e-12 event
+        assert 5 < sum(lighter) < 35
+
+
+def test_texture_scale_multiplies_the_frequency_and_keeps_the_scene(monkeypatch):
+    base, finer = [], []
+    _solid_textures(monkeypatch, base)
+    a = SyntheticScenes(img_size=32, length=5, photos=False).render(3)
+    _solid_textures(monkeypatch, finer)
+    b = SyntheticScenes(img_size=32, length=5, photos=False, texture_scale=3.0).render(3)
+    assert len(base) == len(finer) > 0
+    np.testing.assert_allclose(np.array(finer), 3.0 * np.array(base), rtol=1e-12)
+    # same random draws: the same label, mask and pixels (the solid texture hides the frequency)
+    assert a[1] == b[1] and (a[2] == b[2]).all() and np.array_equal(a[0], b[0])
+
+
 def test_bad_dataset_arguments():
     with pytest.raises(ValueError, match="split"):
         SyntheticScenes(split="test")
@@ -57,6 +98,10 @@ def test_bad_dataset_arguments():
         SyntheticScenes(img_size=4)
     with pytest.raises(IndexError):
         SyntheticScenes(length=2)[2]
+    with pytest.raises(ValueError, match="polarity"):
+        SyntheticScenes(polarity="dark")
+    with pytest.raises(ValueError, match="texture_scale"):
+        SyntheticScenes(texture_scale=0)
 
 
 def _folder(root, counts):
