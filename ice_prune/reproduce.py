@@ -738,6 +738,12 @@ def render(results: dict) -> str:
     mk = json.dumps(scale["model_kwargs"])
     L.append(f"- Model: timm `{scale['model']}` with `{mk}`, image {scale['img_size']} px, 12 blocks, "
              f"selection after blocks 3, 6, 9.")
+    if scale["train_data"] == "synthetic":
+        kw = "".join(f", {k}={tuple(v) if isinstance(v, list) else v!r}"
+                     for k, v in sorted(scale.get("synthetic_kwargs", {}).items()))
+        L.append(f"- Data, every stage: `SyntheticScenes(num_classes={scale['num_classes']}, "
+                 f"img_size={scale['img_size']}{kw})`, training and validation images from disjoint "
+                 f"random streams.")
     if pre is not None:
         L.append(f"- Stand-in for the pretrained DeiT-S: trained from scratch on SyntheticScenes "
                  f"({scale['num_classes']} classes, {spec['train_images']} training images, "
