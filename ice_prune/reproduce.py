@@ -712,6 +712,12 @@ def write_report(results: dict, out: str) -> str:
     return path
 
 
+def _fg_share(stages: dict, run: str) -> Optional[float]:
+    """Percent of patches an ICE run's head calls foreground on its validation images, or None."""
+    val = stages.get(f"explain-{run}", {}).get("train", {}).get("val", {})
+    return 100 * val["fg_fraction"] if "fg_fraction" in val else None
+
+
 def render(results: dict) -> str:
     st, sm, scale = results["stages"], results["summary"], results["scale"]
     maps, prune = sm["maps"], sm["prune"]
@@ -759,7 +765,8 @@ def render(results: dict) -> str:
              f"{st['maps-baselines']['images']} validation images with ground-truth masks.")
     L.append(f"- Pruning runs (`train/prune.py`): {p['epochs']} epoch(s) of {p['train_images'] or 'all'} "
              f"images, lr {p['lr']:g}, batch {p['batch_size']}, seeds {list(scale['seeds'])}, the "
-             f"same budget for ICE, EViT and the unpruned model; top-1 by `train/evaluate.py "
+             f"same budget for ICE, EViT and the unpruned model, all from the same pretrained "
+             f"weights (ICE with a fresh head, as in the paper); top-1 by `train/evaluate.py "
              f"accuracy` on one common validation set.")
     if scale.get("note"):
         L.append(f"- Note: {scale['note']}.")
@@ -771,16 +778,22 @@ def render(results: dict) -> str:
              "cumulative-mass thresholds 0.9 / 0.8 and, for raw attention, of mean or best head). "
              "Paper columns: DeiT-S, ImageNet-Segmentation (Table 1) and VOC12 (Table 3).")
     L.append("")
-    L.append("| map | pixel acc. | mIoU | mAP | Jaccard | paper pixel acc. | paper mIoU | paper Jaccard |")
-    L.append("|---|---|---|---|---|---|---|---|")
+    L.append("| map | pixel acc. | mIoU | mAP | Jaccard | foreground share | paper pixel acc. | "
+             "paper mIoU | paper Jaccard |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
     paper_jac = {"ice": p3["ice"], "ice-f": p3["ice-f"], "raw-attention": p3["raw-attention mean@0.9"]}
     for name in VARIANTS + BASELINES:
         m = maps[name]
         pp = p1.get(name)
         L.append(f"| {name} | {_fmt(m['pixel_accuracy'])} | {_fmt(m['miou'])} | {_fmt(m['map'])} | "
-                 f"{_fmt(m['jaccard'])} | {_fmt(pp[0] if pp else None)} | "
+                 f"{_fmt(m['jaccard'])} | {_fmt(_fg_share(st, name), 1)} | "
+                 f"{_fmt(pp[0] if pp else None)} | "
                  f"{_fmt(pp[1] if pp else None)} | {_fmt(paper_jac.get(name))} |")
-    L.append(f"| RobustViT (not run here) | | | | | {p1['robustvit'][0]:.2f} | {p1['robustvit'][1]:.2f} | |")
+    L.append(f"| RobustViT (not run here) | | | | | | {p1['robustvit'][0]:.2f} | {p1['robustvit'][1]:.2f} | |")
+    L.append("")
+    L.append("Foreground share: the percentage of patches the ICE head's argmax calls foreground on "
+             "its run's validation images (a mask that covers every patch scores the pixel accuracy "
+             "of calling everything foreground).")
     L.append("")
     L.append("ICEv2-style: what ICEv2's abstract states (the last 2 blocks train, an MLP head); its "
              "exact method is not public. PM-style: the model's own classifier on every patch, "
@@ -788,13 +801,14 @@ def render(results: dict) -> str:
     L.append("")
     L.append("## Ablation (paper Table 6)")
     L.append("")
-    L.append("| run | pixel acc. | mIoU | Jaccard | paper pixel acc. | paper mIoU | paper Jaccard |")
-    L.append("|---|---|---|---|---|---|---|")
+    L.append("| run | pixel acc. | mIoU | Jaccard | foreground share | paper pixel acc. | paper mIoU | "
+             "paper Jaccard |")
+    L.append("|---|---|---|---|---|---|---|---|")
     for run, label in (("ice", "ICE (alpha 0.5, lambda 0.975)"), ("ice-alpha1", "alpha 1.0"),
                        ("ice-lambda0.5", "lambda 0.5"), ("ice-alpha1-lambda0.5", "alpha 1.0, lambda 0.5")):
         m, pp = maps[run], p6[run]
         L.append(f"| {label} | {_fmt(m['pixel_accuracy'])} | {_fmt(m['miou'])} | {_fmt(m['jaccard'])} | "
-                 f"{pp[0]:.2f} | {pp[1]:.2f} | {pp[2]:.2f} |")
+                 f"{_fmt(_fg_share(st, run), 1)} | {pp[0]:.2f} | {pp[1]:.2f} | {pp[2]:.2f} |")
     L.append("")
     L.append("## Pruning (paper Table 5)")
     L.append("")
