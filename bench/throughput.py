@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 import ice_prune
-from ice_prune.benchmark import (DEFAULTS, benchmark_models, load_checkpoint, max_batch_size,
+from ice_prune.throughput import (DEFAULTS, benchmark_models, load_checkpoint, max_batch_size,
                                  read_checkpoint, resolve_device)
 from ice_prune.flops import count_flops
 from ice_prune.kernels.ops import KERNEL_CHOICES

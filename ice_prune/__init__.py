@@ -6,16 +6,18 @@
 >>> model.keep_rate = 0.5                                 # takes effect on the next forward
 >>> maps = ice_prune.explain(model, images, "ice")        # or "rollout", "gradcam", "generic", ...
 
-``ice_prune.explain`` is the function; the module of the same name is reached with
-``from ice_prune.explain import ...`` (or ``importlib.import_module("ice_prune.explain")``).
+Modules: ``patching`` (patch / unpatch), ``select`` (selectors), ``head``, ``loss``, ``maps``
+(explanation maps), ``metrics``, ``data``, ``flops``, ``throughput``, ``engine`` (training loops),
+``visualize``.
 """
-from ice_prune.benchmark import benchmark, benchmark_models, load_checkpoint, max_batch_size
+from ice_prune.throughput import benchmark, benchmark_models, load_checkpoint, max_batch_size
 from ice_prune.data import SyntheticScenes
-from ice_prune.explain import explain
+from ice_prune.maps import explain
 from ice_prune.flops import count_flops
 from ice_prune.head import HEAD_VARIANTS, ICEExplainer, ICEHead
 from ice_prune.loss import LOSS_MODES, ICELoss
-from ice_prune.patch import keep_rate_schedule, patch, unpatch
+from ice_prune.tasks import keep_rate_schedule
+from ice_prune.patching import patch, unpatch
 from ice_prune.select import SELECTORS, register_selector, token_schedule
 
 __version__ = "0.1.0"

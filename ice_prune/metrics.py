@@ -81,7 +81,7 @@ class ImageNetSegMeter:
         gt = _np(label).astype(np.int64)
         if gt.shape != _np(saliency).shape:
             raise ValueError(f"map {tuple(_np(saliency).shape)} and label {gt.shape} differ in size: "
-                             f"upsample the map to the label (ice_prune.explain.upsample)")
+                             f"upsample the map to the label (ice_prune.maps.upsample)")
         if not np.isin(gt, (0, 1)).all():
             raise ValueError("ImageNet-Segmentation labels must be 0 (background) or 1 (foreground)")
         fg, ap_scores = chefer_binarize(saliency)

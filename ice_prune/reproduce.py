@@ -426,7 +426,7 @@ def _examples(ctx: Context, out: str) -> dict:
     import timm
 
     from ice_prune import visualize as vis
-    from ice_prune.explain import ice_explain, upsample
+    from ice_prune.maps import ice_explain, upsample
 
     ev = ctx.scripts.evaluate
     s = ctx.scale

@@ -1,4 +1,4 @@
-"""Token selectors and the reorganize step they feed.
+"""Token selectors: which tokens a selection point keeps.
 
 A selector turns what a block has already computed into one score per non-prefix token:
 
@@ -9,18 +9,22 @@ A selector turns what a block has already computed into one score per non-prefix
   ``norm2`` output). Dropped tokens are fused as their score-weighted mean.
 
 New selectors register with :func:`register_selector`; ``patch(method=...)`` looks them up here.
+The keep/fuse step the scores feed is the ``ice_prune::reorganize`` op in :mod:`ice_prune.kernels`;
+how many tokens a point keeps is :func:`keep_count` (and :func:`token_schedule` for a whole model).
 """
 from __future__ import annotations
 
 import abc
 import math
-from typing import Callable, Optional, Sequence
+import numbers
+from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 SELECTORS: dict[str, type["Selector"]] = {}
+
+KeepRate = Union[float, Sequence[float]]
 
 
 def register_selector(name: str) -> Callable[[type["Selector"]], type["Selector"]]:
@@ -82,6 +86,23 @@ def keep_count(keep_rate: float, n: int) -> int:
     return math.ceil(keep_rate * n)
 
 
+def check_keep_rate(keep_rate: KeepRate, num_locs: int) -> tuple[float, ...]:
+    """One keep rate per selection point from a float or a sequence; bad values raise."""
+    rates = [keep_rate] if isinstance(keep_rate, numbers.Real) else list(keep_rate)
+    for r in rates:
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 < r <= 1.0:
+            raise ValueError(
+                f"keep_rate must be in (0, 1] (the fraction of tokens kept at each selection point), "
+                f"got {keep_rate!r}; use 1.0 to keep every token")
+    if len(rates) == 1:
+        rates = rates * num_locs
+    if len(rates) != num_locs:
+        raise ValueError(
+            f"keep_rate has {len(rates)} values but there are {num_locs} selection points (locs); "
+            f"give one float for all of them or exactly {num_locs} values")
+    return tuple(float(r) for r in rates)
+
+
 def token_schedule(num_tokens: int, num_prefix: int, keep_rates: Sequence[float],
                    fuse: bool = True) -> list[int]:
     """Sequence length after each selection point, from ``num_tokens`` (prefix included) at the start.
@@ -95,32 +116,3 @@ def token_schedule(num_tokens: int, num_prefix: int, keep_rates: Sequence[float]
             n = k + int(fuse)
         out.append(num_prefix + n)
     return out
-
-
-def attention_with_cls_row(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """timm ``Attention.forward`` that also returns the head-mean [CLS] attention row ``[B, N]``.
-
-    The block keeps timm's fused scaled-dot-product attention; the [CLS] row is one extra
-    ``softmax(q_cls k^T / sqrt(d))``, ``B * H * N * d`` multiply-adds, instead of the full matrix.
-    Mirrors timm 1.0 ``Attention`` (q/k norm, scale norm, gate, dropout) so outputs are unchanged.
-    """
-    B, N, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    cls_logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
-    # fp32 scores: in bf16 many near-equal attention values tie and the ranking degrades
-    cls_attn = cls_logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
-    if attn.fused_attn:
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        out = attn.attn_drop(a) @ v
-    out = out.transpose(1, 2).reshape(B, N, attn.attn_dim)
-    out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), cls_attn
-

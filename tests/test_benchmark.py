@@ -1,6 +1,5 @@
-"""ice_prune.benchmark and bench/throughput.py: structure, interleaving, ratio of medians, checkpoints,
+"""ice_prune.throughput (benchmark, benchmark_models) and bench/throughput.py: structure, interleaving, ratio of medians, checkpoints,
 JSON. Timings are never asserted: where exact figures are checked, a fake clock supplies them."""
-import importlib
 import importlib.util
 import json
 import statistics
@@ -14,8 +13,7 @@ from torch import nn
 
 import ice_prune
 
-# the submodule: the package attribute ice_prune.benchmark is the function (as in ToMe)
-bm = importlib.import_module("ice_prune.benchmark")
+from ice_prune import throughput as bm
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,6 @@
 """Explanation maps against a plain-torch re-implementation of a tiny 2-block ViT's forward, with its
 attention written out by hand, and the baselines' formulas computed from those matrices; then
 train/evaluate.py end to end, checked against the library on the same checkpoint."""
-import importlib
 import importlib.util
 import json
 import os
@@ -20,8 +19,7 @@ from ice_prune import metrics as M
 from ice_prune.head import ICEHead
 from test_evaldata import write_gtsegs
 
-# the module: ice_prune.explain itself is the function of the same name
-ex = importlib.import_module("ice_prune.explain")
+from ice_prune import maps as ex
 
 C = 3  # classes
 

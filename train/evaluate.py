@@ -24,7 +24,6 @@ is randomly initialized (a smoke test, not a result).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -43,8 +42,7 @@ from ice_prune import metrics as M
 from ice_prune import visualize as vis
 from ice_prune.head import ICEHead
 
-# the module: ice_prune.explain itself is the function of the same name
-ex = importlib.import_module("ice_prune.explain")
+from ice_prune import maps as ex
 
 ALL_METHODS = ("ice", "rollout", "gradcam", "generic", "raw-attention", "pm-style")
 JACCARD_TAUS = (0.9, 0.8)  # Naseer et al.'s thresholds on the cumulative attention mass (ICE Table 3)

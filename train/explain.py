@@ -11,10 +11,11 @@ timm model's weights with the head under ``ice_head.`` (see ice_prune.engine).
 import argparse
 import dataclasses
 
-from ice_prune import engine
+from ice_prune import cli, engine
 from ice_prune.data import build_mixup
 from ice_prune.head import HEAD_VARIANTS, ICEExplainer, set_trainable
 from ice_prune.loss import LOSS_MODES, ICELoss
+from ice_prune.tasks import ExplainTask
 
 
 def parse_args(argv=None):
@@ -28,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=None, help="background scale (default 0.5)")
     p.add_argument("--cls-weight", type=float, default=0.0,
                    help="weight of cross-entropy on [CLS] (0 in the paper)")
-    engine.add_common_args(p, epochs=3, lr=1e-5, min_lr=1e-6, weight_decay=0.05, batch_size=256)
+    cli.add_common_args(p, epochs=3, lr=1e-5, min_lr=1e-6, weight_decay=0.05, batch_size=256)
     return p.parse_args(argv)
 
 
@@ -49,16 +50,16 @@ def main(argv=None):
                              "1 and 0.025")
         loss_fn = ICELoss("official", **overrides)
     info = engine.init_distributed(args.device)
-    cfg = engine.config_from_args(args)
-    train_set, val_set, num_classes = engine.build_data(args)
+    cfg = cli.config_from_args(args)
+    train_set, val_set, num_classes = cli.build_data(args)
     engine.seed_everything(args.seed)  # the same initial weights in every process
-    model = engine.build_model(args, num_classes)
+    model = cli.create_model(args, num_classes)
     explainer = ICEExplainer(model, variant.build(model, num_classes))
     if args.checkpoint:
         engine.load_weights(model, args.checkpoint)
     set_trainable(model, explainer.head, variant.trainable_blocks,
                   train_classifier=args.cls_weight > 0)
-    task = engine.ExplainTask(loss_fn, cls_weight=args.cls_weight)
+    task = ExplainTask(loss_fn, cls_weight=args.cls_weight)
     meta = {"kind": "ice-explain", "model": args.model, "model_kwargs": args.model_kwargs,
             "variant": variant.name, "trainable_blocks": variant.trainable_blocks,
             "num_classes": num_classes, "head": {"dim": explainer.head.dim,
@@ -71,4 +72,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    engine.run_script(main)
+    cli.run_script(main)

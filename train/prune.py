@@ -15,9 +15,10 @@ import argparse
 import dataclasses
 
 import ice_prune
-from ice_prune import engine
+from ice_prune import cli, engine
 from ice_prune.data import build_mixup
 from ice_prune.loss import LOSS_MODES, ICELoss
+from ice_prune.tasks import PruneTask
 
 
 def parse_args(argv=None):
@@ -34,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--ice-weight", type=float, default=1.0, help="weight of the ICE loss (ICE only)")
     p.add_argument("--ice-loss-mode", default="paper", choices=sorted(LOSS_MODES))
     p.add_argument("--lambda-class", type=float, default=None, help="paper mode class weight")
-    engine.add_common_args(p, epochs=30, lr=2e-5, min_lr=2e-6, weight_decay=1e-6, batch_size=128)
+    cli.add_common_args(p, epochs=30, lr=2e-5, min_lr=2e-6, weight_decay=1e-6, batch_size=128)
     return p.parse_args(argv)
 
 
@@ -47,16 +48,16 @@ def main(argv=None):
         kw = {} if args.lambda_class is None else {"lambda_class": args.lambda_class}
         loss_fn = ICELoss(args.ice_loss_mode, **kw)
     info = engine.init_distributed(args.device)
-    cfg = engine.config_from_args(args, find_unused_parameters=args.method == "ice"
+    cfg = cli.config_from_args(args, find_unused_parameters=args.method == "ice"
                                   and args.shrink_start > 0)
-    train_set, val_set, num_classes = engine.build_data(args)
+    train_set, val_set, num_classes = cli.build_data(args)
     engine.seed_everything(args.seed)  # the same initial weights in every process
-    model = engine.build_model(args, num_classes)
+    model = cli.create_model(args, num_classes)
     ice_prune.patch(model, keep_rate=args.keep_rate, method=args.method, locs=args.locs,
                     placement=args.placement, fuse=not args.no_fuse)
     if args.checkpoint:
         engine.load_weights(model, args.checkpoint)
-    task = engine.PruneTask(loss_fn, ice_weight=args.ice_weight)
+    task = PruneTask(loss_fn, ice_weight=args.ice_weight)
     meta = {"kind": "prune", "model": args.model, "model_kwargs": args.model_kwargs,
             "method": args.method, "keep_rate": args.keep_rate, "locs": args.locs,
             "placement": args.placement, "fuse": not args.no_fuse, "num_classes": num_classes,
@@ -73,4 +74,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    engine.run_script(main)
+    cli.run_script(main)

@@ -64,6 +64,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from ice_prune.engine import run_script
+    from ice_prune.cli import run_script
 
     run_script(main)

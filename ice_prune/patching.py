@@ -9,11 +9,11 @@ back.
 """
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -21,29 +21,10 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from ice_prune.head import ICEHead
 from ice_prune.kernels import reorganize
 from ice_prune.kernels.ops import KERNEL_CHOICES
-from ice_prune.select import SELECTORS, Selector, attention_with_cls_row, keep_count
+from ice_prune.select import SELECTORS, KeepRate, Selector, check_keep_rate, keep_count
 
 PLACEMENTS = ("attn", "block")
 HEADS = ("shared", "per_location")
-
-KeepRate = Union[float, Sequence[float]]
-
-
-def _check_keep_rate(keep_rate: KeepRate, num_locs: int) -> tuple[float, ...]:
-    rates = [keep_rate] if isinstance(keep_rate, numbers.Real) else list(keep_rate)
-    for r in rates:
-        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 < r <= 1.0:
-            raise ValueError(
-                f"keep_rate must be in (0, 1] (the fraction of tokens kept at each selection point), "
-                f"got {keep_rate!r}; use 1.0 to keep every token")
-    if len(rates) == 1:
-        rates = rates * num_locs
-    if len(rates) != num_locs:
-        raise ValueError(
-            f"keep_rate has {len(rates)} values but there are {num_locs} selection points (locs); "
-            f"give one float for all of them or exactly {num_locs} values")
-    return tuple(float(r) for r in rates)
-
 
 class ICEState:
     """Configuration and per-forward record shared by a patched model and its selection blocks."""
@@ -122,7 +103,7 @@ class ICEVisionTransformer:
 
     @keep_rate.setter
     def keep_rate(self, value: KeepRate) -> None:
-        self._ice.keep_rate = _check_keep_rate(value, len(self._ice.locs))
+        self._ice.keep_rate = check_keep_rate(value, len(self._ice.locs))
 
     @property
     def fuse(self) -> bool:
@@ -191,6 +172,37 @@ class ICEBlock:
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
+
+
+def attention_with_cls_row(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """timm ``Attention.forward`` that also returns the head-mean [CLS] attention row ``[B, N]``.
+
+    A modified copy of timm 1.0's ``Attention.forward`` (as ToMe copies it for its merging): keep it
+    in step with timm's when timm's changes.
+
+    The block keeps timm's fused scaled-dot-product attention; the [CLS] row is one extra
+    ``softmax(q_cls k^T / sqrt(d))``, ``B * H * N * d`` multiply-adds, instead of the full matrix.
+    Mirrors timm 1.0 ``Attention`` (q/k norm, scale norm, gate, dropout) so outputs are unchanged.
+    """
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    cls_logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
+    # fp32 scores: in bf16 many near-equal attention values tie and the ranking degrades
+    cls_attn = cls_logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = attn.attn_drop(a) @ v
+    out = out.transpose(1, 2).reshape(B, N, attn.attn_dim)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), cls_attn
 
 
 def _swap_class(obj: nn.Module, mixin: type) -> None:
@@ -286,7 +298,7 @@ def patch(
     if list(locs) != sorted(set(locs)):
         raise ValueError(f"locs must be strictly increasing block indices, got {locs}; "
                          f"use {tuple(sorted(set(locs)))}")
-    rates = _check_keep_rate(keep_rate, len(locs))
+    rates = check_keep_rate(keep_rate, len(locs))
     for i in locs:
         blk = model.blocks[i]
         if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
@@ -346,36 +358,3 @@ def unpatch(model: nn.Module) -> nn.Module:
     del model._ice
     model.__class__ = type(model)._ice_base
     return model
-
-
-def keep_rate_schedule(target: KeepRate, shrink_start: int = 0, shrink_epochs: int = 0,
-                       iters_per_epoch: int = 1):
-    """EViT's keep-rate schedule as a function of the global iteration.
-
-    Rate 1 for the first ``shrink_start`` epochs, then a cosine from 1 down to ``target`` over
-    ``shrink_epochs`` epochs, updated every iteration, then ``target``. EViT trains from scratch with
-    ``shrink_start=10, shrink_epochs=100``; fine-tuning from a pretrained DeiT uses the target from the
-    start (the defaults). A per-location ``target`` gives per-location rates.
-
-    >>> sched = keep_rate_schedule(0.7, shrink_start=1, shrink_epochs=2, iters_per_epoch=10)
-    >>> sched(0), sched(20), sched(30)
-    (1.0, 0.85, 0.7)
-    """
-    targets = [target] if isinstance(target, numbers.Real) else list(target)
-    _check_keep_rate(targets, len(targets))
-    if shrink_start < 0 or shrink_epochs < 0 or iters_per_epoch < 1:
-        raise ValueError("shrink_start and shrink_epochs must be >= 0 and iters_per_epoch >= 1")
-    start, length = shrink_start * iters_per_epoch, shrink_epochs * iters_per_epoch
-
-    def rate(iteration: int) -> KeepRate:
-        if iteration < start:
-            t = 0.0
-        elif iteration >= start + length:
-            t = 1.0
-        else:
-            t = (iteration - start) / length
-        cos = (math.cos(t * math.pi) + 1) * 0.5  # 1 at the start of the shrink, 0 at its end
-        out = tuple(round(r + (1.0 - r) * cos, 12) for r in targets)
-        return out[0] if isinstance(target, numbers.Real) else out
-
-    return rate

@@ -1,0 +1,128 @@
+"""The command lines of the training scripts: shared arguments, and the data and model they build.
+
+``train/explain.py`` and ``train/prune.py`` add their own arguments to :func:`add_common_args`, turn
+the parsed arguments into a :class:`ice_prune.engine.TrainConfig` with :func:`config_from_args`, and
+build data and model with :func:`build_data` / :func:`create_model`. :func:`run_script` ends a run on
+a bad argument or path with one line instead of a traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Callable, Optional
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from ice_prune.engine import TrainConfig, cleanup_distributed
+
+def add_common_args(parser, *, epochs: int, lr: float, min_lr: float, weight_decay: float,
+                    batch_size: int) -> None:
+    """Arguments both train/ scripts take; defaults are each script's paper recipe."""
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model", default="deit_small_patch16_224", help="timm model name")
+    g.add_argument("--model-kwargs", default="{}",
+                   help='JSON keyword arguments for timm.create_model, e.g. \'{"depth": 6}\'')
+    g.add_argument("--checkpoint", default=None,
+                   help="weights to start from: a DeiT release .pth, a timm state dict or "
+                        ".safetensors")
+    g.add_argument("--pretrained", action="store_true",
+                   help="start from timm's pretrained weights (downloads from the hub)")
+    g.add_argument("--data", default="synthetic", help="synthetic | imagefolder:PATH")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help="image classes (synthetic: default 10; imagefolder: its class folders)")
+    g.add_argument("--img-size", type=int, default=224)
+    g.add_argument("--synthetic-train", type=int, default=5000, help="synthetic training images")
+    g.add_argument("--synthetic-val", type=int, default=500, help="synthetic validation images")
+    g.add_argument("--synthetic-kwargs", default="{}",
+                   help='JSON keyword arguments for SyntheticScenes, e.g. \'{"distractors": [0, 2]}\'')
+    g.add_argument("--drop-path", type=float, default=0.1)
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=epochs)
+    g.add_argument("--batch-size", type=int, default=batch_size, help="per process")
+    g.add_argument("--opt", default="adamw")
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--min-lr", type=float, default=min_lr)
+    g.add_argument("--warmup-lr", type=float, default=1e-6)
+    g.add_argument("--warmup-epochs", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=weight_decay)
+    g.add_argument("--sched", default="cosine")
+    g.add_argument("--clip-grad", type=float, default=None)
+    g.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"),
+                   help="autocast dtype on CUDA (CPU runs fp32)")
+    g.add_argument("--ema-decay", type=float, default=None)
+    g.add_argument("--mixup", type=float, default=0.8)
+    g.add_argument("--cutmix", type=float, default=1.0)
+    g.add_argument("--smoothing", type=float, default=0.1)
+    g = parser.add_argument_group("run")
+    g.add_argument("--output", required=True, help="run directory (checkpoint, log.jsonl)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --output")
+    g.add_argument("--overwrite", action="store_true", help="start over in --output")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=4)
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args, **extra) -> TrainConfig:
+    return TrainConfig(
+        output=args.output, epochs=args.epochs, batch_size=args.batch_size, opt=args.opt,
+        lr=args.lr, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+        weight_decay=args.weight_decay, sched=args.sched, clip_grad=args.clip_grad, amp=args.amp,
+        ema_decay=args.ema_decay, workers=args.workers, seed=args.seed, log_every=args.log_every,
+        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+        device=args.device, **extra)
+
+
+def build_data(args) -> tuple[Dataset, Optional[Dataset], int]:
+    """``(train, val, num_classes)`` from ``--data``."""
+    from ice_prune.data import SyntheticScenes, build_imagefolder
+
+    if args.data == "synthetic":
+        c = args.num_classes or 10
+        try:
+            extra = json.loads(getattr(args, "synthetic_kwargs", "{}"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--synthetic-kwargs is not JSON: {e}") from None
+        kw = dict(num_classes=c, img_size=args.img_size, seed=args.seed, **extra)
+        return (SyntheticScenes(length=args.synthetic_train, split="train", **kw),
+                SyntheticScenes(length=args.synthetic_val, split="val", **kw), c)
+    if args.data.startswith("imagefolder:"):
+        root = args.data.split(":", 1)[1]
+        train_dir = os.path.join(root, "train")
+        has_split = os.path.isdir(train_dir)
+        train = build_imagefolder(train_dir if has_split else root, args.img_size, True)
+        val_dir = os.path.join(root, "val")
+        val = build_imagefolder(val_dir, args.img_size, False) if os.path.isdir(val_dir) else None
+        c = len(train.classes)
+        if args.num_classes is not None and args.num_classes != c:
+            raise ValueError(f"--num-classes {args.num_classes} but {root!r} has {c} class folders")
+        return train, val, c
+    raise ValueError(f"--data must be 'synthetic' or 'imagefolder:PATH', got {args.data!r}")
+
+
+def create_model(args, num_classes: int) -> nn.Module:
+    """``timm.create_model`` from ``--model`` / ``--model-kwargs``; downloads only with
+    ``--pretrained``. The scripts load ``--checkpoint`` after attaching the ICE head."""
+    import timm
+
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model-kwargs is not JSON: {e}") from None
+    kwargs.setdefault("img_size", args.img_size)
+    return timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
+                             drop_path_rate=args.drop_path, **kwargs)
+
+
+def run_script(main: Callable[[], Any]) -> None:
+    """Run a script's ``main``; a bad argument or path ends it with the message, not a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        cleanup_distributed()
