@@ -120,10 +120,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temp file beside ``path``, then rename: a crash never leaves half a file."""
+    """``torch.save`` to a temp file beside ``path``, then rename: a crash never leaves half a file.
+    A failed save removes its temp file and re-raises; ``path`` keeps the previous checkpoint."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
 
 def read_state_dict(path: str) -> dict[str, Tensor]:

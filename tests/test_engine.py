@@ -15,17 +15,23 @@ def tiny(num_classes=3):
 def test_save_checkpoint_is_atomic_and_leaves_no_temp_file(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pth")
     engine.save_checkpoint(path, {"epoch": 1})
+    assert os.listdir(tmp_path) == ["last.pth"]
     real_save = torch.save
 
-    def crash(obj, f):
-        real_save(obj, f)
+    def crash(obj, f):  # the disk fills up half way through the file
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="disk full"):
         engine.save_checkpoint(path, {"epoch": 2})
     monkeypatch.setattr(torch, "save", real_save)
+    assert os.listdir(tmp_path) == ["last.pth"]  # no temp file left behind
     assert torch.load(path, weights_only=False)["epoch"] == 1  # the old file is intact
+    engine.save_checkpoint(path, {"epoch": 3})
+    assert os.listdir(tmp_path) == ["last.pth"]
+    assert torch.load(path, weights_only=False)["epoch"] == 3
 
 
 @pytest.mark.parametrize("fmt", ["deit", "timm", "safetensors", "ddp"])
@@ -53,7 +59,7 @@ def test_load_weights_names_the_differences(tmp_path):
     torch.save({"model": tiny(5).state_dict()}, tmp_path / "c.pth")
     with pytest.raises(ValueError, match=r"head.bias: checkpoint \(5,\) vs model \(3,\)"):
         engine.load_weights(tiny(3), str(tmp_path / "c.pth"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing.pth' does not exist"):
         engine.load_weights(tiny(3), str(tmp_path / "missing.pth"))
 
 
