@@ -280,13 +280,36 @@ def test_train_mode_gradients_reach_head_and_backbone_and_logits_recorded():
 def test_evit_scores_receive_gradient_through_fusion():
     model = make("deit_tiny").train()
     ice_prune.patch(model, keep_rate=0.5, method="evit")
-    x = image_batch(model)
-    model(x).sum().backward()
-    with_fusion = model.blocks[3].attn.qkv.weight.grad.clone()
-    model.zero_grad()
-    model.fuse = False
-    model(x).sum().backward()
-    assert not torch.allclose(with_fusion, model.blocks[3].attn.qkv.weight.grad)
+    state, P = model._ice, model.num_prefix_tokens
+    seen = []  # per selection point: (tokens in, [CLS]-attention scores, tokens out)
+    scores_of, select = state.selector.scores, state.select
+
+    def spy_scores(*a, **k):
+        scores, logits = scores_of(*a, **k)
+        if scores.requires_grad:
+            scores.retain_grad()
+        seen.append([scores])
+        return scores, logits
+
+    def spy_select(x, *a, **k):
+        out = select(x, *a, **k)
+        out.retain_grad()
+        seen[-1] = [x.detach(), seen[-1][0], out]
+        return out
+
+    state.selector.scores, state.select = spy_scores, spy_select
+    model(image_batch(model)).square().sum().backward()
+    assert len(seen) == 3
+    for x, scores, out in seen:
+        # the scores are the attention row itself, still in the graph back to the weights
+        assert scores.requires_grad and scores.grad_fn is not None
+        # fused = sum_i w_i x_i over the dropped tokens, so d loss / d w_i = <d loss / d fused, x_i>
+        # for a dropped token and 0 for a kept one
+        keep = out.shape[1] - P - 1
+        kept = torch.topk(scores, keep, dim=1).indices
+        expected = torch.einsum("bd,bnd->bn", out.grad[:, -1], x[:, P:]).scatter(1, kept, 0.0)
+        assert expected.abs().amax(dim=1).min() > 0
+        torch.testing.assert_close(scores.grad, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_batch_size_one():
