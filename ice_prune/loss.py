@@ -16,10 +16,28 @@ Modes (:data:`LOSS_MODES`):
   decision mask, is unchanged by it; it bounds the logit scale so neither phase can win by inflating
   logits. ``Y_hat`` is the exact foreground mean; an image with no foreground patch gets
   ``Y_hat = 0`` (a uniform prediction: loss ``log(C+1)`` and no gradient). Weights
-  ``lambda = 0.975`` and ``1 - lambda``.
+  ``lambda`` and ``1 - lambda``: the paper's ``lambda = 0.975`` (ICE-f 0.99) belongs to ImageNet's
+  1000 classes, and :class:`ICELoss` derives lambda from the class count by default (below).
 * ``"official"``: what the released code (Hanyang-HCC-Lab/ICE, imagenet_train) computes: raw logits
   (no instance normalization), ``Y_hat`` = foreground sum / (n_fg + 1), weights 1 and 0.025, and the
-  background term switched off while fewer than 10% of the batch's patches are foreground.
+  background term switched off while fewer than 10% of the batch's patches are foreground. Its
+  weights are not lambda-parametrized, so the class-count rule does not apply to it.
+
+The class-count rule (``lambda_class="auto"``, :func:`auto_lambda`). Right after initialization the
+head's outputs are near uniform over the C+1 classes. The class phase then pulls a foreground patch's
+background logit down with a weight of about ``lambda / (C+1)`` (the background probability in
+``Y_hat``), the background phase pushes it up with about ``(1 - lambda) * alpha * C / (C+1)``. Their
+ratio ``R = (1 - lambda) * alpha * C / lambda`` is 12.8 in the paper's setting (C = 1000, lambda
+0.975, alpha 0.5) but 0.13 at C = 10 with the same lambda: the background phase never wins the early
+contest and the head calls every patch foreground. The rule keeps ``(1 - lambda) * C / lambda`` at
+the paper's value, i.e. ``R`` at the paper's value for the same alpha::
+
+    lambda(C) = C / (C + K),   K = 1000 * (1 - lambda_paper) / lambda_paper
+
+which gives exactly ``lambda_paper`` at C = 1000 (0.975 for ICE, 0.99 for ICE-f), 0.886 at C = 200,
+0.661 at C = 50 and 0.281 at C = 10 for ICE. alpha stays a free knob: Table 6's alpha 1.0 doubles R
+at any class count, as it does in the paper at C = 1000. The rule uses nothing but the class count
+and the paper's setting.
 
 Neither mode puts a loss on the [CLS] prediction during explanation training (the official code
 multiplies it by 0); pruning runs add cross-entropy on [CLS] themselves (``train/prune.py``).
@@ -28,11 +46,48 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+#: the class count the paper's lambdas were tuned for (ImageNet)
+PAPER_NUM_CLASSES = 1000
+#: ``lambda_class`` values that are words: the class-count rule and the paper's literal value
+LAMBDA_RULES = ("auto", "paper")
+
+
+def parse_lambda(text: str) -> Union[float, str]:
+    """A command line's ``--lambda-class``: ``auto``, ``paper`` or a number in [0, 1]."""
+    if text in LAMBDA_RULES:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--lambda-class must be auto, paper or a number in [0, 1], got "
+                         f"{text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"--lambda-class must be in [0, 1], got {value}; auto derives it from the "
+                         f"class count, paper is the paper's 0.975 (ICE-f 0.99)")
+    return value
+
+
+def auto_lambda(num_classes: int, paper_lambda: float = 0.975,
+                paper_num_classes: int = PAPER_NUM_CLASSES) -> float:
+    """The class weight for ``num_classes`` classes that keeps the paper's balance of the two phases:
+    ``C / (C + K)`` with ``K = paper_num_classes * (1 - paper_lambda) / paper_lambda`` (see the
+    module docstring). ``auto_lambda(1000) == 0.975``; ``auto_lambda(1000, 0.99) == 0.99`` (ICE-f)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
+            or num_classes < 1:
+        raise ValueError(f"the class-count rule needs the number of image classes (>= 1), got "
+                         f"{num_classes!r}")
+    if isinstance(paper_lambda, bool) or not isinstance(paper_lambda, numbers.Real) \
+            or not 0.0 < paper_lambda < 1.0:
+        raise ValueError(f"paper_lambda must be in (0, 1), got {paper_lambda!r}")
+    k = paper_num_classes * (1.0 - paper_lambda) / paper_lambda
+    return num_classes / (num_classes + k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +101,9 @@ class LossConfig:
     fg_denominator_offset: int = 0  # the official code divides the foreground sum by n_fg + 1
     min_fg_fraction: float = 0.0  # background term off while the batch's foreground share is below
     eps: float = 1e-5  # instance norm epsilon (torch's InstanceNorm default)
+    # class-count rule: when set, the weights are lambda = auto_lambda(C, lambda_reference) and
+    # 1 - lambda for the C of the logits, and class_weight / bg_weight are not used
+    lambda_reference: Optional[float] = None
 
     def __post_init__(self) -> None:
         for name in ("alpha", "class_weight", "bg_weight", "min_fg_fraction", "eps"):
@@ -62,6 +120,8 @@ class LossConfig:
             raise ValueError("class_weight and bg_weight are both 0: the loss would be constant")
         if not 0.0 <= self.min_fg_fraction <= 1.0:
             raise ValueError(f"min_fg_fraction must be in [0, 1], got {self.min_fg_fraction}")
+        if self.lambda_reference is not None:
+            auto_lambda(1, self.lambda_reference)  # validates the reference
         if self.fg_denominator_offset not in (0, 1):
             raise ValueError(f"fg_denominator_offset must be 0 (paper) or 1 (official code), got "
                              f"{self.fg_denominator_offset}")
@@ -73,7 +133,19 @@ class LossConfig:
             raise ValueError(f"lambda_class must be in [0, 1], got {lambda_class!r}; the paper uses "
                              f"0.975 (ICE) and 0.99 (ICE-f)")
         return dataclasses.replace(self, class_weight=float(lambda_class),
-                                   bg_weight=1.0 - float(lambda_class))
+                                   bg_weight=1.0 - float(lambda_class), lambda_reference=None)
+
+    def with_auto_lambda(self, paper_lambda: float = 0.975) -> "LossConfig":
+        """The class-count rule: ``lambda = auto_lambda(C, paper_lambda)`` for the logits' C."""
+        auto_lambda(1, paper_lambda)
+        return dataclasses.replace(self, lambda_reference=float(paper_lambda))
+
+    def weights(self, num_classes: int) -> tuple[float, float]:
+        """``(class_weight, bg_weight)`` for a head with ``num_classes`` image classes."""
+        if self.lambda_reference is None:
+            return self.class_weight, self.bg_weight
+        lam = auto_lambda(num_classes, self.lambda_reference)
+        return lam, 1.0 - lam
 
 
 LOSS_MODES: dict[str, LossConfig] = {
@@ -136,34 +208,65 @@ def adversarial_normalization_loss(logits: Tensor, target: Tensor,
     y_hat = fg_sum / (n_fg + config.fg_denominator_offset).clamp_min(1)
     class_loss = soft_cross_entropy(y_hat, F.pad(y, (0, 1)))
 
+    class_weight, bg_weight = config.weights(C)
     bg_active = bool(fg_fraction >= config.min_fg_fraction)
-    loss = config.class_weight * class_loss
+    loss = class_weight * class_loss
     if bg_active:
-        loss = loss + config.bg_weight * bg_loss
+        loss = loss + bg_weight * bg_loss
     return LossOutput(loss, class_loss.detach(), bg_loss.detach(), fg_fraction.detach(), bg_active)
 
 
 class ICELoss(nn.Module):
     """Adversarial normalization as a module: ``ICELoss("paper")`` or ``ICELoss("official")``, any
-    field of :class:`LossConfig` overridable (``ICELoss("paper", lambda_class=0.99)`` for ICE-f).
+    field of :class:`LossConfig` overridable.
+
+    ``lambda_class`` (paper mode): ``"auto"`` (the default) derives lambda from the class count of the
+    logits by :func:`auto_lambda`, giving ``paper_lambda`` at 1000 classes; ``"paper"`` is the
+    paper's literal ``paper_lambda`` at any class count; a number fixes it. ``paper_lambda`` is the
+    variant's value in the paper: 0.975 for ICE, 0.99 for ICE-f. Explicit ``class_weight`` /
+    ``bg_weight`` overrides fix the weights instead. ``resolved_lambda(C)`` says what a run uses.
 
     ``forward`` takes one logits tensor ``[B, N, C+1]`` or a list of them (a pruned model's selection
     points, each with its own N); a list gives the mean of the per-point losses.
     """
 
-    def __init__(self, mode: str = "paper", lambda_class: Optional[float] = None,
-                 **overrides) -> None:
+    def __init__(self, mode: str = "paper", lambda_class: Union[float, str, None] = None,
+                 paper_lambda: float = 0.975, **overrides) -> None:
         super().__init__()
         if mode not in LOSS_MODES:
             raise ValueError(f"unknown ICE loss mode {mode!r}; choose one of {sorted(LOSS_MODES)}")
         unknown = set(overrides) - {f.name for f in dataclasses.fields(LossConfig)}
         if unknown:
             raise TypeError(f"unknown ICE loss settings {sorted(unknown)}")
+        fixed_weights = {"class_weight", "bg_weight"} & set(overrides)
+        if lambda_class is not None and fixed_weights:
+            raise ValueError(f"give lambda_class or {sorted(fixed_weights)}, not both")
+        lambda_parametrized = mode == "paper"
+        if lambda_class is not None and not lambda_parametrized:
+            raise ValueError(f"lambda_class={lambda_class!r} sets the paper mode's weights "
+                             f"(lambda, 1 - lambda); the {mode!r} mode's weights "
+                             f"({LOSS_MODES[mode].class_weight:g}, {LOSS_MODES[mode].bg_weight:g}) are "
+                             f"not lambda-parametrized: use mode 'paper' or leave lambda_class unset")
+        if lambda_class is None:
+            lambda_class = "auto" if lambda_parametrized and not fixed_weights else None
         config = dataclasses.replace(LOSS_MODES[mode], **overrides)
-        if lambda_class is not None:
+        if lambda_class == "auto":
+            config = config.with_auto_lambda(paper_lambda)
+        elif lambda_class == "paper":
+            config = config.with_lambda(paper_lambda)
+        elif isinstance(lambda_class, str):
+            raise ValueError(f"lambda_class must be a number in [0, 1] or one of {LAMBDA_RULES}, got "
+                             f"{lambda_class!r}")
+        elif lambda_class is not None:
             config = config.with_lambda(lambda_class)
         self.mode = mode
+        self.lambda_rule = lambda_class if isinstance(lambda_class, str) else (
+            "fixed" if lambda_parametrized else mode)
         self.config = config
+
+    def resolved_lambda(self, num_classes: int) -> float:
+        """The class weight this loss uses for ``num_classes`` image classes."""
+        return self.config.weights(num_classes)[0]
 
     def forward(self, logits, target: Tensor) -> LossOutput:
         if isinstance(logits, Tensor):

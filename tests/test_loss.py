@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from ice_prune.loss import LOSS_MODES, ICELoss, adversarial_normalization_loss, ice_image_logits
+from ice_prune.loss import (LOSS_MODES, ICELoss, adversarial_normalization_loss, auto_lambda,
+                            ice_image_logits, parse_lambda)
 
 
 def ce(logits, target_index):
@@ -19,7 +20,7 @@ BG_HAT = [0.5 * 1.0, 0.5 * 0.0, 0.5 * 0.5]  # alpha * mean over both patches
 
 
 def test_paper_terms_without_instance_norm():
-    out = ICELoss("paper", instance_norm=False)(Z, LABEL)
+    out = ICELoss("paper", lambda_class="paper", instance_norm=False)(Z, LABEL)
     l_class = ce([2.0, 0.0, 0.0], 0)  # Y_hat = the one foreground patch
     l_bg = ce(BG_HAT, 2)
     assert out.class_loss.item() == pytest.approx(l_class, abs=1e-6)
@@ -133,3 +134,59 @@ def test_bad_inputs():
         adversarial_normalization_loss(Z, torch.tensor([2]))
     with pytest.raises(ValueError, match="do not fit"):
         adversarial_normalization_loss(Z, torch.tensor([[0.5, 0.25, 0.25]]))
+
+
+# the class-count rule: lambda(C) = lambda_p C / (lambda_p C + (1 - lambda_p) 1000), written out
+@pytest.mark.parametrize("num_classes, paper_lambda, expected", [
+    (1000, 0.975, 0.975),
+    (1000, 0.99, 0.99),  # ICE-f
+    (10, 0.975, 9.75 / (9.75 + 25.0)),  # 0.2806
+    (200, 0.975, 195.0 / (195.0 + 25.0)),  # 0.8864
+    (2, 0.975, 1.95 / (1.95 + 25.0)),
+])
+def test_auto_lambda_keeps_the_papers_balance(num_classes, paper_lambda, expected):
+    assert auto_lambda(num_classes, paper_lambda) == pytest.approx(expected, abs=1e-12)
+    # the early-training ratio R = (1 - lambda) alpha C / lambda is the paper's 12.82 at alpha 0.5
+    lam = auto_lambda(num_classes)
+    assert (1 - lam) * 0.5 * num_classes / lam == pytest.approx(0.025 * 0.5 * 1000 / 0.975)
+
+
+def test_iceloss_default_is_the_class_count_rule():
+    lam = 1.95 / (1.95 + 25.0)  # C = 2
+    loss = ICELoss("paper", instance_norm=False)
+    assert loss.lambda_rule == "auto" and loss.resolved_lambda(2) == pytest.approx(lam)
+    out = loss(Z, LABEL)
+    l_class, l_bg = ce([2.0, 0.0, 0.0], 0), ce(BG_HAT, 2)
+    assert out.loss.item() == pytest.approx(lam * l_class + (1 - lam) * l_bg, abs=1e-6)
+    # the paper's literal value is one word away, and a number fixes lambda at any class count
+    literal = ICELoss("paper", lambda_class="paper", instance_norm=False)
+    assert literal.lambda_rule == "paper" and literal.resolved_lambda(2) == 0.975
+    assert ICELoss("paper", lambda_class=0.3).resolved_lambda(500) == 0.3
+    icef = ICELoss("paper", paper_lambda=0.99)
+    assert icef.resolved_lambda(1000) == pytest.approx(0.99)
+    # explicit weights are fixed weights; the official mode keeps its own
+    assert ICELoss("paper", class_weight=1.0, bg_weight=0.0).resolved_lambda(2) == 1.0
+    assert ICELoss("official").resolved_lambda(2) == 1.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"mode": "official", "lambda_class": "auto"}, "not lambda-parametrized"),
+    ({"mode": "official", "lambda_class": 0.5}, "not lambda-parametrized"),
+    ({"lambda_class": "sometimes"}, "auto.*paper"),
+    ({"lambda_class": "auto", "class_weight": 1.0}, "not both"),
+    ({"lambda_class": "auto", "paper_lambda": 1.0}, "paper_lambda"),
+])
+def test_bad_lambda_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ICELoss(**kwargs)
+
+
+def test_parse_lambda():
+    assert parse_lambda("auto") == "auto" and parse_lambda("paper") == "paper"
+    assert parse_lambda("0.28") == 0.28
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        parse_lambda("-0.1")
+    with pytest.raises(ValueError, match="auto, paper or a number"):
+        parse_lambda("lots")
+    with pytest.raises(ValueError, match="number of image classes"):
+        auto_lambda(0)

@@ -147,9 +147,41 @@ def test_bad_inputs(tmp_path):
                             "--output", str(tmp_path / "o4")])
     with pytest.raises(ValueError, match="keep_rate must be in"):
         prune.main(small + ["--keep-rate", "1.5", "--locs", "1", "--output", str(tmp_path / "o5")])
-    with pytest.raises(ValueError, match="lambda_class"):
+    with pytest.raises(ValueError, match=r"--lambda-class must be in \[0, 1\]"):
         explain.main(small + ["--lambda-class", "1.2", "--output", str(tmp_path / "o6")])
     with pytest.raises(ValueError, match="ice-weight"):
         prune.main(small + ["--ice-weight", "-1", "--output", str(tmp_path / "o7")])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         explain.main(small + ["--resume", "--output", str(tmp_path / "o8")])
+
+
+def test_lambda_class_flag_in_both_scripts_and_the_checkpoint_meta(tmp_path):
+    explain, prune = script("explain"), script("prune")
+    small = BASE + ["--synthetic-train", "8", "--synthetic-val", "8", "--batch-size", "8",
+                    "--epochs", "1"]
+
+    def meta(out):
+        return torch.load(os.path.join(out, "last.pth"), map_location="cpu",
+                          weights_only=False)["meta"]
+
+    # the default: the class-count rule at SyntheticScenes' 10 classes, 9.75 / (9.75 + 25)
+    explain.main(small + ["--output", str(tmp_path / "e-auto")])
+    m = meta(str(tmp_path / "e-auto"))
+    assert m["lambda_rule"] == "auto" and m["lambda_class"] == pytest.approx(9.75 / 34.75)
+    assert m["loss"]["lambda_reference"] == 0.975
+    # ICE-f's paper value is 0.99 at 1000 classes: 9.9 / (9.9 + 10) at 10
+    explain.main(small + ["--variant", "ice-f", "--output", str(tmp_path / "e-f")])
+    assert meta(str(tmp_path / "e-f"))["lambda_class"] == pytest.approx(9.9 / 19.9)
+    explain.main(small + ["--lambda-class", "paper", "--output", str(tmp_path / "e-paper")])
+    m = meta(str(tmp_path / "e-paper"))
+    assert m["lambda_rule"] == "paper" and m["lambda_class"] == 0.975
+    prune.main(small + ["--method", "ice", "--locs", "1", "--lambda-class", "0.4",
+                        "--output", str(tmp_path / "p")])
+    m = meta(str(tmp_path / "p"))
+    assert m["lambda_rule"] == "fixed" and m["lambda_class"] == 0.4
+    with pytest.raises(ValueError, match="not lambda-parametrized"):
+        explain.main(small + ["--loss-mode", "official", "--lambda-class", "auto",
+                              "--output", str(tmp_path / "e-off")])
+    with pytest.raises(ValueError, match="applies to --method ice only"):
+        prune.main(small + ["--method", "evit", "--lambda-class", "auto",
+                            "--output", str(tmp_path / "p-evit")])

@@ -3,10 +3,13 @@
     python train/explain.py --variant ice --checkpoint deit_small_patch16_224-cd65a155.pth \\
         --data imagefolder:/data/imagenet --output runs/ice
 
-Paper recipe (Sec. 4.1): DeiT-S, adversarial normalization alpha 0.5, lambda 0.975 (ICE-f 0.99),
-lr 1e-5, batch 256, the other DeiT hyper-parameters. Multi-process: ``torchrun --nproc_per_node N
-train/explain.py ...`` (``--batch-size`` is per process). The checkpoint ``OUTPUT/last.pth`` holds the
-timm model's weights with the head under ``ice_head.`` (see ice_prune.engine).
+Paper recipe (Sec. 4.1): DeiT-S, adversarial normalization alpha 0.5, lambda 0.975 (ICE-f 0.99)
+for ImageNet's 1000 classes, lr 1e-5, batch 256, the other DeiT hyper-parameters. ``--lambda-class
+auto`` (the default) derives lambda from the class count, exactly the paper's at 1000 classes (see
+ice_prune.loss); ``--lambda-class paper`` takes the literal value. Multi-process: ``torchrun
+--nproc_per_node N train/explain.py ...`` (``--batch-size`` is per process). The checkpoint
+``OUTPUT/last.pth`` holds the timm model's weights with the head under ``ice_head.`` (see
+ice_prune.engine).
 """
 import argparse
 import dataclasses
@@ -14,7 +17,7 @@ import dataclasses
 from ice_prune import cli, engine
 from ice_prune.data import build_mixup
 from ice_prune.head import HEAD_VARIANTS, ICEExplainer, set_trainable
-from ice_prune.loss import LOSS_MODES, ICELoss
+from ice_prune.loss import LOSS_MODES, ICELoss, parse_lambda
 from ice_prune.tasks import ExplainTask
 
 
@@ -24,8 +27,10 @@ def parse_args(argv=None):
     p.add_argument("--trainable-blocks", type=int, default=None,
                    help="icev2-style: how many of the last blocks train (default 2)")
     p.add_argument("--loss-mode", default="paper", choices=sorted(LOSS_MODES))
-    p.add_argument("--lambda-class", type=float, default=None,
-                   help="paper mode class weight (default: the variant's, 0.975 / ICE-f 0.99)")
+    p.add_argument("--lambda-class", default=None,
+                   help="paper mode class weight: auto (default: from the class count, the paper's "
+                        "value at 1000 classes), paper (the paper's literal 0.975 / ICE-f 0.99 at any "
+                        "class count) or a number in [0, 1]")
     p.add_argument("--alpha", type=float, default=None, help="background scale (default 0.5)")
     p.add_argument("--cls-weight", type=float, default=0.0,
                    help="weight of cross-entropy on [CLS] (0 in the paper)")
@@ -41,14 +46,9 @@ def main(argv=None):
             raise ValueError("--trainable-blocks applies to --variant icev2-style only")
         variant = dataclasses.replace(variant, trainable_blocks=args.trainable_blocks)
     overrides = {} if args.alpha is None else {"alpha": args.alpha}
-    if args.loss_mode == "paper":
-        loss_fn = ICELoss("paper", lambda_class=args.lambda_class if args.lambda_class is not None
-                          else variant.lambda_class, **overrides)
-    else:
-        if args.lambda_class is not None:
-            raise ValueError("--lambda-class sets the paper mode's weights; the official mode uses "
-                             "1 and 0.025")
-        loss_fn = ICELoss("official", **overrides)
+    lambda_class = None if args.lambda_class is None else parse_lambda(args.lambda_class)
+    loss_fn = ICELoss(args.loss_mode, lambda_class=lambda_class, paper_lambda=variant.lambda_class,
+                      **overrides)
     info = engine.init_distributed(args.device)
     cfg = cli.config_from_args(args)
     train_set, val_set, num_classes = cli.build_data(args)
@@ -65,6 +65,7 @@ def main(argv=None):
             "num_classes": num_classes, "head": {"dim": explainer.head.dim,
                                                  "hidden_dim": explainer.head.hidden_dim},
             "img_size": args.img_size, "loss_mode": loss_fn.mode,
+            "lambda_rule": loss_fn.lambda_rule, "lambda_class": loss_fn.resolved_lambda(num_classes),
             "loss": dataclasses.asdict(loss_fn.config)}
     engine.fit(cfg, explainer, task.step, task.eval, train_set, val_set, info, save_module=model,
                mixup_fn=build_mixup(num_classes, args.mixup, args.cutmix, label_smoothing=args.smoothing),

@@ -17,7 +17,7 @@ import dataclasses
 import ice_prune
 from ice_prune import cli, engine
 from ice_prune.data import build_mixup
-from ice_prune.loss import LOSS_MODES, ICELoss
+from ice_prune.loss import LOSS_MODES, ICELoss, parse_lambda
 from ice_prune.tasks import PruneTask
 
 
@@ -34,7 +34,9 @@ def parse_args(argv=None):
                    help="epochs of the cosine from 1 to --keep-rate (EViT from scratch: 100)")
     p.add_argument("--ice-weight", type=float, default=1.0, help="weight of the ICE loss (ICE only)")
     p.add_argument("--ice-loss-mode", default="paper", choices=sorted(LOSS_MODES))
-    p.add_argument("--lambda-class", type=float, default=None, help="paper mode class weight")
+    p.add_argument("--lambda-class", default=None,
+                   help="paper mode class weight: auto (default: from the class count, 0.975 at 1000 "
+                        "classes), paper (the literal 0.975) or a number in [0, 1]")
     cli.add_common_args(p, epochs=30, lr=2e-5, min_lr=2e-6, weight_decay=1e-6, batch_size=128)
     return p.parse_args(argv)
 
@@ -45,8 +47,10 @@ def main(argv=None):
         raise ValueError(f"--ice-weight must be >= 0, got {args.ice_weight}")
     loss_fn = None
     if args.method == "ice":
-        kw = {} if args.lambda_class is None else {"lambda_class": args.lambda_class}
-        loss_fn = ICELoss(args.ice_loss_mode, **kw)
+        lambda_class = None if args.lambda_class is None else parse_lambda(args.lambda_class)
+        loss_fn = ICELoss(args.ice_loss_mode, lambda_class=lambda_class)
+    elif args.lambda_class is not None:
+        raise ValueError("--lambda-class weights the ICE loss: it applies to --method ice only")
     info = engine.init_distributed(args.device)
     cfg = cli.config_from_args(args, find_unused_parameters=args.method == "ice"
                                   and args.shrink_start > 0)
@@ -62,7 +66,9 @@ def main(argv=None):
             "method": args.method, "keep_rate": args.keep_rate, "locs": args.locs,
             "placement": args.placement, "fuse": not args.no_fuse, "num_classes": num_classes,
             "img_size": args.img_size,
-            "loss": dataclasses.asdict(loss_fn.config) if loss_fn is not None else None}
+            "loss": dataclasses.asdict(loss_fn.config) if loss_fn is not None else None,
+            "lambda_rule": loss_fn.lambda_rule if loss_fn is not None else None,
+            "lambda_class": loss_fn.resolved_lambda(num_classes) if loss_fn is not None else None}
 
     def keep_rates(iters_per_epoch):
         return ice_prune.keep_rate_schedule(args.keep_rate, args.shrink_start, args.shrink_epochs,
