@@ -117,14 +117,50 @@ def test_given_target_changes_gradient_maps(model, images):
         ex.attention_gradcam(model, images, target=C)
 
 
+def model_settings(model):
+    """What an explanation must leave as it found it: every module's mode and hooks, every block's
+    fused attention, every parameter's requires_grad and grad, the keep rate of a patched model."""
+    return {
+        "training": {n: m.training for n, m in model.named_modules()},
+        "hooks": {n: (list(m._forward_hooks), list(m._forward_pre_hooks), list(m._backward_hooks))
+                  for n, m in model.named_modules()},
+        "fused_attn": [b.attn.fused_attn for b in model.blocks],
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "grad": [n for n, p in model.named_parameters() if p.grad is not None],
+        "keep_rate": model.keep_rate,
+    }
+
+
 def test_model_left_as_it_was(model, images):
-    before = model(images)
-    model.blocks[1].attn.fused_attn = True
-    ex.generic_attention(model, images)
-    assert [b.attn.fused_attn for b in model.blocks] == [model.blocks[0].attn.fused_attn, True]
-    assert all(p.grad is None for p in model.parameters())
-    assert all(not b.attn.attn_drop._forward_hooks for b in model.blocks)
-    torch.testing.assert_close(model(images), before)
+    ice_prune.patch(model, keep_rate=0.5, method="ice", num_classes=C, locs=(1,))
+    model.train()  # every dropout rate is 0: the output is the same as in eval mode
+    model.patch_embed.requires_grad_(False)  # partly frozen
+    model.blocks[0].attn.fused_attn, model.blocks[1].attn.fused_attn = False, True
+    calls = []  # the user's own hooks, one where the maps hook in (attn_drop)
+    model.blocks[0].attn.attn_drop.register_forward_hook(lambda *a: calls.append("attn_drop"))
+    model.blocks[1].register_forward_pre_hook(lambda *a: calls.append("block 1"))
+    with torch.no_grad():
+        before = model(images)
+    settings = model_settings(model)
+    assert settings["fused_attn"] == [False, True] and settings["keep_rate"] == 0.5
+    for method in ex.METHODS:
+        ex.explain(model, images, method)
+        assert model_settings(model) == settings, method
+        calls.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), before)
+        assert calls == ["attn_drop", "block 1"], method
+
+
+@pytest.mark.xfail(strict=True, reason="maps.py restores the mode with model.train(was_training), "
+                   "which sets every submodule to the top module's mode")
+def test_train_eval_mix_left_as_it_was(model, images):
+    model.train()
+    model.blocks[0].eval()  # a frozen block inside a model in training
+    modes = {n: m.training for n, m in model.named_modules()}
+    for method in sorted(set(ex.METHODS) - {"ice"}):
+        ex.explain(model, images, method)
+        assert {n: m.training for n, m in model.named_modules()} == modes, method
 
 
 def test_ice_explain(model, images):
