@@ -27,6 +27,9 @@ def add_common_args(parser, *, epochs: int, lr: float, min_lr: float, weight_dec
     g.add_argument("--checkpoint", default=None,
                    help="weights to start from: a DeiT release .pth, a timm state dict or "
                         ".safetensors")
+    g.add_argument("--reset-classifier", action="store_true",
+                   help="do not load the --checkpoint's classifier: a new one for this run's class "
+                        "count (e.g. ImageNet weights on a 200-class data set)")
     g.add_argument("--pretrained", action="store_true",
                    help="start from timm's pretrained weights (downloads from the hub)")
     g.add_argument("--data", default="synthetic", help="synthetic | imagefolder:PATH")
@@ -112,6 +115,9 @@ def create_model(args, num_classes: int) -> nn.Module:
         kwargs = json.loads(args.model_kwargs)
     except json.JSONDecodeError as e:
         raise ValueError(f"--model-kwargs is not JSON: {e}") from None
+    if getattr(args, "reset_classifier", False) and not args.checkpoint:
+        raise ValueError("--reset-classifier applies to the weights of --checkpoint; give one (with "
+                         "--pretrained, timm makes a new classifier when --num-classes differs)")
     kwargs.setdefault("img_size", args.img_size)
     return timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
                              drop_path_rate=args.drop_path, **kwargs)

@@ -150,13 +150,29 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
                      f"'model' / 'state_dict'")
 
 
-def load_weights(model: nn.Module, path: str, optional_prefixes: tuple[str, ...] = ("ice_head.",)
-                 ) -> list[str]:
+def classifier_keys(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of a timm model's classifier(s), from its ``pretrained_cfg`` (``"head."``
+    for a ViT; DeiT's distilled models add ``"head_dist."``)."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(f"{n}." for n in names)
+
+
+def load_weights(model: nn.Module, path: str, optional_prefixes: tuple[str, ...] = ("ice_head.",),
+                 reset_classifier: bool = False) -> list[str]:
     """Load ``path`` into ``model``; every key must match in name and shape except model keys under
     ``optional_prefixes`` (a new ICE head), which may be missing. Returns the keys left as they were.
-    On a mismatch the error lists the missing, unexpected and differently shaped keys."""
+    On a mismatch the error lists the missing, unexpected and differently shaped keys.
+
+    ``reset_classifier=True`` leaves the model's classifier as initialized and ignores the
+    checkpoint's (weights trained on another class count, as timm does for ``pretrained=True,
+    num_classes=N``)."""
     theirs = read_state_dict(path)
     theirs = {k[7:] if k.startswith("module.") else k: v for k, v in theirs.items()}
+    if reset_classifier:
+        head = classifier_keys(model)
+        theirs = {k: v for k, v in theirs.items() if not k.startswith(head)}
+        optional_prefixes = tuple(optional_prefixes) + head
     ours = model.state_dict()
     missing = [k for k in ours if k not in theirs and not k.startswith(optional_prefixes)]
     unexpected = [k for k in theirs if k not in ours]
@@ -175,6 +191,10 @@ def load_weights(model: nn.Module, path: str, optional_prefixes: tuple[str, ...]
         if unexpected:
             lines.append(f"  not in the model: {show(unexpected)}")
         lines.append("  pick the --model (and --num-classes) the checkpoint was trained with")
+        if any(k.startswith(classifier_keys(model)) for k in
+               [x.split(":")[0] for x in shapes] + missing + unexpected):
+            lines.append("  or, to start from its other weights with a new classifier for another "
+                         "class count, pass --reset-classifier")
         raise ValueError("\n".join(lines))
     model.load_state_dict(theirs, strict=False)
     return [k for k in ours if k not in theirs]

@@ -88,3 +88,19 @@ def test_bad_train_config():
         engine.TrainConfig(output="x", amp="fp8")
     with pytest.raises(ValueError, match="ema_decay"):
         engine.TrainConfig(output="x", ema_decay=1.5)
+
+
+def test_load_weights_reset_classifier_keeps_the_new_head_and_loads_the_rest(tmp_path):
+    ten = tiny(10)
+    torch.save({"model": ten.state_dict()}, tmp_path / "c10.pth")
+    three = tiny(3)
+    fresh_head = three.head.weight.clone()
+    with pytest.raises(ValueError, match="--reset-classifier"):  # the error names the way out
+        engine.load_weights(three, str(tmp_path / "c10.pth"))
+    left = engine.load_weights(three, str(tmp_path / "c10.pth"), reset_classifier=True)
+    assert sorted(left) == ["head.bias", "head.weight"]
+    assert torch.equal(three.head.weight, fresh_head)  # the 3-class head stays as initialized
+    for k, v in ten.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(three.state_dict()[k], v)
+    assert engine.classifier_keys(three) == ("head.",)
