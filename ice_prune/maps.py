@@ -112,6 +112,19 @@ def _resolve_target(logits: Tensor, target: Target) -> Tensor:
     return t
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model.eval()`` inside, and on exit every submodule back in the mode it had (a frozen block
+    in eval mode inside a model in training stays so, which ``model.train(previous)`` would undo)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def attention_forward(model: nn.Module, images: Tensor, target: Target = None,
                       backward: bool = False) -> tuple[AttentionRecord, Tensor]:
     """One eval-mode forward with attention recorded; with ``backward`` also the gradient of the
@@ -120,17 +133,13 @@ def attention_forward(model: nn.Module, images: Tensor, target: Target = None,
     Gradients come from ``torch.autograd.grad`` on the attention tensors, so the parameters' ``.grad``
     are left alone (a frozen backbone works too: the input is made to require grad).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with record_attention(model) as rec, torch.enable_grad() if backward else torch.no_grad():
-            logits = model(images.detach().requires_grad_(backward))
-            cls = _resolve_target(logits, target)
-            if backward:
-                # the images are independent, so the gradient of the sum is each image's own
-                rec.grad = list(torch.autograd.grad(logits.gather(1, cls[:, None]).sum(), rec.attn))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), record_attention(model) as rec, \
+            torch.enable_grad() if backward else torch.no_grad():
+        logits = model(images.detach().requires_grad_(backward))
+        cls = _resolve_target(logits, target)
+        if backward:
+            # the images are independent, so the gradient of the sum is each image's own
+            rec.grad = list(torch.autograd.grad(logits.gather(1, cls[:, None]).sum(), rec.attn))
     return rec, cls
 
 
@@ -227,13 +236,8 @@ def ice_explain(model: nn.Module, images: Tensor, head: Optional[ICEHead] = None
     so a head over another class count than the classifier needs an explicit ``target``.
     """
     head = find_ice_head(model) if head is None else head
-    was_training = model.training
-    model.eval()
-    try:
-        with full_tokens(model):
-            logits, tokens = forward_with_tokens(model, images)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), full_tokens(model):
+        logits, tokens = forward_with_tokens(model, images)
     if target is None and logits.shape[-1] != head.num_classes:
         raise ValueError(f"the classifier has {logits.shape[-1]} classes but the ICE head "
                          f"{head.num_classes}: pass target= (a class of the head) explicitly")
@@ -276,12 +280,8 @@ def pm_style_map(model: nn.Module, images: Tensor, target: Target = None) -> Ten
     here is the parameter-free reading of that description. :func:`pm_style_loss` is one way to use
     a few masks (our choice, not the paper's).
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         logits, patch_logits = pm_patch_logits(model, images)
-    finally:
-        model.train(was_training)
     cls = _resolve_target(logits, target)
     probs = patch_logits.softmax(1)
     return probs.gather(1, cls[:, None, None, None].expand(-1, 1, *probs.shape[-2:]))[:, 0]

@@ -152,8 +152,6 @@ def test_model_left_as_it_was(model, images):
         assert calls == ["attn_drop", "block 1"], method
 
 
-@pytest.mark.xfail(strict=True, reason="maps.py restores the mode with model.train(was_training), "
-                   "which sets every submodule to the top module's mode")
 def test_train_eval_mix_left_as_it_was(model, images):
     model.train()
     model.blocks[0].eval()  # a frozen block inside a model in training
