@@ -1,8 +1,12 @@
-"""The reorganize op and its kernels against the plain-torch reference.
+"""The reorganize op and its kernels against the plain-torch reference, and both against an
+independent oracle written here (a Python loop in float64), so the "torch" kernel, which is the
+reference itself, is checked too.
 
 The same tests run on CPU, where the Triton kernels run in the interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), and on a GPU, where they are compiled.
 """
+import math
+
 import pytest
 import timm
 import torch
@@ -14,6 +18,7 @@ import ice_prune
 from ice_prune.kernels import (KERNELS, reorganize, reorganize_backward_reference, reorganize_macs,
                                reorganize_reference, resolve_kernel)
 from ice_prune.kernels import ops
+from ice_prune.kernels.reference import EPS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KERNEL_NAMES = ("torch", "triton")
@@ -29,6 +34,48 @@ def _inputs(B, N, D, P, dtype=torch.float32, score_dtype=torch.float32):
     return x, scores
 
 
+def loop_reorganize(x, scores, keep, P, fuse, normalize):
+    """The oracle: one image and one token at a time, in float64, sharing no code with the library.
+
+    Returns ``(order, kept rows [B, P + keep, D], fused rows [B, D] or None, scale [B, D])``: the
+    order is Python's stable sort, NaN first then descending score (torch's descending argsort);
+    ``scale`` is ``sum_i |w_i| |x_i|`` over the dropped tokens, what the fused row's rounding error
+    is measured against."""
+    x, scores = x.detach().cpu(), scores.detach().cpu().double()
+    orders, kept_rows, fused_rows, scales = [], [], [], []
+    for b in range(x.shape[0]):
+        s = scores[b].tolist()
+        order = sorted(range(len(s)), key=lambda i: (not math.isnan(s[i]),
+                                                     0.0 if math.isnan(s[i]) else -s[i]))
+        orders.append(order)
+        kept_rows.append(torch.stack([x[b, p] for p in range(P)]
+                                     + [x[b, P + i] for i in order[:keep]]))
+        weights = [s[i] for i in order[keep:]]
+        if normalize:
+            total = max(sum(weights), EPS)
+            weights = [w / total for w in weights]
+        fused = torch.zeros(x.shape[-1], dtype=torch.float64)
+        scale = torch.zeros(x.shape[-1], dtype=torch.float64)
+        for w, i in zip(weights, order[keep:]):
+            fused += w * x[b, P + i].double()
+            scale += abs(w) * x[b, P + i].double().abs()
+        fused_rows.append(fused)
+        scales.append(scale)
+    return (orders, torch.stack(kept_rows), torch.stack(fused_rows) if fuse else None,
+            torch.stack(scales))
+
+
+def test_loop_oracle_hand_computed():
+    # 1 prefix token, 3 patch tokens scored 0.1, 0.5, 0.2; keep 1: token 1 kept, 2 then 0 fused
+    x = torch.tensor([[[9.0, 9.0], [1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]])
+    order, kept, fused, _ = loop_reorganize(x, torch.tensor([[0.1, 0.5, 0.2]]), 1, 1, True, False)
+    assert order == [[1, 2, 0]]
+    assert torch.equal(kept, torch.tensor([[[9.0, 9.0], [3.0, 4.0]]]))
+    torch.testing.assert_close(fused, torch.tensor([[1.1, 1.4]], dtype=torch.float64))
+    nan = float("nan")
+    assert loop_reorganize(x, torch.tensor([[1.0, nan, 1.0]]), 1, 1, False, False)[0] == [[1, 0, 2]]
+
+
 def _check_forward(x, scores, keep, P, fuse, normalize, kernel):
     out, order = reorganize(x, scores, keep, P, fuse, normalize, kernel)
     ref, ref_order = reorganize_reference(x, scores, keep, P, fuse, normalize)
@@ -36,12 +83,15 @@ def _check_forward(x, scores, keep, P, fuse, normalize, kernel):
     assert order.dtype == torch.int64
     torch.testing.assert_close(order, ref_order, rtol=0, atol=0)
     assert torch.equal(out[:, :P + keep], ref[:, :P + keep]), "prefix and kept rows must be copies"
+    loop_order, loop_kept, loop_fused, scale = loop_reorganize(x, scores, keep, P, fuse, normalize)
+    assert order.tolist() == loop_order
+    assert torch.equal(out[:, :P + keep].cpu(), loop_kept)
     if fuse:
-        # the same weighted sum of |w_i| |x_i| bounds the rounding error
-        scale = reorganize_reference(x.abs(), scores.abs(), keep, P, True, normalize)[0][:, -1]
-        err = (out[:, -1].float() - ref[:, -1].float()).abs()
+        # the weighted sum of |w_i| |x_i| bounds the rounding error
         tol = max(TOL[x.dtype], TOL[scores.dtype])
-        assert (err <= tol * scale.float() + 1e-6).all(), f"fused row off by {err.max().item()}"
+        for name, fused in (("reference", ref[:, -1]), ("loop oracle", loop_fused)):
+            err = (out[:, -1].cpu().double() - fused.cpu().double()).abs()
+            assert (err <= tol * scale + 1e-6).all(), f"fused row off {name} by {err.max().item()}"
     return out, order
 
 
@@ -77,6 +127,7 @@ def test_ties_nan_and_inf_sort_like_torch(kernel):
     out, order = reorganize(x, scores, 12, 2, False, False, kernel)
     torch.testing.assert_close(order, torch.argsort(scores, dim=1, descending=True, stable=True),
                                rtol=0, atol=0)
+    assert order.tolist() == loop_reorganize(x, scores, 12, 2, False, False)[0]
     assert torch.equal(out, reorganize_reference(x, scores, 12, 2, False)[0])
 
 
@@ -134,13 +185,13 @@ def test_gradients_match_reference_autograd(kernel, dtype, fuse, normalize):
 def test_backward_accepts_expanded_gradient():
     # out.sum() backpropagates a stride-0 gradient; the kernel reads it through its strides
     x, scores = _inputs(2, 1 + 20, 33, 1)
+    xr, sr = x.clone().requires_grad_(), scores.clone().requires_grad_()
+    reorganize_reference(xr, sr, 8, 1, True, True)[0].sum().backward()  # autograd, no custom op
+    ref = xr.grad, sr.grad
     for kernel in KERNEL_NAMES:
         xr, sr = x.clone().requires_grad_(), scores.clone().requires_grad_()
         reorganize(xr, sr, 8, 1, True, True, kernel)[0].sum().backward()
-        if kernel == "torch":
-            ref = xr.grad, sr.grad
-        else:
-            torch.testing.assert_close((xr.grad, sr.grad), ref)
+        torch.testing.assert_close((xr.grad, sr.grad), ref)
 
 
 @pytest.mark.parametrize("kernel", KERNEL_NAMES)
