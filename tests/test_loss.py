@@ -106,9 +106,27 @@ def test_list_of_selection_points_is_averaged():
 
 
 def test_ice_image_logits_reads_the_foreground_mean():
-    cfg = LOSS_MODES["paper"]
-    z = torch.tensor([[[5.0, 1.0, 0.0], [0.0, 0.0, 9.0]]])
-    assert ice_image_logits(z, cfg).argmax(-1).item() == 0
+    from dataclasses import replace
+
+    def inorm(v):  # instance norm of one patch's C+1 logits: biased variance, eps 1e-5
+        m = sum(v) / len(v)
+        s = math.sqrt(sum((a - m) ** 2 for a in v) / len(v) + 1e-5)
+        return [(a - m) / s for a in v]
+
+    def mean(rows):
+        return [sum(col) / len(rows) for col in zip(*rows)]
+
+    # image 0: patches say class 0, background, class 1; image 1: no foreground patch
+    img0 = [[5.0, 1.0, 0.0], [0.0, 0.0, 9.0], [1.0, 4.0, 0.0]]
+    img1 = [[0.0, 0.0, 9.0], [1.0, 0.0, 3.0], [0.0, 2.0, 5.0]]
+    z = torch.tensor([img0, img1])
+    paper = LOSS_MODES["paper"]
+    expected = [mean([inorm(img0[0]), inorm(img0[2])])[:2],  # the foreground patches' mean
+                mean([inorm(p) for p in img1])[:2]]          # no foreground: every patch's mean
+    torch.testing.assert_close(ice_image_logits(z, paper), torch.tensor(expected))
+    expected = [mean([img0[0], img0[2]])[:2], mean(img1)[:2]]  # [[3, 2.5], [1/3, 2/3]]
+    torch.testing.assert_close(ice_image_logits(z, replace(paper, instance_norm=False)),
+                               torch.tensor(expected))
 
 
 @pytest.mark.parametrize("kwargs, match", [
