@@ -56,9 +56,16 @@ def test_explainer_reads_pre_norm_patch_tokens_and_keys_fit_a_patched_model():
     explainer = ICEExplainer(model, HEAD_VARIANTS["ice"].build(model, 5))
     x = torch.randn(2, 3, 32, 32)
     cls_logits, patch_logits = explainer(x)
-    _, tokens = forward_with_tokens(model, x)
-    torch.testing.assert_close(patch_logits, tokens[:, 1:] @ explainer.head.fc.weight.T)
+    with torch.no_grad():  # the blocks run by hand: the last one's output, before the final norm
+        t = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        for blk in model.blocks:
+            t = blk(t)
+        w = explainer.head.fc.weight
+        torch.testing.assert_close(patch_logits, t[:, 1:] @ w.T)
+        assert not torch.allclose(patch_logits, model.norm(t)[:, 1:] @ w.T, atol=1e-3)
+        torch.testing.assert_close(cls_logits, model.forward_head(model.norm(t)))
     assert cls_logits.shape == (2, 5) and patch_logits.shape == (2, 16, 6)
+    torch.testing.assert_close(forward_with_tokens(model, x)[1], t)
     # the explanation checkpoint loads into a model patched for ICE pruning, head included
     pruned = ice_prune.patch(tiny(), keep_rate=0.5, method="ice", locs=(1, 2))
     pruned.load_state_dict(model.state_dict())
