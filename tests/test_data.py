@@ -33,7 +33,9 @@ def test_mask_is_exactly_where_the_object_was_painted():
     ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
     bg = np.clip(ds._background(rng, (ys + 0.5) / H, (xs + 0.5) / W), 0, 1)
     changed = np.abs(img - bg).max(-1) > 1e-6
+    assert 0 < mask.mean() < 1
     assert not changed[~mask].any()  # nothing outside the mask was painted
+    assert changed[mask].all()  # and every pixel in it was (random colours never match exactly)
 
 
 def test_splits_never_share_an_image_and_any_size_works():
@@ -96,7 +98,7 @@ def test_bad_dataset_arguments():
         SyntheticScenes(split="test")
     with pytest.raises(ValueError, match="img_size"):
         SyntheticScenes(img_size=4)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="index 2 out of range for 2 images"):
         SyntheticScenes(length=2)[2]
     with pytest.raises(ValueError, match="polarity"):
         SyntheticScenes(polarity="dark")
