@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,6 +37,14 @@ def weights(out):
 
 def env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
+def free_port():
+    """A port nothing listens on: bound to port 0, the system picks one (a fixed port collides with
+    another run of the suite on the same machine)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_explain_lowers_the_loss_and_moves_the_foreground_fraction(tmp_path):
@@ -105,7 +114,7 @@ def test_two_process_gloo_run_agrees_with_one_process(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     script("explain").main(args + ["--batch-size", "16", "--output", one])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29517", os.path.join(ROOT, "train", "explain.py")] + args + [
+           "--master_port", str(free_port()), os.path.join(ROOT, "train", "explain.py")] + args + [
         "--batch-size", "8", "--output", two]
     res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
