@@ -29,61 +29,69 @@ from ice_prune.throughput import (DEFAULTS, benchmark_models, load_checkpoint, m
                                  read_checkpoint, resolve_device)
 from ice_prune.flops import count_flops
 from ice_prune.kernels.ops import KERNEL_CHOICES
+from ice_prune.paper import TABLE5, TABLE5_KEEP_RATES, TABLE5_SOURCE, Efficiency
 
 METHODS = ("evit", "ice")
 
-# The ICE paper's Table 5 (RTX 3090, maximum batch size, fp32 img/s) and the GMACs DeiT and EViT
-# report; drawn beside our figures for reference only: another GPU, other software.
-PAPER = {
-    "source": "ICE (CVPR 2023) Table 5, RTX 3090 at maximum batch size; GMACs from DeiT / EViT",
-    "baseline": {"img_per_s": 818, "gmacs": 4.6, "params_m": 22.1},
-    "evit": {0.7: {"img_per_s": 1291, "gmacs": 3.0, "params_m": 22.1},
-             0.5: {"img_per_s": 1701, "gmacs": 2.3, "params_m": 22.1}},
-    "ice": {0.7: {"img_per_s": 1178, "gmacs": 3.0, "params_m": 22.4},
-            0.5: {"img_per_s": 1547, "gmacs": 2.3, "params_m": 22.4}},
-}
+
+def published(method: str, keep_rate: float = 1.0) -> Optional[Efficiency]:
+    """The paper's Table 5 row of ``method`` (baseline, evit, ice) at ``keep_rate``, None where the
+    paper has none; drawn beside our figures for reference only: another GPU, other software."""
+    if method == "baseline":
+        return TABLE5["none-1.0"]
+    return TABLE5[f"{method}-{keep_rate:g}"] if keep_rate in TABLE5_KEEP_RATES else None
+
+
+def published_json() -> dict:
+    """Table 5 in the --json output: the source, then the baseline and each method by keep rate."""
+    def fields(row: Efficiency) -> dict:
+        return {"img_per_s": row.img_per_s, "gmacs": row.gmacs, "params_m": row.params_m}
+
+    return {"source": TABLE5_SOURCE, "baseline": fields(published("baseline")),
+            **{method: {str(rate): fields(published(method, rate)) for rate in TABLE5_KEEP_RATES}
+               for method in METHODS}}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="deit_small_patch16_224", help="any timm VisionTransformer")
-    p.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5],
+    parser.add_argument("--model", default="deit_small_patch16_224", help="any timm VisionTransformer")
+    parser.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5],
                    help="keep rates for EViT and ICE")
-    p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
-    weights = p.add_mutually_exclusive_group()
+    parser.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
+    weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--checkpoint", default=None,
                          help="weights: DeiT release .pth ({'model': ...}), plain state dict or "
                               ".safetensors; ice_head.* keys, if present, go to the ICE models")
     weights.add_argument("--pretrained", action="store_true", help="timm's pretrained weights")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="fp16/bf16 run under autocast")
-    p.add_argument("--batch-size", default=None,
+    parser.add_argument("--batch-size", default=None,
                    help=f"images per forward, or 'max' on CUDA (the largest that fits); default "
                         f"{DEFAULTS['cpu']['batch_size']} on CPU, {DEFAULTS['cuda']['batch_size']} "
                         f"on CUDA")
-    p.add_argument("--reps", type=int, default=None,
+    parser.add_argument("--reps", type=int, default=None,
                    help=f"timed repetitions; default {DEFAULTS['cpu']['reps']} on CPU, "
                         f"{DEFAULTS['cuda']['reps']} on CUDA")
-    p.add_argument("--warmup", type=int, default=None, help="discarded repetitions")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--ice-classes", type=int, default=None,
+    parser.add_argument("--warmup", type=int, default=None, help="discarded repetitions")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--ice-classes", type=int, default=None,
                    help="image classes of the ICE head (default: the model's); 1 gives a 2-output "
                         "head, the cost of a distilled foreground/background selector")
-    p.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES, help="reorganize kernel")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
-    p.add_argument("--json", default=None, help="write every figure and the settings here")
-    p.add_argument("--plot", default=None, help="write a PNG of speed-up and GMACs vs keep rate")
-    args = p.parse_args(argv)
-    for r in args.keep_rates:
-        if not 0.0 < r <= 1.0:
-            p.error(f"--keep-rates must lie in (0, 1], got {r}")
+    parser.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES, help="reorganize kernel")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--json", default=None, help="write every figure and the settings here")
+    parser.add_argument("--plot", default=None, help="write a PNG of speed-up and GMACs vs keep rate")
+    args = parser.parse_args(argv)
+    for rate in args.keep_rates:
+        if not 0.0 < rate <= 1.0:
+            parser.error(f"--keep-rates must lie in (0, 1], got {rate}")
     if args.batch_size not in (None, "max"):
         try:
             args.batch_size = int(args.batch_size)
         except ValueError:
-            p.error(f"--batch-size takes a number or 'max', got {args.batch_size!r}")
+            parser.error(f"--batch-size takes a number or 'max', got {args.batch_size!r}")
     return args
 
 
@@ -132,21 +140,22 @@ def print_table(rows: list[dict], header: str) -> None:
            f"{'img/s best':>12}{'speed-up':>10}{'paired':>8}{'vs EViT':>9}"
     print(cols)
     print("-" * len(cols))
-    for r in rows:
-        vs = f"{r['vs_evit']:.3f}" if r.get("vs_evit") is not None else ""
-        print(f"{r['name']:<18}{r['keep_rate']:>6.2f}{r['params_m']:>11.2f}{r['gmacs']:>8.2f}"
-              f"{r['median_img_per_s']:>11.1f}{r['best_img_per_s']:>12.1f}{r['speedup']:>9.2f}x"
-              f"{r['paired_speedup']:>7.2f}x{vs:>9}")
+    for row in rows:
+        vs_evit = f"{row['vs_evit']:.3f}" if row.get("vs_evit") is not None else ""
+        print(f"{row['name']:<18}{row['keep_rate']:>6.2f}{row['params_m']:>11.2f}{row['gmacs']:>8.2f}"
+              f"{row['median_img_per_s']:>11.1f}{row['best_img_per_s']:>12.1f}{row['speedup']:>9.2f}x"
+              f"{row['paired_speedup']:>7.2f}x{vs_evit:>9}")
     print("speed-up: ratio of median img/s; paired: median over repetitions of the ratio within one "
           "repetition; vs EViT: ICE's median img/s over EViT's at the same keep rate")
-    for r in rows:
-        if r.get("vs_evit") is None:
+    for row in rows:
+        if row.get("vs_evit") is None:
             continue
-        line = (f"{r['name']}: {100 * (r['vs_evit'] - 1):+.1f}% throughput vs EViT at the same keep "
-                f"rate (goal: no worse than -3%)")
-        if r["keep_rate"] in PAPER["ice"]:
-            paper = PAPER["ice"][r["keep_rate"]]["img_per_s"] / PAPER["evit"][r["keep_rate"]]["img_per_s"]
-            line += f"; the paper's ICE: {100 * (paper - 1):+.1f}%"
+        line = (f"{row['name']}: {100 * (row['vs_evit'] - 1):+.1f}% throughput vs EViT at the same "
+                f"keep rate (goal: no worse than -3%)")
+        paper_ice, paper_evit = published("ice", row["keep_rate"]), published("evit", row["keep_rate"])
+        if paper_ice and paper_evit:
+            ratio = paper_ice.img_per_s / paper_evit.img_per_s
+            line += f"; the paper's ICE: {100 * (ratio - 1):+.1f}%"
         print(line)
 
 
@@ -156,7 +165,7 @@ def plot(rows: list[dict], path: str, title: str, reference: bool) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_s, ax_g) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_speed, ax_gmacs) = plt.subplots(1, 2, figsize=(11, 4.2))
     base = next(r for r in rows if r["method"] == "baseline" and not r["compiled"])
     styles = {"evit": ("tab:blue", "o"), "ice": ("tab:red", "s")}
     for method, (color, marker) in styles.items():
@@ -166,30 +175,31 @@ def plot(rows: list[dict], path: str, title: str, reference: bool) -> None:
             if not ours:
                 continue
             label = f"{method.upper()} (ours{', compiled' if compiled else ''})"
-            ls = ":" if compiled else "-"
-            ax_s.plot([1.0] + [r["keep_rate"] for r in ours], [1.0] + [r["speedup"] for r in ours],
-                      ls, color=color, marker=marker, label=label)
+            line_style = ":" if compiled else "-"
+            ax_speed.plot([1.0] + [r["keep_rate"] for r in ours], [1.0] + [r["speedup"] for r in ours],
+                      line_style, color=color, marker=marker, label=label)
             if not compiled:
-                ax_g.plot([1.0] + [r["keep_rate"] for r in ours],
-                          [base["gmacs"]] + [r["gmacs"] for r in ours], ls, color=color,
+                ax_gmacs.plot([1.0] + [r["keep_rate"] for r in ours],
+                          [base["gmacs"]] + [r["gmacs"] for r in ours], line_style, color=color,
                           marker=marker, label=label)
         if not reference:
             continue
-        paper = PAPER[method]
-        rates = sorted(paper, reverse=True)
-        ax_s.plot([1.0] + rates,
-                  [1.0] + [paper[r]["img_per_s"] / PAPER["baseline"]["img_per_s"] for r in rates],
+        baseline_img_per_s = published("baseline").img_per_s
+        ax_speed.plot([1.0, *TABLE5_KEEP_RATES],
+                  [1.0] + [published(method, r).img_per_s / baseline_img_per_s
+                           for r in TABLE5_KEEP_RATES],
                   "--", color=color, marker=marker, mfc="none", alpha=0.7,
                   label=f"{method.upper()} paper Table 5 (RTX 3090)")
     if reference:
-        rates = sorted(PAPER["evit"], reverse=True)
-        ax_g.plot([1.0] + rates, [PAPER["baseline"]["gmacs"]] + [PAPER["evit"][r]["gmacs"] for r in rates],
+        ax_gmacs.plot([1.0, *TABLE5_KEEP_RATES],
+                  [published("baseline").gmacs] + [published("evit", r).gmacs
+                                                   for r in TABLE5_KEEP_RATES],
                   "--", color="gray", marker="o", mfc="none",
                   label="DeiT-S / EViT as published (ICE paper: none)")
-    ax_s.set(xlabel="keep rate", ylabel="speed-up over the baseline (ratio of medians)",
+    ax_speed.set(xlabel="keep rate", ylabel="speed-up over the baseline (ratio of medians)",
              title="throughput")
-    ax_g.set(xlabel="keep rate", ylabel="GMACs per image", title="compute (fvcore + SDPA)")
-    for ax in (ax_s, ax_g):
+    ax_gmacs.set(xlabel="keep rate", ylabel="GMACs per image", title="compute (fvcore + SDPA)")
+    for ax in (ax_speed, ax_gmacs):
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -224,14 +234,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
                            args.warmup, baseline="baseline", progress=True)
 
     rows = []
-    for res in run.to_dict()["results"]:
-        name = res["name"]
-        rows.append(dict(res, **meta[name], compiled=name.endswith("+compile"),
+    for measured in run.to_dict()["results"]:
+        name = measured["name"]
+        rows.append(dict(measured, **meta[name], compiled=name.endswith("+compile"),
                          params=stats[name]["params"], params_m=stats[name]["params"] / 1e6,
                          macs=stats[name]["macs"], gmacs=stats[name]["macs"] / 1e9))
-    for r in rows:  # ICE's throughput relative to EViT's at the same keep rate, in the same run
-        evit = f"evit@{r['keep_rate']:g}" + ("+compile" if r["compiled"] else "")
-        r["vs_evit"] = (r["median_img_per_s"] / run[evit].median if r["method"] == "ice" else None)
+    for row in rows:  # ICE's throughput relative to EViT's at the same keep rate, in the same run
+        evit = f"evit@{row['keep_rate']:g}" + ("+compile" if row["compiled"] else "")
+        row["vs_evit"] = (row["median_img_per_s"] / run[evit].median if row["method"] == "ice"
+                          else None)
 
     info, versions = environment(device, torch.get_num_threads())
     reps = len(run[run.baseline].times)
@@ -247,8 +258,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                          batch_size_arg=args.batch_size, reps=reps, warmup=run.warmup,
                          input_size=list(input_size), device=str(device)),
         "results": rows, "schedule": run.schedule,
-        "paper": {"source": PAPER["source"], "baseline": PAPER["baseline"],
-                  **{m: {str(r): v for r, v in PAPER[m].items()} for m in METHODS}},
+        "paper": published_json(),
     }
     if args.json:
         with open(args.json, "w") as f:
