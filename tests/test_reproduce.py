@@ -1,6 +1,5 @@
-"""train/reproduce.py: the whole pipeline at a seconds-long scale, resumability, the report read from
-the stages' outputs, and the gpu scale's command lines."""
-import importlib.util
+"""train/reproduce.py and train/repro: the whole pipeline at a seconds-long scale, resumability, the
+report read from the stages' outputs, and the gpu scale's command lines."""
 import json
 import os
 import sys
@@ -8,53 +7,42 @@ import sys
 import pytest
 import torch
 
-from ice_prune import reproduce
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# train/repro and the scripts its stages call (prune, explain, evaluate) import from train/
+sys.path.insert(0, os.path.join(ROOT, "train"))
 
-
-def _script(name):
-    sys.path.insert(0, os.path.join(ROOT, "train"))
-    try:
-        spec = importlib.util.spec_from_file_location(f"train_{name}",
-                                                      os.path.join(ROOT, "train", f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(os.path.join(ROOT, "train"))
-
-
-@pytest.fixture(scope="module")
-def scripts():
-    return reproduce.Scripts(_script("prune"), _script("explain"), _script("evaluate"))
+import evaluate  # noqa: E402
+import explain  # noqa: E402
+import prune  # noqa: E402
+import repro  # noqa: E402
+import reproduce  # noqa: E402
 
 
 def tiny_scale():
     # one seed and one keep rate keep the run to seconds; the stage list is otherwise the cpu one
-    return reproduce.smoke_scale(seeds=(0,), keep_rates=(0.5,), eval_images=4, grid_images=1,
-                                 bench_reps=1)
+    return repro.smoke_scale(seeds=(0,), keep_rates=(0.5,), eval_images=4, grid_images=1,
+                             bench_reps=1)
 
 
 @pytest.mark.slow
-def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path, scripts):
+def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     scale = tiny_scale()
     out = str(tmp_path / "report")
     logs = []
     # stop after the first explanation run: no report yet; the full run then goes on from there
-    assert reproduce.run(scale, out, scripts, log=logs.append, until="explain-ice") is None
+    assert repro.run(scale, out, log=logs.append, until="explain-ice") is None
     assert not os.path.exists(os.path.join(out, "REPORT.md"))
     logs.clear()
-    results = reproduce.run(scale, out, scripts, log=logs.append)
+    results = repro.run(scale, out, log=logs.append)
     assert [line for line in logs if "reused" in line] == [
         "[1/13] pretrain: done before, reused", "[2/13] explain-ice: done before, reused"]
-    names = [s.name for s in reproduce.plan(scale)]
+    names = [s.name for s in repro.plan(scale)]
     assert names == ["pretrain", "explain-ice", "explain-ice-f", "explain-icev2-style",
                      "explain-ice-alpha1", "explain-ice-lambda0.5", "explain-ice-alpha1-lambda0.5",
                      "maps-baselines", "prune-none-1-s0", "prune-evit-0.5-s0", "prune-ice-0.5-s0",
                      "speed", "examples"]
     for name in names:
-        assert os.path.exists(os.path.join(out, "work", name, reproduce.DONE))
+        assert os.path.exists(os.path.join(out, "work", name, repro.DONE))
     for f in ("REPORT.md", "results.json", "figures/examples.png",
               "figures/accuracy_vs_keep_rate.png", "figures/speedup_vs_gmacs.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
@@ -72,89 +60,88 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path, scripts)
     assert speed["ice-0.5"]["params_m"] > speed["evit-0.5"]["params_m"] == speed["none-1"]["params_m"]
 
     # a second run reuses every stage: no done.json is rewritten
-    stamps = {n: os.path.getmtime(os.path.join(out, "work", n, reproduce.DONE)) for n in names}
+    stamps = {n: os.path.getmtime(os.path.join(out, "work", n, repro.DONE)) for n in names}
     logs.clear()
-    reproduce.run(scale, out, scripts, log=logs.append)
+    repro.run(scale, out, log=logs.append)
     assert all("reused" in line for line in logs) and len(logs) == len(names)
-    assert stamps == {n: os.path.getmtime(os.path.join(out, "work", n, reproduce.DONE))
+    assert stamps == {n: os.path.getmtime(os.path.join(out, "work", n, repro.DONE))
                       for n in names}
 
     # the report shows what the stage outputs say: change one and it follows
-    path = os.path.join(out, "work", "prune-ice-0.5-s0", reproduce.DONE)
+    path = os.path.join(out, "work", "prune-ice-0.5-s0", repro.DONE)
     with open(path) as f:
         done = json.load(f)
     done["top1"] = 12.3456
     with open(path, "w") as f:
         json.dump(done, f)
-    path = os.path.join(out, "work", "maps-baselines", reproduce.DONE)
+    path = os.path.join(out, "work", "maps-baselines", repro.DONE)
     with open(path) as f:
         done = json.load(f)
     done["maps"]["rollout"]["miou"] = 99.876
     with open(path, "w") as f:
         json.dump(done, f)
-    reproduce.run(scale, out, scripts, log=logs.append)
+    repro.run(scale, out, log=logs.append)
     with open(os.path.join(out, "results.json")) as f:
-        res = json.load(f)
-    assert res["summary"]["prune"]["ice-0.5"]["top1_mean"] == pytest.approx(12.3456)
-    assert res["summary"]["best_baseline"] == "rollout"
+        written = json.load(f)
+    assert written["summary"]["prune"]["ice-0.5"]["top1_mean"] == pytest.approx(12.3456)
+    assert written["summary"]["best_baseline"] == "rollout"
     report = open(os.path.join(out, "REPORT.md")).read()
     assert "| ICE | 0.5 | 12.35 |" in report
     assert "| rollout | " in report and "99.88" in report
-    ice_miou = res["summary"]["maps"]["ice"]["miou"]
+    ice_miou = written["summary"]["maps"]["ice"]["miou"]
     assert f"ICE beats the best baseline map (rollout) on mIoU: **no**, by {ice_miou - 99.876:+.2f}" \
         in report
 
 
-def test_pipeline_stage_interrupted_resumes_from_its_checkpoint(tmp_path, scripts):
+def test_pipeline_stage_interrupted_resumes_from_its_checkpoint(tmp_path):
     """A training stage killed after its checkpoint (no done.json) continues with --resume."""
     scale = tiny_scale()
-    ctx = reproduce.Context(scale, scripts, str(tmp_path))
-    stage = reproduce.plan(scale)[0]
-    folder = ctx.folder(stage.name)
+    context = repro.Context(scale, str(tmp_path))
+    stage = repro.plan(scale)[0]
+    folder = context.folder(stage.name)
     os.makedirs(folder)
-    first = stage.fn(ctx, folder)
+    first = stage.fn(context, folder)
     assert first["train"]["epoch"] == 0
     # run the stage again without done.json: the script is called with --resume (an --overwrite
     # would start a fresh log); the finished run is not retrained, the log keeps one epoch record
-    again = stage.fn(ctx, folder)
+    again = stage.fn(context, folder)
     assert again["train"] == first["train"]
     with open(os.path.join(folder, "log.jsonl")) as f:
         assert sum("train" in json.loads(line) for line in f) == 1
 
 
-def test_gpu_scale_builds_the_paper_command_lines(scripts, tmp_path):
-    scale = reproduce.gpu_scale(data="/data/imagenet", seg_data="/data/gtsegs_ijcv.mat",
-                                checkpoint="/ckpt/deit_small_patch16_224-cd65a155.pth")
-    names = [s.name for s in reproduce.plan(scale)]
+def test_gpu_scale_builds_the_paper_command_lines(tmp_path):
+    scale = repro.gpu_scale(data="/data/imagenet", seg_data="/data/gtsegs_ijcv.mat",
+                            checkpoint="/ckpt/deit_small_patch16_224-cd65a155.pth")
+    names = [s.name for s in repro.plan(scale)]
     assert "pretrain" not in names  # starts from the DeiT-S checkpoint
     assert {"prune-ice-0.7-s1", "prune-evit-0.5-s0", "explain-ice-f", "maps-baselines"} <= set(names)
-    ctx = reproduce.Context(scale, scripts, str(tmp_path))
-    assert ctx.pretrained == "/ckpt/deit_small_patch16_224-cd65a155.pth"
+    context = repro.Context(scale, str(tmp_path))
+    assert context.pretrained == "/ckpt/deit_small_patch16_224-cd65a155.pth"
 
-    args = scripts.prune.parse_args(["--method", "ice", "--keep-rate", "0.7"]
-                                    + reproduce.train_argv(scale, scale.prune, seed=1)
-                                    + ["--output", str(tmp_path)])
+    args = prune.parse_args(["--method", "ice", "--keep-rate", "0.7"]
+                            + repro.train_argv(scale, scale.prune, seed=1)
+                            + ["--output", str(tmp_path)])
     assert (args.model, args.img_size, args.data) == ("deit_small_patch16_224", 224,
                                                       "imagefolder:/data/imagenet")
     assert (args.epochs, args.lr, args.min_lr, args.batch_size, args.seed) == (30, 2e-5, 2e-6, 128, 1)
     assert (args.mixup, args.cutmix) == (0.8, 1.0)  # the DeiT augmentations stay on
-    args = scripts.explain.parse_args(["--variant", "ice"] + reproduce.train_argv(scale, scale.explain)
-                                      + ["--output", str(tmp_path)])
+    args = explain.parse_args(["--variant", "ice"] + repro.train_argv(scale, scale.explain)
+                              + ["--output", str(tmp_path)])
     assert (args.epochs, args.lr, args.batch_size) == (3, 1e-5, 256)
-    ev = scripts.evaluate.parser().parse_args(reproduce.eval_argv(scale, "explain", "c.pth", "o"))
-    assert ev.data == "imagenet-seg:/data/gtsegs_ijcv.mat" and ev.limit is None
-    ev = scripts.evaluate.parser().parse_args(reproduce.eval_argv(scale, "accuracy", "c.pth", "o"))
-    assert ev.data == "folder:/data/imagenet/val"
+    args = evaluate.parser().parse_args(repro.eval_argv(scale, "explain", "c.pth", "o"))
+    assert args.data == "imagenet-seg:/data/gtsegs_ijcv.mat" and args.limit is None
+    args = evaluate.parser().parse_args(repro.eval_argv(scale, "accuracy", "c.pth", "o"))
+    assert args.data == "folder:/data/imagenet/val"
 
     with pytest.raises(ValueError, match="no stage of this scale"):
-        reproduce.run(scale, str(tmp_path), scripts, until="pretrain")
+        repro.run(scale, str(tmp_path), until="pretrain")
     with pytest.raises(ValueError, match="--seg-data, --checkpoint"):
-        reproduce.gpu_scale(data="/data/imagenet")
+        repro.gpu_scale(data="/data/imagenet")
 
 
 def test_script_refuses_gpu_flags_at_cpu_scale():
-    mod = _script("reproduce")
     with pytest.raises(ValueError, match="--data apply to --scale gpu only"):
-        mod.build_scale(mod.parse_args(["--scale", "cpu", "--data", "/x"]))
+        reproduce.build_scale(reproduce.parse_args(["--scale", "cpu", "--data", "/x"]))
     with pytest.raises(ValueError, match="--scale gpu needs --data"):
-        mod.build_scale(mod.parse_args(["--scale", "gpu"]))
+        reproduce.build_scale(reproduce.parse_args(["--scale", "gpu"]))

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """The paper's experiments in miniature, end to end, with a report (``make reproduce``).
 
-    python train/reproduce.py --scale cpu            # about 30 minutes on a 2-core CPU
+    python train/reproduce.py --scale cpu            # about 40 minutes on a 2-core CPU
     python train/reproduce.py --scale gpu --data /data/imagenet \\
         --seg-data gtsegs_ijcv.mat --checkpoint deit_small_patch16_224-cd65a155.pth
 
-Stages (see ice_prune.reproduce): pretrain a 12-block ViT on SyntheticScenes (cpu scale; gpu scale
+Stages (see train/repro): pretrain a 12-block ViT on SyntheticScenes (cpu scale; gpu scale
 starts from the DeiT-S checkpoint), train ICE / ICE-f / ICEv2-style and Table 6's ablation and
 evaluate their maps and the baseline maps, fine-tune ICE and EViT at keep rates 0.7 / 0.5 with two
 seeds, measure speed, draw examples. Each stage writes ``OUT/work/<stage>/done.json``; a second run
@@ -16,47 +16,42 @@ import argparse
 import os
 import sys
 
-# the sibling scripts whose main(argv) the stages call
+# train/repro and the sibling scripts whose main(argv) its stages call
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import evaluate  # noqa: E402
-import explain  # noqa: E402
-import prune  # noqa: E402
-
-from ice_prune import reproduce  # noqa: E402
+import repro  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", default="cpu", choices=sorted(reproduce.SCALES))
-    p.add_argument("--out", default=None, help="report folder (default reports/<scale>)")
-    p.add_argument("--fresh", action="store_true", help="discard finished stages and start over")
-    p.add_argument("--until", default=None, metavar="STAGE",
-                   help="stop after this stage (e.g. pretrain); a later run goes on from there")
-    g = p.add_argument_group("gpu scale")
-    g.add_argument("--data", default=None, help="ImageNet ImageFolder root (train/, val/)")
-    g.add_argument("--seg-data", default=None, help="ImageNet-Segmentation gtsegs_ijcv.mat")
-    g.add_argument("--checkpoint", default=None, help="pretrained DeiT-S weights (.pth)")
-    return p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", default="cpu", choices=sorted(repro.SCALES))
+    parser.add_argument("--out", default=None, help="report folder (default reports/<scale>)")
+    parser.add_argument("--fresh", action="store_true", help="discard finished stages and start over")
+    parser.add_argument("--until", default=None, metavar="STAGE",
+                        help="stop after this stage (e.g. pretrain); a later run goes on from there")
+    gpu = parser.add_argument_group("gpu scale")
+    gpu.add_argument("--data", default=None, help="ImageNet ImageFolder root (train/, val/)")
+    gpu.add_argument("--seg-data", default=None, help="ImageNet-Segmentation gtsegs_ijcv.mat")
+    gpu.add_argument("--checkpoint", default=None, help="pretrained DeiT-S weights (.pth)")
+    return parser.parse_args(argv)
 
 
-def build_scale(args) -> reproduce.Scale:
+def build_scale(args) -> repro.Scale:
     if args.scale == "gpu":
-        return reproduce.gpu_scale(data=args.data, seg_data=args.seg_data, checkpoint=args.checkpoint)
-    given = [f for f, v in (("--data", args.data), ("--seg-data", args.seg_data),
-                            ("--checkpoint", args.checkpoint)) if v]
+        return repro.gpu_scale(data=args.data, seg_data=args.seg_data, checkpoint=args.checkpoint)
+    given = [flag for flag, value in (("--data", args.data), ("--seg-data", args.seg_data),
+                                      ("--checkpoint", args.checkpoint)) if value]
     if given:
         raise ValueError(f"{', '.join(given)} apply to --scale gpu only; --scale {args.scale} "
                          f"trains on SyntheticScenes from scratch")
-    return reproduce.SCALES[args.scale]()
+    return repro.SCALES[args.scale]()
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     scale = build_scale(args)
     out = args.out or os.path.join("reports", scale.name)
-    results = reproduce.run(scale, out, reproduce.Scripts(prune, explain, evaluate),
-                            fresh=args.fresh, until=args.until)
+    results = repro.run(scale, out, fresh=args.fresh, until=args.until)
     if results is not None:
         print(f"report: {os.path.join(out, 'REPORT.md')} ({results['wall_s'] / 60:.1f} min of "
               f"stages)")

@@ -1,0 +1,54 @@
+"""The ICE paper's experiments in miniature, behind ``train/reproduce.py`` (``make reproduce``).
+
+It lives beside the scripts it drives and is no part of the ``ice_prune`` library: import it with
+``train/`` on ``sys.path``, as train/reproduce.py does, and it imports the sibling scripts ``prune``,
+``explain`` and ``evaluate`` and calls their ``main(argv)``, so a run exercises exactly what a user
+runs.
+
+A run is a list of stages (:func:`plan`), each writing into ``OUT/work/<stage>`` and ending with
+``done.json`` (its results). :func:`run` skips every stage whose ``done.json`` exists (``fresh=True``
+starts over), and a training stage interrupted mid-way continues from its checkpoint (``--resume``
+of the training scripts). :func:`write_report` then builds ``OUT/results.json``, ``OUT/REPORT.md``
+and ``OUT/figures/*.png`` from those ``done.json`` files only, beside the paper's figures
+(:mod:`ice_prune.paper`).
+
+1. ``pretrain``: a 12-block ViT from scratch on SyntheticScenes with cross-entropy, through
+   ``train/prune.py --method evit --keep-rate 1.0`` (keep rate 1 is exactly the unpruned ViT).
+   At ``gpu`` scale a given DeiT-S checkpoint takes its place.
+2. ``explain-<run>``: ICE, ICE-f, ICEv2-style and Table 6's ablation (alpha 1.0; lambda 0.5; both)
+   with ``train/explain.py`` from the pretrained weights, each evaluated by
+   ``train/evaluate.py explain --methods ice``; ``maps-baselines``: the attention baselines and the
+   PM-style map on the pretrained model (the paper explains an unmodified DeiT-S with them).
+3. ``prune-<method>-<rate>-s<seed>``: ``train/prune.py`` with ICE and EViT at each keep rate (and the
+   unpruned model, ``none``, at keep rate 1 with the same budget), then ``train/evaluate.py accuracy``
+   on one common validation set; ``speed``: parameters, GMACs and the speed-up over the unpruned model
+   measured with all variants interleaved in one run.
+4. ``examples``: a grid of maps on a few validation images.
+
+Modules: ``scales`` (:class:`Scale`, :class:`TrainSpec`, the ``smoke`` / ``cpu`` / ``gpu`` factories
+in :data:`SCALES`), ``stages`` (the stages, :func:`plan`, :func:`run`, :func:`collect`), ``report``
+(:func:`summarize`, :func:`render`, :func:`write_report`) and ``plots`` (the report's figures).
+"""
+from .report import render, summarize, write_report
+from .scales import SCALES, Scale, TrainSpec, cpu_scale, gpu_scale, smoke_scale
+from .stages import DONE, Context, Stage, collect, eval_argv, plan, run, train_argv
+
+__all__ = [
+    "DONE",
+    "SCALES",
+    "Context",
+    "Scale",
+    "Stage",
+    "TrainSpec",
+    "collect",
+    "cpu_scale",
+    "eval_argv",
+    "gpu_scale",
+    "plan",
+    "render",
+    "run",
+    "smoke_scale",
+    "summarize",
+    "train_argv",
+    "write_report",
+]

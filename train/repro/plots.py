@@ -1,0 +1,72 @@
+"""The report's figures: ours on the left, the paper's Table 5 on the right (DeiT-S on ImageNet)."""
+from __future__ import annotations
+
+from ice_prune.paper import TABLE5, TABLE5_KEEP_RATES
+
+LABEL = {"evit": "EViT", "ice": "ICE"}
+COLOR = {"none": "black", "evit": "tab:blue", "ice": "tab:red"}
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, chosen when a figure is drawn, not on import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(summary: dict, scale: dict, path: str) -> None:
+    """Top-1 against keep rate (ours with the seed range, the paper's beside)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    rates = [1.0] + list(scale["keep_rates"])
+    prune = summary["prune"]
+    for method in ("evit", "ice"):
+        keys = ["none-1"] + [f"{method}-{r:g}" for r in scale["keep_rates"]]
+        mean = [prune[k]["top1_mean"] for k in keys]
+        below = [prune[k]["top1_mean"] - min(prune[k]["top1_runs"]) for k in keys]
+        above = [max(prune[k]["top1_runs"]) - prune[k]["top1_mean"] for k in keys]
+        axes[0].errorbar(rates, mean, yerr=[below, above], marker="o", capsize=3,
+                         color=COLOR[method], label=LABEL[method])
+        published = [TABLE5["none-1.0"].top1] + [TABLE5[f"{method}-{r:g}"].top1
+                                                 for r in TABLE5_KEEP_RATES]
+        axes[1].plot([1.0, *TABLE5_KEEP_RATES], published, marker="s", color=COLOR[method], linestyle="--",
+                     label=LABEL[method] + " (paper)")
+    axes[0].set_title(f"ours: {scale['model']} ({scale['name']} scale), min-max over seeds",
+                      fontsize=8)
+    axes[1].set_title("paper's Table 5: DeiT-S on ImageNet", fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("keep rate (1.0 = unpruned)")
+        ax.set_ylabel("top-1 (%)")
+        ax.invert_xaxis()
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_speed(summary: dict, path: str) -> None:
+    """Speed-up over the unpruned model against GMACs (ours measured, the paper's beside)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for key, result in summary["prune"].items():
+        color = COLOR[key.split("-")[0]]
+        axes[0].scatter(result["gmacs"], result["speedup"], color=color)
+        axes[0].annotate(key, (result["gmacs"], result["speedup"]), fontsize=7, xytext=(3, 3),
+                         textcoords="offset points")
+    for key, published in TABLE5.items():
+        color = COLOR[key.split("-")[0]]
+        speedup = published.img_per_s / TABLE5["none-1.0"].img_per_s
+        axes[1].scatter(published.gmacs, speedup, color=color, marker="s")
+        axes[1].annotate(key, (published.gmacs, speedup), fontsize=7, xytext=(3, 3),
+                         textcoords="offset points")
+    axes[0].set_title("ours: measured in one interleaved run", fontsize=8)
+    axes[1].set_title("paper's Table 5 (RTX 3090); GMACs from EViT's README", fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("GMACs per image")
+        ax.set_ylabel("speed-up over unpruned")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

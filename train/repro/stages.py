@@ -1,0 +1,371 @@
+"""The stages of a run, what each computes, and the loop that runs (or reuses) them.
+
+Each :class:`Stage` writes into its own folder ``OUT/work/<stage>`` and ends with ``done.json`` (its
+results). Training and evaluation go through the command lines beside this package
+(``prune.main(argv)``, ``explain.main(argv)``, ``evaluate.main(argv)``), so a run exercises exactly
+what a user runs; the speed and examples stages use the library directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import timm
+import torch
+from torch.utils.data import Dataset
+
+import ice_prune
+from ice_prune import visualize
+from ice_prune.data import ImageNetSegmentation, SyntheticScenes
+from ice_prune.engine import CHECKPOINT, LOG, read_state_dict
+from ice_prune.head import HEAD_VARIANTS
+from ice_prune.maps import ice_explain, upsample
+from ice_prune.paper import TABLES
+
+# the sibling scripts in train/ (on sys.path, see train/reproduce.py)
+import evaluate
+import explain
+import prune
+
+from .report import write_json, write_report
+from .scales import ABLATION, BASELINES, VARIANTS, Scale, TrainSpec
+
+DONE = "done.json"
+
+# the examples grid's column of each explanation variant
+COLUMN = {"ice": "ICE", "ice-f": "ICE-f", "icev2-style": "ICEv2-style"}
+
+
+# ---------------------------------------------------------------------------------------------
+# command lines of the train/ scripts
+
+
+def train_argv(scale: Scale, spec: TrainSpec, seed: int = 0) -> list[str]:
+    """Arguments shared by train/prune.py and train/explain.py for one run of ``spec``."""
+    argv = ["--model", scale.model, "--model-kwargs", scale.model_kwargs_json,
+            "--img-size", str(scale.img_size), "--data", scale.train_data,
+            "--epochs", str(spec.epochs), "--lr", str(spec.lr), "--batch-size", str(spec.batch_size),
+            "--warmup-epochs", str(spec.warmup_epochs), "--drop-path", str(scale.drop_path),
+            "--workers", str(scale.workers), "--seed", str(seed)]
+    if scale.synthetic:
+        argv += ["--num-classes", str(scale.num_classes), "--synthetic-train",
+                 str(spec.train_images), "--synthetic-val", str(spec.val_images),
+                 "--synthetic-kwargs", json.dumps(scale.synthetic_kwargs)]
+    if spec.min_lr is not None:
+        argv += ["--min-lr", str(spec.min_lr)]
+    if spec.weight_decay is not None:
+        argv += ["--weight-decay", str(spec.weight_decay)]
+    if spec.clip_grad is not None:
+        argv += ["--clip-grad", str(spec.clip_grad)]
+    if not spec.mixup:
+        argv += ["--mixup", "0", "--cutmix", "0"]
+    if scale.device:
+        argv += ["--device", scale.device]
+    return argv
+
+
+def synthetic_eval_kwargs(scale: Scale) -> dict:
+    """SyntheticScenes' evaluation images: the validation split, seed 0, the same for every model."""
+    return {**scale.synthetic_kwargs, "num_classes": scale.num_classes,
+            "length": scale.eval_images or 500, "seed": 0}
+
+
+def eval_argv(scale: Scale, command: str, checkpoint: str, out: str) -> list[str]:
+    """train/evaluate.py ``explain`` / ``accuracy`` on the scale's evaluation data."""
+    data = scale.maps_data if command == "explain" else scale.accuracy_data
+    argv = [command, "--data", data, "--checkpoint", checkpoint, "--model", scale.model,
+            "--model-kwargs", scale.model_kwargs_json, "--img-size", str(scale.img_size),
+            "--out", out, "--quiet", "--batch-size", "32"]
+    if data == "synthetic":
+        argv += ["--data-kwargs", json.dumps(synthetic_eval_kwargs(scale))]
+    elif scale.eval_images is not None:
+        argv += ["--limit", str(scale.eval_images)]
+    return argv
+
+
+def last_epoch(output: str) -> dict:
+    """The last epoch record of a training run's ``log.jsonl`` (train and val means, time)."""
+    record = None
+    with open(os.path.join(output, LOG)) as f:
+        for line in f:
+            entry = json.loads(line)
+            if "train" in entry:
+                record = entry
+    if record is None:
+        raise RuntimeError(f"{output}/{LOG} holds no finished epoch")
+    return record
+
+
+def train(script: Any, argv: list[str], output: str) -> dict:
+    """Run a training script (its module) into ``output``, continuing its checkpoint if one is
+    there. ``sys.argv`` is the script's own while it runs, so the resume command it prints is right."""
+    resume = os.path.exists(os.path.join(output, CHECKPOINT))
+    argv = argv + ["--output", output, "--resume" if resume else "--overwrite"]
+    saved = sys.argv
+    sys.argv = [os.path.relpath(script.__file__)] + argv
+    try:
+        script.main(argv)
+    finally:
+        sys.argv = saved
+    return last_epoch(output)
+
+
+# ---------------------------------------------------------------------------------------------
+# models and data the library-side stages read
+
+
+def create_model(scale: Scale, state: dict) -> torch.nn.Module:
+    """The scale's timm model with as many classes as the classifier in ``state``."""
+    return timm.create_model(scale.model, pretrained=False, img_size=scale.img_size,
+                             num_classes=state["head.weight"].shape[0], **scale.model_kwargs)
+
+
+def explanation_model(scale: Scale, checkpoint: str, variant: Optional[str] = None
+                      ) -> torch.nn.Module:
+    """An eval-mode model from ``checkpoint``; with ``variant``, the ICE head train/explain.py built
+    for that variant, as ``model.ice_head``, loaded from the checkpoint's ``ice_head.*`` keys."""
+    state = read_state_dict(checkpoint)
+    model = create_model(scale, state)
+    if variant is not None:
+        model.ice_head = HEAD_VARIANTS[variant].build(model, model.num_classes)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def maps_dataset(scale: Scale) -> Dataset:
+    """The images with masks the maps are evaluated on: what ``eval_argv(scale, "explain", ...)``
+    hands train/evaluate.py."""
+    kind, _, path = scale.maps_data.partition(":")
+    if kind == "synthetic":
+        return SyntheticScenes(**{"img_size": scale.img_size, "split": "val", "return_mask": True,
+                                  **synthetic_eval_kwargs(scale)})
+    if kind == "imagenet-seg":
+        return ImageNetSegmentation(path, image_size=scale.img_size)
+    raise ValueError(f"maps_data {scale.maps_data!r}: expected synthetic or imagenet-seg:PATH")
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """``fn(context, folder) -> results`` (JSON-serializable), written to ``folder/done.json``."""
+
+    name: str
+    fn: Callable[["Context", str], dict]
+    kind: str
+
+
+@dataclasses.dataclass
+class Context:
+    scale: Scale
+    work: str
+
+    def folder(self, stage: str) -> str:
+        return os.path.join(self.work, stage)
+
+    def checkpoint(self, stage: str) -> str:
+        return os.path.join(self.folder(stage), CHECKPOINT)
+
+    @property
+    def pretrained(self) -> str:
+        return self.scale.checkpoint if self.scale.pretrain is None else self.checkpoint("pretrain")
+
+
+def _pretrain(context: Context, out: str) -> dict:
+    scale = context.scale
+    record = train(prune, ["--method", "evit", "--keep-rate", "1.0"]
+                   + train_argv(scale, scale.pretrain), out)
+    accuracy = evaluate.main(eval_argv(scale, "accuracy", context.checkpoint("pretrain"),
+                                       os.path.join(out, "eval")))
+    return {"train": record, "top1": accuracy["top1"], "checkpoint": context.checkpoint("pretrain")}
+
+
+def _explain_stage(run: str) -> Callable[[Context, str], dict]:
+    variant = run if run in VARIANTS else "ice"
+
+    def fn(context: Context, out: str) -> dict:
+        scale = context.scale
+        argv = ["--variant", variant, "--checkpoint", context.pretrained] + list(ABLATION.get(run, ()))
+        record = train(explain, argv + train_argv(scale, scale.explain), out)
+        maps = evaluate.main(eval_argv(scale, "explain", context.checkpoint(f"explain-{run}"),
+                                       os.path.join(out, "eval")) + ["--methods", "ice"])
+        return {"run": run, "variant": variant, "args": argv[4:], "train": record,
+                "maps": maps["methods"]["ice"], "images": maps["images"]}
+    return fn
+
+
+def _maps_baselines(context: Context, out: str) -> dict:
+    maps = evaluate.main(eval_argv(context.scale, "explain", context.pretrained, out)
+                         + ["--methods", ",".join(BASELINES)])
+    return {"maps": maps["methods"], "images": maps["images"]}
+
+
+def prune_name(method: str, rate: float, seed: int) -> str:
+    return f"prune-{method}-{rate:g}-s{seed}"
+
+
+def _prune_stage(method: str, rate: float, seed: int) -> Callable[[Context, str], dict]:
+    def fn(context: Context, out: str) -> dict:
+        scale = context.scale
+        selector = "evit" if method == "none" else method  # EViT at keep rate 1 = unpruned
+        argv = ["--method", selector, "--keep-rate", str(rate), "--checkpoint", context.pretrained]
+        record = train(prune, argv + train_argv(scale, scale.prune, seed), out)
+        eval_args = eval_argv(scale, "accuracy", context.checkpoint(prune_name(method, rate, seed)),
+                              os.path.join(out, "eval"))
+        if method != "none":
+            eval_args += ["--method", method, "--keep-rate", str(rate)]
+        accuracy = evaluate.main(eval_args)
+        return {"method": method, "keep_rate": rate, "seed": seed, "train": record,
+                "top1": accuracy["top1"], "top5": accuracy["top5"], "images": accuracy["images"]}
+    return fn
+
+
+def pruned_models(context: Context, seed: int) -> dict[str, torch.nn.Module]:
+    """name -> eval-mode model of the seed's pruning runs (``none-1`` is the unpruned one)."""
+    scale = context.scale
+    models = {}
+    for method, rate in [("none", 1.0)] + [(m, r) for r in scale.keep_rates for m in ("evit", "ice")]:
+        state = read_state_dict(context.checkpoint(prune_name(method, rate, seed)))
+        model = create_model(scale, state)
+        if method != "none":
+            ice_prune.patch(model, keep_rate=rate, method=method)
+        model.load_state_dict(state)
+        models[f"{method}-{rate:g}"] = model.eval()
+    return models
+
+
+def _speed(context: Context, out: str) -> dict:
+    """Parameters, GMACs (:func:`ice_prune.count_flops`) and the speed-up over the unpruned model,
+    all variants interleaved in one :func:`ice_prune.benchmark_models` run."""
+    scale = context.scale
+    models = pruned_models(context, scale.seeds[0])
+    size = (3, scale.img_size, scale.img_size)
+    benchmark = ice_prune.benchmark_models(models, size, batch_size=scale.bench_batch,
+                                           device=scale.device, reps=scale.bench_reps,
+                                           baseline="none-1", progress=True)
+    rows = {}
+    for name, model in models.items():
+        measured = benchmark[name]
+        rows[name] = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                      "gmacs": ice_prune.count_flops(model, size) / 1e9,
+                      "img_s_median": measured.median, "img_s_best": measured.best,
+                      "speedup": benchmark.speedup(name),
+                      "paired_speedup": benchmark.paired_speedup(name)}
+    return {"models": rows, "batch": scale.bench_batch, "reps": scale.bench_reps,
+            "threads": torch.get_num_threads(), "device": _device_name(),
+            "flops": "ice_prune.count_flops (fvcore with handles for attention and reorganize)",
+            "benchmark": benchmark.to_dict()}
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def _examples(context: Context, out: str) -> dict:
+    """A grid: image | ICE | ICE-f | ICEv2-style | baselines | ICE's mask | ground truth."""
+    scale = context.scale
+    base = explanation_model(scale, context.pretrained)
+    explainers = {variant: explanation_model(scale, context.checkpoint(f"explain-{variant}"), variant)
+                  for variant in VARIANTS}
+    dataset = maps_dataset(scale)
+    mean = torch.tensor(timm.data.IMAGENET_DEFAULT_MEAN)[:, None, None]
+    std = torch.tensor(timm.data.IMAGENET_DEFAULT_STD)[:, None, None]
+    rows = []
+    for i in range(scale.grid_images):
+        item = dataset[i]
+        image, label = item[0][None], item[-1]
+        size = tuple(image.shape[-2:])
+        shown = (image[0] * std + mean).clamp(0, 1)
+        row = {"image": visualize.to_uint8_image(shown)}
+        explanations = {variant: ice_explain(model, image) for variant, model in explainers.items()}
+        for variant, explanation in explanations.items():
+            row[COLUMN[variant]] = visualize.overlay(shown, upsample(explanation.class_map, size)[0])
+        with torch.no_grad():
+            target = base(image).argmax(-1)
+        for name in BASELINES:
+            patch_map = ice_prune.explain(base, image, name, target=target)
+            row[name] = visualize.overlay(shown, upsample(patch_map, size)[0])
+        row["ICE mask"] = visualize.mask_overlay(shown, explanations["ice"].foreground[0])
+        mask = torch.as_tensor(label)
+        row["ground truth"] = visualize.mask_overlay(shown, (mask > 0) & (mask != 255),
+                                                     color=(0, 255, 0))
+        rows.append(row)
+    path = os.path.join(out, "examples.png")
+    visualize.save_grid(rows, path, cell_inches=1.1)  # small enough to commit
+    return {"figure": path, "images": len(rows)}
+
+
+def plan(scale: Scale) -> list[Stage]:
+    """The stages of a run, in order."""
+    stages = []
+    if scale.pretrain is not None:
+        stages.append(Stage("pretrain", _pretrain, "pretrain"))
+    for run in VARIANTS + tuple(ABLATION):
+        stages.append(Stage(f"explain-{run}", _explain_stage(run), "explain"))
+    stages.append(Stage("maps-baselines", _maps_baselines, "maps"))
+    for seed in scale.seeds:
+        stages.append(Stage(prune_name("none", 1.0, seed), _prune_stage("none", 1.0, seed), "prune"))
+        for rate in scale.keep_rates:
+            for method in ("evit", "ice"):
+                stages.append(Stage(prune_name(method, rate, seed), _prune_stage(method, rate, seed),
+                                    "prune"))
+    stages.append(Stage("speed", _speed, "speed"))
+    stages.append(Stage("examples", _examples, "examples"))
+    return stages
+
+
+def run(scale: Scale, out: str, fresh: bool = False, log: Callable[[str], None] = print,
+        until: Optional[str] = None) -> Optional[dict]:
+    """Run (or reuse) every stage, then write the report. Returns the results dict.
+    ``until``: stop after that stage (no report); a later run reuses what it finished."""
+    work = os.path.join(out, "work")
+    if fresh and os.path.isdir(work):
+        shutil.rmtree(work)
+    context = Context(scale, work)
+    if scale.threads is not None:
+        torch.set_num_threads(scale.threads)
+    stages = plan(scale)
+    names = [stage.name for stage in stages]
+    if until is not None and until not in names:
+        raise ValueError(f"until={until!r} is no stage of this scale; choose one of {names}")
+    t_start = time.time()
+    for i, stage in enumerate(stages, 1):
+        folder = context.folder(stage.name)
+        if os.path.exists(os.path.join(folder, DONE)):
+            log(f"[{i}/{len(stages)}] {stage.name}: done before, reused")
+            continue
+        log(f"[{i}/{len(stages)}] {stage.name} ...  ({time.time() - t_start:.0f} s so far)")
+        os.makedirs(folder, exist_ok=True)
+        t0 = time.time()
+        result = stage.fn(context, folder)
+        result["wall_s"] = round(time.time() - t0, 1)
+        write_json(os.path.join(folder, DONE), result)
+        log(f"[{i}/{len(stages)}] {stage.name}: {result['wall_s']:.0f} s")
+        if stage.name == until:
+            return None
+    results = collect(scale, work, stages)
+    write_report(results, out)
+    return results
+
+
+def collect(scale: Scale, work: str, stages: Optional[list[Stage]] = None) -> dict:
+    """Everything the report shows, read from the stages' ``done.json``."""
+    stages = plan(scale) if stages is None else stages
+    done = {}
+    for stage in stages:
+        with open(os.path.join(work, stage.name, DONE)) as f:
+            done[stage.name] = json.load(f)
+    return {"scale": dataclasses.asdict(scale), "stages": done, "paper": TABLES,
+            "wall_s": round(sum(r["wall_s"] for r in done.values()), 1),
+            "versions": {"torch": torch.__version__, "timm": timm.__version__},
+            "date": time.strftime("%Y-%m-%d")}
