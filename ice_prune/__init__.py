@@ -8,7 +8,7 @@
 
 Modules: ``patching`` (patch / unpatch), ``select`` (selectors), ``head``, ``loss``, ``maps``
 (explanation maps), ``metrics``, ``data``, ``flops``, ``throughput``, ``engine`` (training loops),
-``visualize``.
+``visualize``, ``evaluation`` (map and accuracy protocols).
 """
 from ice_prune.throughput import benchmark, benchmark_models, load_checkpoint, max_batch_size
 from ice_prune.data import SyntheticScenes

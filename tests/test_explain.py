@@ -1,23 +1,13 @@
 """Explanation maps against a plain-torch re-implementation of a tiny 2-block ViT's forward, with its
-attention written out by hand, and the baselines' formulas computed from those matrices; then
-train/evaluate.py end to end, checked against the library on the same checkpoint."""
-import importlib.util
-import json
-import os
-
-import numpy as np
+attention written out by hand, and the baselines' formulas computed from those matrices
+(train/evaluate.py and ice_prune.evaluation: test_evaluation.py)."""
 import pytest
 import timm
 import torch
-import torchvision
-from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 import ice_prune
-from ice_prune import data
-from ice_prune import metrics as M
 from ice_prune.head import ICEHead
-from test_evaldata import write_gtsegs
 
 from ice_prune import maps as ex
 
@@ -237,137 +227,3 @@ def test_every_method_runs_on_a_timm_model():
         out = ex.explain(m, x, name, size=(32, 32), **kw)
         assert out.shape == (1, 32, 32) and torch.isfinite(out).all(), name
 
-
-# ---------------------------------------------------------------------------------------------
-# train/evaluate.py end to end on a tiny gtsegs_ijcv.mat, a random tiny model and its ICE head
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("evaluate", os.path.join(ROOT, "train", "evaluate.py"))
-evaluate = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate)
-
-MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8"]
-
-
-@pytest.fixture
-def setup(tmp_path):
-    rng = np.random.default_rng(0)
-    imgs = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
-    masks = [np.zeros((32, 32), np.uint8) for _ in range(3)]
-    masks[0][8:24, 8:24] = 1
-    masks[1][:, :16] = 1
-    masks[2][20:, 4:30] = 1
-    mat = str(tmp_path / "gtsegs_ijcv.mat")
-    write_gtsegs(mat, imgs, masks)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, pretrained=False,
-                              num_classes=5)
-    ice_prune.patch(model, keep_rate=0.7, method="ice", num_classes=5)
-    with torch.no_grad():
-        model.ice_head.fc.weight.normal_()
-    ckpt = str(tmp_path / "ckpt.pth")
-    torch.save({"model": model.state_dict(), "epoch": 1}, ckpt)
-    return mat, ckpt, model
-
-
-def test_explain_imagenet_seg(setup, tmp_path, capsys):
-    mat, ckpt, model = setup
-    out = str(tmp_path / "out")
-    res = evaluate.main(["explain", "--data", f"imagenet-seg:{mat}", "--checkpoint", ckpt, *MODEL,
-                         "--img-size", "32", "--batch-size", "2", "--out", out, "--grid", "2", "--quiet"])
-    printed = capsys.readouterr().out
-    assert set(res["methods"]) == set(evaluate.ALL_METHODS)
-    assert "pixel_accuracy" in printed and "rollout" in printed
-    with open(os.path.join(out, "explain.json")) as f:
-        assert json.load(f) == json.loads(json.dumps(res))
-    assert os.path.getsize(os.path.join(out, "explain_grid.png")) > 0
-    # ICE's figures recomputed from the library on the same checkpoint
-    unpatched = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=5)
-    unpatched.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("ice_head.")})
-    ds = data.ImageNetSegmentation(mat, image_size=32)
-    meter = M.ImageNetSegMeter()
-    for img, mask in ds:
-        meter.update(ex.upsample(ex.ice_map(unpatched.eval(), img[None], head=model.ice_head), (32, 32))[0], mask)
-    for k, v in meter.compute().items():
-        assert res["methods"]["ice"][k] == pytest.approx(v), k
-
-
-def test_checkpoint_heads(tmp_path):
-    mlp = ice_prune.ICEHead(16, 4, hidden_dim=8)
-    head = evaluate.head_from_state(mlp.state_dict())
-    assert head.hidden_dim == 8 and head.num_classes == 4
-    torch.testing.assert_close(head(torch.ones(2, 16)), mlp(torch.ones(2, 16)))
-    assert evaluate.head_from_state(ice_prune.ICEHead(16, 7).state_dict()).num_classes == 7
-    with pytest.raises(ValueError, match="per-location"):
-        evaluate.head_from_state({"0.fc.weight": torch.zeros(5, 16)})
-
-
-def test_explain_errors(setup, tmp_path):
-    mat, ckpt, _ = setup
-    with pytest.raises(SystemExit, match="unknown --data"):
-        evaluate.main(["explain", "--data", "coco:/x", *MODEL])
-    with pytest.raises(SystemExit, match="unknown --methods"):
-        evaluate.main(["explain", "--data", f"imagenet-seg:{mat}", "--methods", "ice,lrp", *MODEL])
-    with pytest.raises(SystemExit, match="no image-class labels"):
-        evaluate.main(["accuracy", "--data", f"imagenet-seg:{mat}", *MODEL])
-    with pytest.raises(SystemExit, match="ICE head"):
-        evaluate.main(["explain", "--data", f"imagenet-seg:{mat}", "--methods", "ice", *MODEL,
-                       "--out", str(tmp_path)])
-
-
-class FakeScenes(torch.utils.data.Dataset):
-    """Stands in for SyntheticScenes (another issue's dataset) with its item layout."""
-
-    def __init__(self, num_classes, img_size, split, return_mask, length=3):
-        assert (split, return_mask) == ("val", True)
-        self.num_classes, self.img_size, self.length = num_classes, img_size, length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, i):
-        mask = torch.zeros(self.img_size, self.img_size, dtype=torch.bool)
-        mask[4 * i: 16 + 4 * i, 8:24] = True
-        return torch.randn(3, self.img_size, self.img_size), i % self.num_classes, mask
-
-
-def test_explain_synthetic_code_path(setup, tmp_path, monkeypatch):
-    _, ckpt, _ = setup
-    monkeypatch.setattr(data, "SyntheticScenes", FakeScenes, raising=False)
-    res = evaluate.main(["explain", "--data", "synthetic", "--data-kwargs", '{"length": 2}', "--checkpoint",
-                         ckpt, *MODEL, "--out", str(tmp_path / "o"), "--quiet"])
-    assert res["images"] == 2
-    for m, r in res["methods"].items():
-        assert 0 <= r["pixel_accuracy"] <= 100 and 0 <= r["miou"] <= 100, m
-        assert all(0 <= v <= 100 for v in r["jaccard"].values()), m
-    assert set(res["methods"]["raw-attention"]["jaccard"]) == {"mean@0.9", "mean@0.8", "best-head@0.9",
-                                                                "best-head@0.8"}
-    assert set(res["methods"]["ice"]["jaccard"]) == {"mask"}
-
-
-def test_evaluate_explain_on_synthetic_scenes(tmp_path):
-    res = evaluate.main(["explain", "--data", "synthetic", "--data-kwargs", '{"length": 4}', *MODEL,
-                         "--methods", "rollout,raw-attention", "--out", str(tmp_path), "--quiet"])
-    assert res["images"] == 4 and set(res["methods"]) == {"rollout", "raw-attention"}
-    for r in res["methods"].values():
-        assert 0 <= r["pixel_accuracy"] <= 100 and 0 <= r["miou"] <= 100
-    assert os.path.isfile(tmp_path / "explain.json") and os.path.isfile(tmp_path / "explain_grid.png")
-
-
-def test_accuracy_patched(setup, tmp_path):
-    mat, ckpt, model = setup
-    # an ImageFolder of 4 images in 2 classes
-    for c in ("a", "b"):
-        os.makedirs(tmp_path / "folder" / c)
-        for i in range(2):
-            Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(tmp_path / "folder" / c / f"{i}.png")
-    res = evaluate.main(["accuracy", "--data", f"folder:{tmp_path / 'folder'}", "--checkpoint", ckpt, *MODEL,
-                         "--method", "ice", "--keep-rate", "0.5", "--out", str(tmp_path / "o"), "--quiet"])
-    # reference: the patched model itself on the same transformed images
-    ds = torchvision.datasets.ImageFolder(str(tmp_path / "folder"), transform=timm.data.create_transform(32))
-    model.eval().keep_rate = 0.5
-    x = torch.stack([ds[i][0] for i in range(4)])
-    y = torch.tensor([ds[i][1] for i in range(4)])
-    with torch.no_grad():
-        top = model(x).topk(5, -1).indices
-    assert res["top1"] == pytest.approx(100 * (top[:, 0] == y).float().mean().item())
-    assert res["top5"] == pytest.approx(100 * (top == y[:, None]).any(-1).float().mean().item())
