@@ -239,17 +239,25 @@ def check_methods(methods: Sequence[str], head: Optional[ICEHead]) -> None:
                          "the methods")
 
 
-def compute_maps(model: nn.Module, head: Optional[ICEHead], images: Tensor, methods: Sequence[str]
+ICE_TARGETS = ("classifier", "ice")
+
+
+def compute_maps(model: nn.Module, head: Optional[ICEHead], images: Tensor, methods: Sequence[str],
+                 ice_target: str = "classifier"
                  ) -> tuple[dict[str, Tensor], Optional[maps.ICEExplanation], Tensor]:
     """Patch-grid maps per method for the model's top-1 class, ICE's explanation (``None`` without
-    ``ice`` in ``methods``), the logits."""
+    ``ice`` in ``methods``), the logits. ``ice_target="ice"``: ICE's map explains the class ICE
+    itself predicts (a model whose classifier was not trained on the head's classes)."""
+    if ice_target not in ICE_TARGETS:
+        raise ValueError(f"ice_target must be one of {ICE_TARGETS}, got {ice_target!r}")
     with torch.no_grad():
         logits = model(images)
     target = logits.argmax(-1)
     method_maps, ice = {}, None
     for name in methods:
         if name == "ice":
-            ice = maps.ice_explain(model, images, head=head, target=target)
+            ice = maps.ice_explain(model, images, head=head,
+                                   target="ice" if ice_target == "ice" else target)
             method_maps[name] = ice.class_map
         else:
             method_maps[name] = maps.explain(model, images, name, target=target)
@@ -294,11 +302,12 @@ def jaccard_masks(model: nn.Module, image: Tensor, method: str, patch_map: Tenso
 def evaluate_maps(model: nn.Module, head: Optional[ICEHead], dataset: Dataset,
                   protocols: Sequence[str], methods: Optional[Sequence[str]] = None, *,
                   batch_size: int = 16, workers: int = 0, limit: Optional[int] = None,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, ice_target: str = "classifier") -> dict:
     """Score each method's maps on ``dataset`` (its first ``limit`` images) under ``protocols``
     (``DATASETS[kind].protocols`` for the built-in kinds; see the module docstring).
 
-    ``methods`` default to every map of :data:`ice_prune.maps.METHODS`; ``ice`` reads ``head``.
+    ``methods`` default to every map of :data:`ice_prune.maps.METHODS`; ``ice`` reads ``head`` and
+    explains the classifier's top-1 class, or with ``ice_target="ice"`` ICE's own prediction.
     Returns ``{"images": n, "methods": {method: figures}}``, figures in percent: the segmentation
     meter's, ``jaccard`` per variant, ``corloc``, or the CUB meter's. The model is put in eval mode.
     """
@@ -317,7 +326,7 @@ def evaluate_maps(model: nn.Module, head: Optional[ICEHead], dataset: Dataset,
     patch_size = tuple(model.patch_embed.patch_size)
     for batch in _progress(loader, "explain", progress):
         images, target = batch[0], batch[1:]
-        method_maps, ice, logits = compute_maps(model, head, images, methods)
+        method_maps, ice, logits = compute_maps(model, head, images, methods, ice_target)
         size = tuple(images.shape[-2:])
         upsampled = {m: maps.upsample(v, size) for m, v in method_maps.items()}
         for i in range(images.shape[0]):

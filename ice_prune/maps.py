@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ice_prune.head import ICEHead, forward_with_tokens
+from ice_prune.loss import ice_image_logits
 
 Target = Optional[Union[int, Tensor]]
 
@@ -229,24 +230,34 @@ def find_ice_head(model: nn.Module) -> ICEHead:
 
 @torch.no_grad()
 def ice_explain(model: nn.Module, images: Tensor, head: Optional[ICEHead] = None,
-                target: Target = None) -> ICEExplanation:
+                target: Union[Target, str] = None) -> ICEExplanation:
     """ICE's maps: the head reads the last block's output before the final norm (official code).
 
     ``target`` defaults to the top-1 class of the model's classifier; it indexes the head's classes,
     so a head over another class count than the classifier needs an explicit ``target``.
+    ``target="ice"`` explains the class ICE itself predicts for the image: the top-1 of its
+    foreground-mean class scores (:func:`ice_prune.loss.ice_image_logits`), for a head whose model
+    has no classifier trained on the head's classes.
     """
     head = find_ice_head(model) if head is None else head
     with eval_mode(model), full_tokens(model):
         logits, tokens = forward_with_tokens(model, images)
     if target is None and logits.shape[-1] != head.num_classes:
         raise ValueError(f"the classifier has {logits.shape[-1]} classes but the ICE head "
-                         f"{head.num_classes}: pass target= (a class of the head) explicitly")
+                         f"{head.num_classes}: pass target= (a class of the head) explicitly, or "
+                         f"target='ice' for ICE's own prediction")
     grid = patch_grid(model, images)
     z = head(tokens[:, model.num_prefix_tokens:])                      # [B, n, C+1]
     patch_logits = z.transpose(1, 2).reshape(z.shape[0], z.shape[-1], *grid)
     probs = patch_logits.softmax(1)
     prediction = patch_logits.argmax(1)
-    cls = _resolve_target(logits if target is None else z[:, 0, :-1], target)
+    if isinstance(target, str):
+        if target != "ice":
+            raise ValueError(f"target must be a class index, one per image, None (the classifier's "
+                             f"top-1) or 'ice' (ICE's own prediction), got {target!r}")
+        cls = ice_image_logits(z).argmax(-1)
+    else:
+        cls = _resolve_target(logits if target is None else z[:, 0, :-1], target)
     class_map = probs.gather(1, cls[:, None, None, None].expand(-1, 1, *grid))[:, 0]
     return ICEExplanation(logits=logits, patch_logits=patch_logits, probs=probs,
                           prediction=prediction, foreground=prediction != head.num_classes,

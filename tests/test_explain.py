@@ -227,3 +227,26 @@ def test_every_method_runs_on_a_timm_model():
         out = ex.explain(m, x, name, size=(32, 32), **kw)
         assert out.shape == (1, 32, 32) and torch.isfinite(out).all(), name
 
+
+
+def test_ice_explain_can_explain_ices_own_prediction(model, images):
+    head = ICEHead(16, C)
+    with torch.no_grad():
+        head.fc.weight.normal_()
+    _, _, tokens = reference_forward(model, images)
+    z = head(tokens[:, 1:]).detach()                                   # [B, 4, C+1]
+    # ICE's own image class, written out: instance-normalize each patch's logits, average the
+    # foreground patches' class scores (all patches if none is foreground), take the top-1
+    expected = []
+    for b in range(z.shape[0]):
+        zn = (z[b] - z[b].mean(-1, keepdim=True)) / torch.sqrt(z[b].var(-1, unbiased=False,
+                                                                           keepdim=True) + 1e-5)
+        fg = zn.argmax(-1) != C
+        picked = zn[fg] if fg.any() else zn
+        expected.append(int(picked.mean(0)[:C].argmax()))
+    e = ex.ice_explain(model, images, head=head, target="ice")
+    assert e.target.tolist() == expected
+    p = z.softmax(-1)
+    torch.testing.assert_close(e.class_map, p[torch.arange(2), :, e.target].reshape(2, 2, 2))
+    with pytest.raises(ValueError, match="'ice' \\(ICE's own prediction\\)"):
+        ex.ice_explain(model, images, head=head, target="classifier")

@@ -77,7 +77,8 @@ def run_explain(args) -> dict:
     results = {"data": args.data, "model": args.model, "checkpoint": args.checkpoint,
                **evaluation.evaluate_maps(model, head, dataset, protocols, methods,
                                           batch_size=args.batch_size, workers=args.workers,
-                                          limit=args.limit, progress=not args.quiet)}
+                                          limit=args.limit, progress=not args.quiet,
+                                          ice_target=args.ice_target)}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "explain.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -134,6 +135,10 @@ def parser() -> argparse.ArgumentParser:
     sub.choices["explain"].add_argument("--methods", default=",".join(maps.METHODS),
                                         help="comma-separated maps of ice_prune.maps.METHODS")
     sub.choices["explain"].add_argument("--grid", type=int, default=4, help="examples in the PNG grid")
+    sub.choices["explain"].add_argument(
+        "--ice-target", default="classifier", choices=evaluation.ICE_TARGETS,
+        help="the class ICE's map explains: the classifier's top-1 (default) or ICE's own prediction "
+             "(a model whose classifier was not trained on the ICE head's classes)")
     sub.choices["accuracy"].add_argument("--method", choices=sorted(SELECTORS), default=None,
                                          help="patch the model with this selector (default: unpatched)")
     sub.choices["accuracy"].add_argument("--keep-rate", type=float, default=0.7)
