@@ -35,21 +35,47 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     logs.clear()
     results = repro.run(scale, out, log=logs.append)
     assert [line for line in logs if "reused" in line] == [
-        "[1/13] pretrain: done before, reused", "[2/13] explain-ice: done before, reused"]
+        "[1/21] pretrain: done before, reused", "[2/21] explain-ice: done before, reused"]
     names = [s.name for s in repro.plan(scale)]
     assert names == ["pretrain", "explain-ice", "explain-ice-f", "explain-icev2-style",
-                     "explain-ice-alpha1", "explain-ice-lambda0.5", "explain-ice-alpha1-lambda0.5",
-                     "maps-baselines", "prune-none-1-s0", "prune-evit-0.5-s0", "prune-ice-0.5-s0",
-                     "speed", "examples"]
+                     "explain-ice-literal", "explain-ice-alpha1-literal", "explain-ice-alpha1",
+                     "explain-ice-lambda0.5-literal", "explain-ice-lambda0.5",
+                     "explain-ice-alpha1-lambda0.5-literal", "explain-ice-alpha1-lambda0.5",
+                     "maps-baselines", "classes-3-generic", "classes-3-lambda-paper",
+                     "classes-3-lambda-auto", "classes-3-lambda-0.5", "prune-none-1-s0",
+                     "prune-evit-0.5-s0", "prune-ice-0.5-s0", "speed", "examples"]
     for name in names:
         assert os.path.exists(os.path.join(out, "work", name, repro.DONE))
     for f in ("REPORT.md", "results.json", "figures/examples.png",
-              "figures/accuracy_vs_keep_rate.png", "figures/speedup_vs_gmacs.png"):
+              "figures/accuracy_vs_keep_rate.png", "figures/speedup_vs_gmacs.png",
+              "figures/miou_vs_lambda.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
-    # the ablation runs really trained with the ablated loss
-    meta = torch.load(os.path.join(out, "work", "explain-ice-alpha1-lambda0.5", "last.pth"),
-                      map_location="cpu", weights_only=False)["meta"]
-    assert meta["loss"]["alpha"] == 1.0 and meta["loss"]["class_weight"] == 0.5
+    def meta(stage):
+        return torch.load(os.path.join(out, "work", stage, "last.pth"), map_location="cpu",
+                          weights_only=False)["meta"]
+
+    # the ablation runs really trained with the ablated loss: as the paper wrote it, and with the
+    # lambda that keeps the row's balance (1 - lambda) alpha C / lambda at the smoke scale's 4 classes
+    literal = meta("explain-ice-alpha1-lambda0.5-literal")
+    assert literal["loss"]["alpha"] == 1.0 and literal["lambda_class"] == 0.5
+    balanced = meta("explain-ice-alpha1-lambda0.5")
+    assert balanced["loss"]["alpha"] == 1.0
+    assert balanced["lambda_class"] == pytest.approx(4 / (4 + 1000), rel=1e-5)
+    assert meta("explain-ice-literal")["lambda_class"] == 0.975
+    assert meta("explain-ice")["lambda_rule"] == "auto"
+    assert meta("explain-ice")["lambda_class"] == pytest.approx(4 * 0.975 / (4 * 0.975 + 25))
+    # the class-count study: 3 classes from 4-class pretraining, a new classifier and ICE head
+    study = meta("classes-3-lambda-auto")
+    assert study["num_classes"] == 3
+    assert study["lambda_class"] == pytest.approx(3 * 0.975 / (3 * 0.975 + 25))
+    weights = torch.load(os.path.join(out, "work", "classes-3-lambda-auto", "last.pth"),
+                         map_location="cpu", weights_only=False)["model"]
+    assert weights["head.weight"].shape[0] == 3 and weights["ice_head.fc.weight"].shape[0] == 4
+    with open(os.path.join(out, "results.json")) as f:
+        study = json.load(f)["summary"]["classes"]["3"]
+    # sorted by lambda: the rule's 0.105, the sweep's 0.5, the paper's 0.975
+    assert [r["lambda"] for r in study["runs"]] == ["auto", "0.5", "paper"]
+    assert study["rule"]["lambda_class"] == pytest.approx(2.925 / 27.925)
     meta = torch.load(os.path.join(out, "work", "prune-ice-0.5-s0", "last.pth"), map_location="cpu",
                       weights_only=False)["meta"]
     assert meta["method"] == "ice" and meta["keep_rate"] == 0.5

@@ -70,3 +70,31 @@ def plot_speed(summary: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_class_counts(summary: dict, path: str) -> None:
+    """ICE's mIoU against lambda, one line per class count, the class-count rule starred and the
+    paper's literal 0.975 ringed; generic attention on the same scenes as a dotted line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (num_classes, study) in enumerate(summary["classes"].items()):
+        color = colors[i % len(colors)]
+        runs = study["runs"]
+        ax.plot([r["lambda_class"] for r in runs], [r["miou"] for r in runs], marker="o",
+                color=color, label=f"{num_classes} classes")
+        rule, literal = study["rule"], study["literal"]
+        ax.scatter([rule["lambda_class"]], [rule["miou"]], marker="*", s=220, color=color,
+                   edgecolor="black", zorder=3)
+        ax.scatter([literal["lambda_class"]], [literal["miou"]], marker="o", s=120,
+                   facecolor="none", edgecolor=color, linewidth=2, zorder=3)
+        ax.axhline(study["generic"]["miou"], color=color, linestyle=":", linewidth=1)
+    ax.scatter([], [], marker="*", s=120, color="gray", edgecolor="black", label="class-count rule")
+    ax.scatter([], [], marker="o", s=80, facecolor="none", edgecolor="gray", label="paper's 0.975")
+    ax.plot([], [], color="gray", linestyle=":", label="generic attention")
+    ax.set_xlabel("lambda (class weight of the ICE loss)")
+    ax.set_ylabel("ICE mIoU")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -13,8 +13,17 @@ import numpy as np
 
 from ice_prune.paper import TABLE1, TABLE3, TABLE5, TABLE6
 
-from .plots import plot_accuracy, plot_speed
-from .scales import ABLATION, BASELINES, VARIANTS
+from ice_prune.loss import auto_lambda
+
+from .plots import plot_accuracy, plot_class_counts, plot_speed
+from .scales import BASELINES, TABLE6 as TABLE6_SETTINGS, VARIANTS, ablation_runs
+
+# the class-count rule is "in the good region" at a class count when its mIoU is within this many
+# points of the best lambda tried there (a yardstick stated before the runs, not fitted to them)
+GOOD_REGION_MIOU = 5.0
+# Table 6's rows and how the report names them
+ABLATION_LABELS = {"ice": "ICE (alpha 0.5, lambda 0.975)", "ice-alpha1": "alpha 1.0",
+                   "ice-lambda0.5": "lambda 0.5", "ice-alpha1-lambda0.5": "alpha 1.0, lambda 0.5"}
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -30,11 +39,8 @@ def summarize(results: dict) -> dict:
     stages = results["stages"]
     scale = results["scale"]
     maps = {}
-    for run in VARIANTS + tuple(ABLATION):
-        measured = stages[f"explain-{run}"]["maps"]
-        maps[run] = {"pixel_accuracy": measured["pixel_accuracy"], "miou": measured["miou"],
-                     "map": measured["map"],
-                     "jaccard": measured["jaccard"]["mask"] if "jaccard" in measured else None}
+    for run in VARIANTS + tuple(ablation_runs(scale["num_classes"])):
+        maps[run] = _ice_maps(stages[f"explain-{run}"])
     for name, measured in stages["maps-baselines"]["maps"].items():
         jaccard = measured.get("jaccard")
         maps[name] = {"pixel_accuracy": measured["pixel_accuracy"], "miou": measured["miou"],
@@ -76,12 +82,31 @@ def summarize(results: dict) -> dict:
             f"raw attention (mean, 0.9)"))
     comparisons.append(_claim("ICE beats ICE-f on mIoU", ice["miou"] - maps["ice-f"]["miou"],
                               f"paper: +{TABLE1['ice'].miou - TABLE1['ice-f'].miou:.2f}"))
-    for run, label in (("ice-alpha1", "alpha 1.0"), ("ice-lambda0.5", "lambda 0.5"),
-                       ("ice-alpha1-lambda0.5", "alpha 1.0 and lambda 0.5")):
+    for run in ("ice-alpha1", "ice-lambda0.5", "ice-alpha1-lambda0.5"):
+        paper = f"paper: +{TABLE6['ice'].miou - TABLE6[run].miou:.2f}"
         comparisons.append(_claim(
-            f"ICE (alpha 0.5, lambda 0.975) beats the ablation with {label} on mIoU",
-            ice["miou"] - maps[run]["miou"],
-            f"paper: +{TABLE6['ice'].miou - TABLE6[run].miou:.2f}"))
+            f"Table 6 as written: ICE (alpha 0.5, lambda 0.975) beats {ABLATION_LABELS[run]} on "
+            f"mIoU", maps["ice-literal"]["miou"] - maps[f"{run}-literal"]["miou"], paper))
+        comparisons.append(_claim(
+            f"Table 6 balance-equivalent at {scale['num_classes']} classes: ICE beats "
+            f"{ABLATION_LABELS[run]} on mIoU", ice["miou"] - maps[run]["miou"], paper))
+    classes = _class_counts(stages, scale)
+    for num_classes, study in classes.items():
+        rule, literal = study["rule"], study["literal"]
+        best = max(study["runs"], key=lambda r: r["miou"])
+        comparisons.append(_claim(
+            f"{num_classes} classes: the class-count rule (lambda {rule['lambda_class']:.3f}) beats "
+            f"the paper's literal lambda 0.975 on mIoU", rule["miou"] - literal["miou"],
+            "the paper trains at 1000 classes only"))
+        comparisons.append(_claim(
+            f"{num_classes} classes: the class-count rule is within {GOOD_REGION_MIOU:g} mIoU "
+            f"points of the best lambda tried ({best['lambda_class']:.3g}: {best['miou']:.2f})",
+            rule["miou"] - best["miou"], "our yardstick: by is the rule's mIoU minus the best's",
+            threshold=-GOOD_REGION_MIOU))
+        comparisons.append(_claim(
+            f"{num_classes} classes: ICE (class-count rule) beats generic attention on mIoU",
+            rule["miou"] - study["generic"]["miou"],
+            f"paper: +{TABLE1['ice'].miou - TABLE1['generic'].miou:.2f} at 1000 classes"))
     for rate in scale["keep_rates"]:
         evit, ice_pruned = prune[f"evit-{rate:g}"], prune[f"ice-{rate:g}"]
         paper_evit, paper_ice = TABLE5[f"evit-{rate:g}"], TABLE5[f"ice-{rate:g}"]
@@ -101,8 +126,37 @@ def summarize(results: dict) -> dict:
             100 * (ice_pruned["speedup"] - 1),
             f"paper: {100 * (paper_ice.img_per_s / TABLE5['none-1.0'].img_per_s - 1):+.1f}%",
             unit="%"))
-    return {"maps": maps, "best_baseline": best_baseline, "prune": prune,
+    return {"maps": maps, "best_baseline": best_baseline, "prune": prune, "classes": classes,
             "comparisons": comparisons}
+
+
+def _ice_maps(result: dict) -> dict:
+    """The map figures of an ICE run's ``done.json``, with its foreground share."""
+    measured = result["maps"]
+    val = result.get("train", {}).get("val", {})
+    return {"pixel_accuracy": measured["pixel_accuracy"], "miou": measured["miou"],
+            "map": measured["map"],
+            "jaccard": measured["jaccard"]["mask"] if "jaccard" in measured else None,
+            "fg_share": 100 * val["fg_fraction"] if "fg_fraction" in val else None}
+
+
+def _class_counts(stages: dict, scale: dict) -> dict:
+    """The class-count study: per class count, every lambda's maps (sorted by lambda), the rule's and
+    the literal value's runs, and generic attention on the same scenes."""
+    classes = {}
+    for num_classes in scale.get("class_counts") or ():
+        prefix = f"classes-{num_classes}-lambda-"
+        runs = [{"lambda": r["lambda"], "lambda_class": r["lambda_class"], **_ice_maps(r)}
+                for name, r in stages.items() if name.startswith(prefix)]
+        runs.sort(key=lambda r: r["lambda_class"])
+        generic = stages[f"classes-{num_classes}-generic"]["maps"]
+        classes[num_classes] = {
+            "runs": runs, "rule": next(r for r in runs if r["lambda"] == "auto"),
+            "literal": next(r for r in runs if r["lambda"] == "paper"),
+            "generic": {"pixel_accuracy": generic["pixel_accuracy"], "miou": generic["miou"],
+                        "jaccard": max(generic["jaccard"].values()) if generic.get("jaccard")
+                        else None}}
+    return classes
 
 
 def _claim(text: str, diff: float, paper: str, unit: str = " points", threshold: float = 0.0
@@ -117,12 +171,6 @@ def _number(x: Optional[float], digits: int = 2) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def _foreground_share(stages: dict, run: str) -> Optional[float]:
-    """Percent of patches an ICE run's head calls foreground on its validation images, or None."""
-    val = stages.get(f"explain-{run}", {}).get("train", {}).get("val", {})
-    return 100 * val["fg_fraction"] if "fg_fraction" in val else None
-
-
 def write_report(results: dict, out: str) -> str:
     """``out/results.json``, ``out/figures/*.png`` and ``out/REPORT.md``; returns the report path."""
     summary = summarize(results)
@@ -132,6 +180,8 @@ def write_report(results: dict, out: str) -> str:
     os.makedirs(figures, exist_ok=True)
     plot_accuracy(summary, scale, os.path.join(figures, "accuracy_vs_keep_rate.png"))
     plot_speed(summary, os.path.join(figures, "speedup_vs_gmacs.png"))
+    if summary["classes"]:
+        plot_class_counts(summary, os.path.join(figures, "miou_vs_lambda.png"))
     shutil.copyfile(results["stages"]["examples"]["figure"], os.path.join(figures, "examples.png"))
     write_json(os.path.join(out, "results.json"), results)
     path = os.path.join(out, "REPORT.md")
@@ -195,6 +245,12 @@ def render(results: dict) -> str:
                  f"EViT and the unpruned model, all from the same pretrained weights (ICE with a "
                  f"fresh head, as in the paper); top-1 by `train/evaluate.py accuracy` on one common "
                  f"validation set.")
+    lines.append(f"- ICE's loss, every ICE run unless a table names another: adversarial "
+                 f"normalization with alpha 0.5 and lambda from the class count "
+                 f"(`--lambda-class auto`, the default since the paper's 0.975 belongs to 1000 "
+                 f"classes): {auto_lambda(scale['num_classes']):.4f} for ICE and ICEv2-style, "
+                 f"{auto_lambda(scale['num_classes'], 0.99):.4f} for ICE-f at "
+                 f"{scale['num_classes']} classes.")
     if scale.get("note"):
         lines.append(f"- Note: {scale['note']}.")
     lines.append("")
@@ -214,7 +270,7 @@ def render(results: dict) -> str:
         ours, published = maps[name], TABLE1.get(name)
         lines.append(f"| {name} | {_number(ours['pixel_accuracy'])} | {_number(ours['miou'])} | "
                      f"{_number(ours['map'])} | {_number(ours['jaccard'])} | "
-                     f"{_number(_foreground_share(stages, name), 1)} | "
+                     f"{_number(ours.get('fg_share'), 1)} | "
                      f"{_number(published.pixel_accuracy if published else None)} | "
                      f"{_number(published.miou if published else None)} | "
                      f"{_number(paper_jaccard.get(name))} |")
@@ -229,20 +285,9 @@ def render(results: dict) -> str:
                  "exact method is not public. PM-style: the model's own classifier on every patch, "
                  "untrained on masks; the paper has no PM column.")
     lines.append("")
-    lines.append("## Ablation (paper Table 6)")
-    lines.append("")
-    lines.append("| run | pixel acc. | mIoU | Jaccard | foreground share | paper pixel acc. | "
-                 "paper mIoU | paper Jaccard |")
-    lines.append("|---|---|---|---|---|---|---|---|")
-    for run, label in (("ice", "ICE (alpha 0.5, lambda 0.975)"), ("ice-alpha1", "alpha 1.0"),
-                       ("ice-lambda0.5", "lambda 0.5"),
-                       ("ice-alpha1-lambda0.5", "alpha 1.0, lambda 0.5")):
-        ours, published = maps[run], TABLE6[run]
-        lines.append(f"| {label} | {_number(ours['pixel_accuracy'])} | {_number(ours['miou'])} | "
-                     f"{_number(ours['jaccard'])} | {_number(_foreground_share(stages, run), 1)} | "
-                     f"{published.pixel_accuracy:.2f} | {published.miou:.2f} | "
-                     f"{published.jaccard:.2f} |")
-    lines.append("")
+    lines.extend(_render_ablation(maps, scale["num_classes"]))
+    if summary["classes"]:
+        lines.extend(_render_class_counts(summary["classes"], scale["num_classes"]))
     lines.append("## Pruning (paper Table 5)")
     lines.append("")
     speed = stages["speed"]
@@ -287,6 +332,9 @@ def render(results: dict) -> str:
     lines.append("")
     lines.append("![speed-up vs GMACs](figures/speedup_vs_gmacs.png)")
     lines.append("")
+    if summary["classes"]:
+        lines.append("![mIoU vs lambda](figures/miou_vs_lambda.png)")
+        lines.append("")
     lines.append("## Stage times")
     lines.append("")
     lines.append("| stage | wall (s) |")
@@ -295,3 +343,56 @@ def render(results: dict) -> str:
         lines.append(f"| {name} | {result['wall_s']:.0f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _render_ablation(maps: dict, num_classes: int) -> list[str]:
+    """Table 6 two ways: the paper's settings as written, and balance-equivalent at this class count."""
+    lines = ["## Ablation (paper Table 6)", "",
+             f"Two ways. *As written*: the paper's alpha and lambda, tuned for 1000 classes. "
+             f"*Balance-equivalent*: the paper's alpha with the lambda that keeps each row's balance "
+             f"between the class and background phases, `R = (1 - lambda) alpha C / lambda`, at this "
+             f"run's C = {num_classes} (`auto_lambda(C, row lambda)`, ice_prune.loss), so the "
+             f"direction of the paper's ablation can be checked where its literal lambdas mean "
+             f"something else.", "",
+             "| row | as written: lambda | pixel acc. | mIoU | Jaccard | fg share | "
+             "balance-equivalent: lambda | pixel acc. | mIoU | Jaccard | fg share | paper pixel acc. "
+             "| paper mIoU | paper Jaccard |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row, (alpha, lam) in TABLE6_SETTINGS.items():
+        literal, balanced = maps[f"{row}-literal"], maps[row]
+        balanced_lambda = auto_lambda(num_classes, lam)
+        published = TABLE6[row]
+        lines.append(
+            f"| {ABLATION_LABELS[row]} | {lam:g} | {_number(literal['pixel_accuracy'])} | "
+            f"{_number(literal['miou'])} | {_number(literal['jaccard'])} | "
+            f"{_number(literal['fg_share'], 1)} | {balanced_lambda:.4f} | "
+            f"{_number(balanced['pixel_accuracy'])} | {_number(balanced['miou'])} | "
+            f"{_number(balanced['jaccard'])} | {_number(balanced['fg_share'], 1)} | "
+            f"{published.pixel_accuracy:.2f} | {published.miou:.2f} | {published.jaccard:.2f} |")
+    lines.append("")
+    return lines
+
+
+def _render_class_counts(classes: dict, pretrain_classes: int) -> list[str]:
+    """The class-count study: every lambda at every class count, the rule and generic attention."""
+    lines = ["## Lambda and the class count", "",
+             "ICE (`--variant ice`) trained from the same pretrained weights on SyntheticScenes with "
+             f"each class count (a new classifier where it differs from the pretraining's "
+             f"{pretrain_classes}), with "
+             "the paper's literal lambda 0.975, the class-count rule (`--lambda-class auto`) and a "
+             "sweep. Its maps explain the class ICE itself predicts (`--ice-target ice`: the new "
+             "classifier is untrained); generic attention is the pretrained model's, on the same "
+             "evaluation scenes. Fg share: the patches ICE's argmax calls foreground on its "
+             "validation images.", "",
+             "| classes | lambda | fg share | pixel acc. | mIoU | Jaccard |", "|---|---|---|---|---|---|"]
+    for num_classes, study in classes.items():
+        for r in study["runs"]:
+            name = {"auto": " (rule)", "paper": " (paper, literal)"}.get(r["lambda"], "")
+            lines.append(f"| {num_classes} | {r['lambda_class']:.3f}{name} | "
+                         f"{_number(r['fg_share'], 1)} | {_number(r['pixel_accuracy'])} | "
+                         f"{_number(r['miou'])} | {_number(r['jaccard'])} |")
+        generic = study["generic"]
+        lines.append(f"| {num_classes} | generic attention | | {_number(generic['pixel_accuracy'])} | "
+                     f"{_number(generic['miou'])} | {_number(generic['jaccard'])} |")
+    lines.append("")
+    return lines

@@ -25,6 +25,7 @@ from ice_prune import visualize
 from ice_prune.data import ImageNetSegmentation, SyntheticScenes
 from ice_prune.engine import CHECKPOINT, LOG, read_state_dict
 from ice_prune.head import HEAD_VARIANTS
+from ice_prune.loss import ICELoss, parse_lambda
 from ice_prune.maps import ice_explain, upsample
 from ice_prune.paper import TABLES
 
@@ -34,7 +35,7 @@ import explain
 import prune
 
 from .report import write_json, write_report
-from .scales import ABLATION, BASELINES, VARIANTS, Scale, TrainSpec
+from .scales import BASELINES, VARIANTS, Scale, TrainSpec, ablation_runs, class_count_runs
 
 DONE = "done.json"
 
@@ -46,15 +47,17 @@ COLUMN = {"ice": "ICE", "ice-f": "ICE-f", "icev2-style": "ICEv2-style"}
 # command lines of the train/ scripts
 
 
-def train_argv(scale: Scale, spec: TrainSpec, seed: int = 0) -> list[str]:
-    """Arguments shared by train/prune.py and train/explain.py for one run of ``spec``."""
+def train_argv(scale: Scale, spec: TrainSpec, seed: int = 0, num_classes: Optional[int] = None
+               ) -> list[str]:
+    """Arguments shared by train/prune.py and train/explain.py for one run of ``spec`` (on
+    SyntheticScenes with ``num_classes`` classes, default the scale's)."""
     argv = ["--model", scale.model, "--model-kwargs", scale.model_kwargs_json,
             "--img-size", str(scale.img_size), "--data", scale.train_data,
             "--epochs", str(spec.epochs), "--lr", str(spec.lr), "--batch-size", str(spec.batch_size),
             "--warmup-epochs", str(spec.warmup_epochs), "--drop-path", str(scale.drop_path),
             "--workers", str(scale.workers), "--seed", str(seed)]
     if scale.synthetic:
-        argv += ["--num-classes", str(scale.num_classes), "--synthetic-train",
+        argv += ["--num-classes", str(num_classes or scale.num_classes), "--synthetic-train",
                  str(spec.train_images), "--synthetic-val", str(spec.val_images),
                  "--synthetic-kwargs", json.dumps(scale.synthetic_kwargs)]
     if spec.min_lr is not None:
@@ -70,20 +73,22 @@ def train_argv(scale: Scale, spec: TrainSpec, seed: int = 0) -> list[str]:
     return argv
 
 
-def synthetic_eval_kwargs(scale: Scale) -> dict:
+def synthetic_eval_kwargs(scale: Scale, num_classes: Optional[int] = None) -> dict:
     """SyntheticScenes' evaluation images: the validation split, seed 0, the same for every model."""
-    return {**scale.synthetic_kwargs, "num_classes": scale.num_classes,
+    return {**scale.synthetic_kwargs, "num_classes": num_classes or scale.num_classes,
             "length": scale.eval_images or 500, "seed": 0}
 
 
-def eval_argv(scale: Scale, command: str, checkpoint: str, out: str) -> list[str]:
-    """train/evaluate.py ``explain`` / ``accuracy`` on the scale's evaluation data."""
+def eval_argv(scale: Scale, command: str, checkpoint: str, out: str,
+              num_classes: Optional[int] = None) -> list[str]:
+    """train/evaluate.py ``explain`` / ``accuracy`` on the scale's evaluation data (SyntheticScenes
+    with ``num_classes`` classes, default the scale's)."""
     data = scale.maps_data if command == "explain" else scale.accuracy_data
     argv = [command, "--data", data, "--checkpoint", checkpoint, "--model", scale.model,
             "--model-kwargs", scale.model_kwargs_json, "--img-size", str(scale.img_size),
             "--out", out, "--quiet", "--batch-size", "32"]
     if data == "synthetic":
-        argv += ["--data-kwargs", json.dumps(synthetic_eval_kwargs(scale))]
+        argv += ["--data-kwargs", json.dumps(synthetic_eval_kwargs(scale, num_classes))]
     elif scale.eval_images is not None:
         argv += ["--limit", str(scale.eval_images)]
     return argv
@@ -193,7 +198,8 @@ def _explain_stage(run: str) -> Callable[[Context, str], dict]:
 
     def fn(context: Context, out: str) -> dict:
         scale = context.scale
-        argv = ["--variant", variant, "--checkpoint", context.pretrained] + list(ABLATION.get(run, ()))
+        argv = (["--variant", variant, "--checkpoint", context.pretrained]
+                + list(ablation_runs(scale.num_classes).get(run, ())))
         record = train(explain, argv + train_argv(scale, scale.explain), out)
         maps = evaluate.main(eval_argv(scale, "explain", context.checkpoint(f"explain-{run}"),
                                        os.path.join(out, "eval")) + ["--methods", "ice"])
@@ -206,6 +212,49 @@ def _maps_baselines(context: Context, out: str) -> dict:
     maps = evaluate.main(eval_argv(context.scale, "explain", context.pretrained, out)
                          + ["--methods", ",".join(BASELINES)])
     return {"maps": maps["methods"], "images": maps["images"]}
+
+
+def class_count_name(num_classes: int, lambda_class: str) -> str:
+    return f"classes-{num_classes}-lambda-{lambda_class}"
+
+
+def resolved_lambda(num_classes: int, lambda_class: str) -> float:
+    """The class weight train/explain.py (--variant ice) uses for ``--lambda-class lambda_class``."""
+    return ICELoss("paper", parse_lambda(lambda_class)).resolved_lambda(num_classes)
+
+
+def _class_count_stage(num_classes: int, lambda_class: str) -> Callable[[Context, str], dict]:
+    """ICE on scenes of ``num_classes`` classes from the pretrained weights (a new classifier where
+    the class count differs from the pretraining's). Its maps explain the class ICE itself predicts
+    (``--ice-target ice``): the new classifier is untrained and explains nothing."""
+
+    def fn(context: Context, out: str) -> dict:
+        scale = context.scale
+        argv = ["--variant", "ice", "--checkpoint", context.pretrained,
+                "--lambda-class", lambda_class]
+        if num_classes != scale.num_classes:
+            argv.append("--reset-classifier")
+        record = train(explain, argv + train_argv(scale, scale.explain, num_classes=num_classes),
+                       out)
+        maps = evaluate.main(eval_argv(scale, "explain", os.path.join(out, CHECKPOINT),
+                                       os.path.join(out, "eval"), num_classes=num_classes)
+                             + ["--methods", "ice", "--ice-target", "ice"])
+        return {"num_classes": num_classes, "lambda": lambda_class,
+                "lambda_class": resolved_lambda(num_classes, lambda_class), "train": record,
+                "maps": maps["methods"]["ice"], "images": maps["images"]}
+    return fn
+
+
+def _class_count_baseline(num_classes: int) -> Callable[[Context, str], dict]:
+    """Generic attention (the best baseline map at the cpu scale) of the pretrained model on the
+    same scenes, for the class-count study's comparison."""
+
+    def fn(context: Context, out: str) -> dict:
+        maps = evaluate.main(eval_argv(context.scale, "explain", context.pretrained, out,
+                                       num_classes=num_classes) + ["--methods", "generic"])
+        return {"num_classes": num_classes, "maps": maps["methods"]["generic"],
+                "images": maps["images"]}
+    return fn
 
 
 def prune_name(method: str, rate: float, seed: int) -> str:
@@ -248,9 +297,11 @@ def _speed(context: Context, out: str) -> dict:
     scale = context.scale
     models = pruned_models(context, scale.seeds[0])
     size = (3, scale.img_size, scale.img_size)
-    benchmark = ice_prune.benchmark_models(models, size, batch_size=scale.bench_batch,
-                                           device=scale.device, reps=scale.bench_reps,
-                                           baseline="none-1", progress=True)
+    timed = {name: torch.compile(model) if scale.bench_compile else model
+             for name, model in models.items()}
+    benchmark = ice_prune.benchmark_models(timed, size, batch_size=scale.bench_batch,
+                                           device=scale.device, dtype=scale.bench_dtype,
+                                           reps=scale.bench_reps, baseline="none-1", progress=True)
     rows = {}
     for name, model in models.items():
         measured = benchmark[name]
@@ -260,6 +311,7 @@ def _speed(context: Context, out: str) -> dict:
                       "speedup": benchmark.speedup(name),
                       "paired_speedup": benchmark.paired_speedup(name)}
     return {"models": rows, "batch": scale.bench_batch, "reps": scale.bench_reps,
+            "compiled": scale.bench_compile, "dtype": scale.bench_dtype,
             "threads": torch.get_num_threads(), "device": _device_name(),
             "flops": "ice_prune.count_flops (fvcore with handles for attention and reorganize)",
             "benchmark": benchmark.to_dict()}
@@ -310,9 +362,15 @@ def plan(scale: Scale) -> list[Stage]:
     stages = []
     if scale.pretrain is not None:
         stages.append(Stage("pretrain", _pretrain, "pretrain"))
-    for run in VARIANTS + tuple(ABLATION):
+    for run in VARIANTS + tuple(ablation_runs(scale.num_classes)):
         stages.append(Stage(f"explain-{run}", _explain_stage(run), "explain"))
     stages.append(Stage("maps-baselines", _maps_baselines, "maps"))
+    for num_classes in scale.class_counts:
+        stages.append(Stage(f"classes-{num_classes}-generic", _class_count_baseline(num_classes),
+                            "classes"))
+    for num_classes, lambda_class in class_count_runs(scale):
+        stages.append(Stage(class_count_name(num_classes, lambda_class),
+                            _class_count_stage(num_classes, lambda_class), "classes"))
     for seed in scale.seeds:
         stages.append(Stage(prune_name("none", 1.0, seed), _prune_stage("none", 1.0, seed), "prune"))
         for rate in scale.keep_rates:
