@@ -84,14 +84,14 @@ def build_data(args) -> tuple[Dataset, Optional[Dataset], int]:
     from ice_prune.data import SyntheticScenes, build_imagefolder
 
     if args.data == "synthetic":
-        c = args.num_classes or 10
+        num_classes = args.num_classes or 10
         try:
             extra = json.loads(getattr(args, "synthetic_kwargs", "{}"))
         except json.JSONDecodeError as e:
             raise ValueError(f"--synthetic-kwargs is not JSON: {e}") from None
-        kw = dict(num_classes=c, img_size=args.img_size, seed=args.seed, **extra)
-        return (SyntheticScenes(length=args.synthetic_train, split="train", **kw),
-                SyntheticScenes(length=args.synthetic_val, split="val", **kw), c)
+        kwargs = dict(num_classes=num_classes, img_size=args.img_size, seed=args.seed, **extra)
+        return (SyntheticScenes(length=args.synthetic_train, split="train", **kwargs),
+                SyntheticScenes(length=args.synthetic_val, split="val", **kwargs), num_classes)
     if args.data.startswith("imagefolder:"):
         root = args.data.split(":", 1)[1]
         train_dir = os.path.join(root, "train")
@@ -99,10 +99,10 @@ def build_data(args) -> tuple[Dataset, Optional[Dataset], int]:
         train = build_imagefolder(train_dir if has_split else root, args.img_size, True)
         val_dir = os.path.join(root, "val")
         val = build_imagefolder(val_dir, args.img_size, False) if os.path.isdir(val_dir) else None
-        c = len(train.classes)
-        if args.num_classes is not None and args.num_classes != c:
-            raise ValueError(f"--num-classes {args.num_classes} but {root!r} has {c} class folders")
-        return train, val, c
+        num_classes = len(train.classes)
+        if args.num_classes is not None and args.num_classes != num_classes:
+            raise ValueError(f"--num-classes {args.num_classes} but {root!r} has {num_classes} class folders")
+        return train, val, num_classes
     raise ValueError(f"--data must be 'synthetic' or 'imagefolder:PATH', got {args.data!r}")
 
 

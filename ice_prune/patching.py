@@ -152,23 +152,23 @@ class ICEBlock:
                 is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("attention masks are not supported on a token-pruned ViT")
-        st, loc = self._ice, self._ice_loc
-        n = x.shape[1] - st.num_prefix
-        keep = keep_count(st.keep_rate[loc], n)
+        state, loc = self._ice, self._ice_loc
+        n = x.shape[1] - state.num_prefix
+        keep = keep_count(state.keep_rate[loc], n)
         if keep >= n:  # nothing to drop: exactly the original block
             return super().forward(x)
-        if st.selector.needs_cls_attn:
+        if state.selector.needs_cls_attn:
             y, cls_attn = attention_with_cls_row(self.attn, self.norm1(x))
         else:
             y, cls_attn = self.attn(self.norm1(x)), None
         x = x + self.drop_path1(self.ls1(y))
-        if st.placement == "attn":  # EViT: the MLP already runs on the reduced sequence
-            h = self.norm2(x) if st.selector.needs_head else None
-            x = st.select(x, h, cls_attn, keep, loc)
+        if state.placement == "attn":  # EViT: the MLP already runs on the reduced sequence
+            h = self.norm2(x) if state.selector.needs_head else None
+            x = state.select(x, h, cls_attn, keep, loc)
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         h = self.norm2(x)
         x = x + self.drop_path2(self.ls2(self.mlp(h)))
-        return st.select(x, h, cls_attn, keep, loc)
+        return state.select(x, h, cls_attn, keep, loc)
 
 
 _CLASSES: dict[tuple[type, type], type] = {}

@@ -13,7 +13,7 @@ from torch import nn
 
 import ice_prune
 
-from ice_prune import throughput as bm
+from ice_prune import throughput as timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_benchmark_structure():
     model = Recorder("m", log).train()
     m = ice_prune.benchmark(model, input_size=(1, 2, 2), batch_size=3, device="cpu", reps=4,
                             warmup=2)
-    assert isinstance(m, bm.Measurement) and m.batch_size == 3 and len(m.times) == 4
+    assert isinstance(m, timing.Measurement) and m.batch_size == 3 and len(m.times) == 4
     assert m.img_per_s == [3 / t for t in m.times]
     assert m.median == statistics.median(m.img_per_s) and m.best == max(m.img_per_s)
     assert len(log) == 6  # warm-up ran and was discarded
@@ -60,7 +60,7 @@ def test_autocast_dtype():
 def test_models_interleaved_and_rotated():
     log = []
     models = {n: Recorder(n, log) for n in ("a", "b", "c")}
-    run = bm.benchmark_models(models, (1, 2, 2), batch_size=2, device="cpu", reps=3, warmup=1)
+    run = timing.benchmark_models(models, (1, 2, 2), batch_size=2, device="cpu", reps=3, warmup=1)
     rounds = [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
     assert log == sum(rounds, []) == run.schedule
     assert all(len(run[n].times) == 3 for n in models)
@@ -69,12 +69,12 @@ def test_models_interleaved_and_rotated():
 
 def test_speedup_is_ratio_of_medians(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(bm.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
     log = []
     # warm-up (first value) discarded; timed seconds per batch of 2 images
     base = Recorder("base", log, clock, [100.0, 2.0, 4.0, 2.0])   # img/s 1, 0.5, 1   -> median 1
     fast = Recorder("fast", log, clock, [100.0, 1.0, 1.0, 3.0])   # img/s 2, 2, 2/3   -> median 2
-    run = bm.benchmark_models({"base": base, "fast": fast}, (1, 2, 2), batch_size=2, device="cpu",
+    run = timing.benchmark_models({"base": base, "fast": fast}, (1, 2, 2), batch_size=2, device="cpu",
                               reps=3, warmup=1)
     assert run["base"].times == [2.0, 4.0, 2.0]
     assert run["fast"].times == [1.0, 1.0, 3.0]
@@ -87,10 +87,10 @@ def test_speedup_is_ratio_of_medians(monkeypatch):
 
 def test_paired_speedup_pairs_each_repetition(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(bm.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
     base = Recorder("base", [], clock, [2.0, 4.0, 2.0])   # img/s 1, 0.5, 1     -> median 1
     slow = Recorder("slow", [], clock, [1.0, 2.0, 3.0])   # img/s 2, 1, 0.667   -> median 1
-    run = bm.benchmark_models({"base": base, "slow": slow}, (1, 2, 2), batch_size=2, device="cpu",
+    run = timing.benchmark_models({"base": base, "slow": slow}, (1, 2, 2), batch_size=2, device="cpu",
                               reps=3, warmup=0)
     assert run.speedup("slow") == 1.0
     assert run.paired_speedup("slow") == 2.0  # per repetition: 2/1, 4/2, 2/3
@@ -99,13 +99,13 @@ def test_paired_speedup_pairs_each_repetition(monkeypatch):
 def test_bad_arguments_name_the_fix():
     models = {"a": Recorder("a", [])}
     with pytest.raises(ValueError, match="baseline 'z'"):
-        bm.benchmark_models(models, (1, 2, 2), 1, "cpu", reps=1, warmup=0, baseline="z")
+        timing.benchmark_models(models, (1, 2, 2), 1, "cpu", reps=1, warmup=0, baseline="z")
     with pytest.raises(ValueError, match="unknown dtype"):
-        bm.benchmark_models(models, (1, 2, 2), 1, "cpu", dtype="int8", reps=1)
+        timing.benchmark_models(models, (1, 2, 2), 1, "cpu", dtype="int8", reps=1)
     with pytest.raises(ValueError, match="reps >= 1"):
-        bm.benchmark_models(models, (1, 2, 2), 1, "cpu", reps=0)
+        timing.benchmark_models(models, (1, 2, 2), 1, "cpu", reps=0)
     with pytest.raises(ValueError, match="on the CPU give a number"):
-        bm.max_batch_size(models, (1, 2, 2), device="cpu")
+        timing.max_batch_size(models, (1, 2, 2), device="cpu")
 
 
 @pytest.mark.parametrize("capacity", [1, 5, 37, 64, 100, 128, 1000, 8192, 10_000])
@@ -116,7 +116,7 @@ def test_find_max_batch_doubles_then_bisects(capacity):
         tried.append(b)
         return b <= capacity
 
-    assert bm.find_max_batch(fits, start=64, limit=8192) == min(capacity, 8192)
+    assert timing.find_max_batch(fits, start=64, limit=8192) == min(capacity, 8192)
     assert len(tried) <= 2 * 14  # doubling and bisection: logarithmic, not a scan
     if capacity >= 128:
         assert tried[:2] == [64, 128]
@@ -124,7 +124,7 @@ def test_find_max_batch_doubles_then_bisects(capacity):
 
 def test_find_max_batch_nothing_fits():
     with pytest.raises(RuntimeError, match="batch of 1"):
-        bm.find_max_batch(lambda b: False)
+        timing.find_max_batch(lambda b: False)
 
 
 def tiny_vit(**kw):

@@ -9,7 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 import ice_prune
 from ice_prune.head import ICEHead
 
-from ice_prune import maps as ex
+from ice_prune import maps
 
 C = 3  # classes
 
@@ -66,8 +66,8 @@ def test_reference_forward_matches_timm(model, images):
 def test_raw_attention(model, images):
     _, attns, _ = reference_forward(model, images)
     a = attns[-1].detach()
-    torch.testing.assert_close(ex.raw_attention(model, images), a.mean(1)[:, 0, 1:].reshape(2, 2, 2))
-    torch.testing.assert_close(ex.raw_attention(model, images, per_head=True),
+    torch.testing.assert_close(maps.raw_attention(model, images), a.mean(1)[:, 0, 1:].reshape(2, 2, 2))
+    torch.testing.assert_close(maps.raw_attention(model, images, per_head=True),
                                a[:, :, 0, 1:].reshape(2, 2, 2, 2))
 
 
@@ -76,7 +76,7 @@ def test_rollout_by_hand(model, images):
     eye = torch.eye(5)
     a0, a1 = (0.5 * a.detach().mean(1) + 0.5 * eye for a in attns)  # rows of A sum to 1
     expected = (a1 @ a0)[:, 0, 1:].reshape(2, 2, 2)
-    torch.testing.assert_close(ex.rollout(model, images), expected)
+    torch.testing.assert_close(maps.rollout(model, images), expected)
 
 
 def test_attention_gradcam(model, images):
@@ -84,7 +84,7 @@ def test_attention_gradcam(model, images):
     cam, g = attns[-1][:, :, 0, 1:], grads[-1][:, :, 0, 1:]          # [B, H, 4]
     w = g.mean(-1, keepdim=True)
     expected = torch.relu((cam * w).mean(1)).reshape(2, 2, 2)
-    torch.testing.assert_close(ex.attention_gradcam(model, images), expected)
+    torch.testing.assert_close(maps.attention_gradcam(model, images), expected)
 
 
 def test_generic_attention(model, images):
@@ -95,16 +95,16 @@ def test_generic_attention(model, images):
         for a, g in zip(attns, grads):
             R = R + torch.relu(g[b] * a[b]).mean(0) @ R
         expected.append(R[0, 1:].reshape(2, 2))
-    torch.testing.assert_close(ex.generic_attention(model, images), torch.stack(expected))
+    torch.testing.assert_close(maps.generic_attention(model, images), torch.stack(expected))
 
 
 def test_given_target_changes_gradient_maps(model, images):
     _, _, cls = grads_of_target(model, images)
     other = (cls + 1) % C
-    assert not torch.allclose(ex.generic_attention(model, images, target=other),
-                              ex.generic_attention(model, images))
+    assert not torch.allclose(maps.generic_attention(model, images, target=other),
+                              maps.generic_attention(model, images))
     with pytest.raises(ValueError, match="target"):
-        ex.attention_gradcam(model, images, target=C)
+        maps.attention_gradcam(model, images, target=C)
 
 
 def model_settings(model):
@@ -133,8 +133,8 @@ def test_model_left_as_it_was(model, images):
         before = model(images)
     settings = model_settings(model)
     assert settings["fused_attn"] == [False, True] and settings["keep_rate"] == 0.5
-    for method in ex.METHODS:
-        ex.explain(model, images, method)
+    for method in maps.METHODS:
+        maps.explain(model, images, method)
         assert model_settings(model) == settings, method
         calls.clear()
         with torch.no_grad():
@@ -146,8 +146,8 @@ def test_train_eval_mix_left_as_it_was(model, images):
     model.train()
     model.blocks[0].eval()  # a frozen block inside a model in training
     modes = {n: m.training for n, m in model.named_modules()}
-    for method in sorted(set(ex.METHODS) - {"ice"}):
-        ex.explain(model, images, method)
+    for method in sorted(set(maps.METHODS) - {"ice"}):
+        maps.explain(model, images, method)
         assert {n: m.training for n, m in model.named_modules()} == modes, method
 
 
@@ -157,7 +157,7 @@ def test_ice_explain(model, images):
         head.fc.weight.normal_()
     logits, _, tokens = reference_forward(model, images)
     z = head(tokens[:, 1:]).detach()                           # [B, 4, C+1]
-    e = ex.ice_explain(model, images, head=head)
+    e = maps.ice_explain(model, images, head=head)
     torch.testing.assert_close(e.patch_logits, z.transpose(1, 2).reshape(2, C + 1, 2, 2))
     assert torch.equal(e.target, logits.argmax(-1))
     p = z.softmax(-1)
@@ -165,7 +165,7 @@ def test_ice_explain(model, images):
     torch.testing.assert_close(e.class_map, expected)
     assert torch.equal(e.foreground, (z.argmax(-1) != C).reshape(2, 2, 2))
     assert torch.equal(e.prediction, z.argmax(-1).reshape(2, 2, 2))
-    torch.testing.assert_close(ex.explain(model, images, "ice", target=1, head=head),
+    torch.testing.assert_close(maps.explain(model, images, "ice", target=1, head=head),
                                p[:, :, 1].reshape(2, 2, 2))
 
 
@@ -173,21 +173,21 @@ def test_ice_head_from_a_patched_model_and_full_tokens(model, images):
     ice_prune.patch(model, keep_rate=0.5, method="ice", num_classes=C, locs=(1,))
     logits, _, tokens = reference_forward(model, images)  # the unpruned network
     z = model.ice_head(tokens[:, 1:]).detach()
-    e = ex.ice_explain(model, images)                  # runs with every token, keep_rate restored
+    e = maps.ice_explain(model, images)                  # runs with every token, keep_rate restored
     assert model.keep_rate == 0.5
     assert torch.equal(e.target, logits.argmax(-1))
     torch.testing.assert_close(e.patch_logits, z.transpose(1, 2).reshape(2, C + 1, 2, 2))
     # the baselines see every token too
-    torch.testing.assert_close(ex.raw_attention(model, images),
+    torch.testing.assert_close(maps.raw_attention(model, images),
                                reference_forward(model, images)[1][-1].detach().mean(1)[:, 0, 1:]
                                .reshape(2, 2, 2))
 
 
 def test_ice_explain_needs_a_head(model, images):
     with pytest.raises(ValueError, match="ice_head"):
-        ex.ice_explain(model, images)
+        maps.ice_explain(model, images)
     with pytest.raises(ValueError, match="target="):
-        ex.ice_explain(model, images, head=ICEHead(16, C + 2))
+        maps.ice_explain(model, images, head=ICEHead(16, C + 2))
 
 
 def test_pm_style_map(model, images):
@@ -195,36 +195,36 @@ def test_pm_style_map(model, images):
     patch_logits = model.head(model.norm(tokens[:, 1:])).detach()  # fc_norm is Identity here
     cls = logits.argmax(-1)
     expected = patch_logits.softmax(-1)[torch.arange(2), :, cls].reshape(2, 2, 2)
-    torch.testing.assert_close(ex.pm_style_map(model, images), expected)
+    torch.testing.assert_close(maps.pm_style_map(model, images), expected)
 
 
 def test_pm_style_loss_by_hand():
     # one image, two patches, two classes: P(class 0) = 3/4 on both
     logits = torch.log(torch.tensor([3.0, 1.0]))[None, :, None, None].expand(1, 2, 1, 2)
-    loss = ex.pm_style_loss(logits, torch.tensor([0]), torch.tensor([[[1.0, 0.0]]]))
+    loss = maps.pm_style_loss(logits, torch.tensor([0]), torch.tensor([[[1.0, 0.0]]]))
     expected = -(torch.log(torch.tensor(0.75)) + torch.log(torch.tensor(0.25))) / 2
     torch.testing.assert_close(loss, expected)
     with pytest.raises(ValueError, match="patch_masks"):
-        ex.pm_style_loss(logits, torch.tensor([0]), torch.ones(1, 2, 2))
+        maps.pm_style_loss(logits, torch.tensor([0]), torch.ones(1, 2, 2))
 
 
 def test_upsample_modes():
     m = torch.tensor([[[0.0, 1.0], [2.0, 3.0]]])
-    up = ex.upsample(m, (4, 4), mode="nearest")
+    up = maps.upsample(m, (4, 4), mode="nearest")
     assert torch.equal(up[0], torch.tensor([[0.0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]]))
     # bilinear, align_corners=False: pixel 1 of 4 samples source coordinate 0.25
-    assert ex.upsample(m, (4, 4))[0, 0, 1].item() == pytest.approx(0.25)
+    assert maps.upsample(m, (4, 4))[0, 0, 1].item() == pytest.approx(0.25)
     with pytest.raises(ValueError, match="unknown explanation method"):
-        ex.explain(None, m, "lrp")
+        maps.explain(None, m, "lrp")
 
 
 def test_every_method_runs_on_a_timm_model():
     m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, pretrained=False,
                           num_classes=5).eval()
     x = torch.randn(1, 3, 32, 32)
-    for name in ex.METHODS:
+    for name in maps.METHODS:
         kw = {"head": ICEHead(192, 5)} if name == "ice" else {}
-        out = ex.explain(m, x, name, size=(32, 32), **kw)
+        out = maps.explain(m, x, name, size=(32, 32), **kw)
         assert out.shape == (1, 32, 32) and torch.isfinite(out).all(), name
 
 
@@ -244,9 +244,9 @@ def test_ice_explain_can_explain_ices_own_prediction(model, images):
         fg = zn.argmax(-1) != C
         picked = zn[fg] if fg.any() else zn
         expected.append(int(picked.mean(0)[:C].argmax()))
-    e = ex.ice_explain(model, images, head=head, target="ice")
+    e = maps.ice_explain(model, images, head=head, target="ice")
     assert e.target.tolist() == expected
     p = z.softmax(-1)
     torch.testing.assert_close(e.class_map, p[torch.arange(2), :, e.target].reshape(2, 2, 2))
     with pytest.raises(ValueError, match="'ice' \\(ICE's own prediction\\)"):
-        ex.ice_explain(model, images, head=head, target="classifier")
+        maps.ice_explain(model, images, head=head, target="classifier")
