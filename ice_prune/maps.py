@@ -269,14 +269,22 @@ def ice_map(model: nn.Module, images: Tensor, target: Target = None,
     return ice_explain(model, images, head=head, target=target).class_map
 
 
+def pm_classify_patches(model: nn.Module, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """The model's own classifier (final ``norm``, ``fc_norm``, ``head_drop``, ``head``) applied to
+    every patch token of ``tokens [B, N, D]`` (the last block's output before the final norm, as
+    :func:`ice_prune.head.forward_with_tokens` gives it): ``[B, K, gh, gw]`` logits, with gradients
+    when the tokens have them (PM-style training, :class:`ice_prune.tasks.PMStyleTask`)."""
+    x = model.head(model.head_drop(model.fc_norm(model.norm(tokens[:, model.num_prefix_tokens:]))))
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], *grid)
+
+
 @torch.no_grad()
 def pm_patch_logits(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
     """``(logits [B, K], patch_logits [B, K, gh, gw])``: the model's own classifier (final norm,
-    ``fc_norm``, ``head``) applied to every patch token."""
+    ``fc_norm``, ``head``) applied to every patch token (:func:`pm_classify_patches`)."""
     with full_tokens(model):
         logits, tokens = forward_with_tokens(model, images)
-    x = model.head(model.head_drop(model.fc_norm(model.norm(tokens[:, model.num_prefix_tokens:]))))
-    return logits, x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], *patch_grid(model, images))
+    return logits, pm_classify_patches(model, tokens, patch_grid(model, images))
 
 
 def pm_style_map(model: nn.Module, images: Tensor, target: Target = None) -> Tensor:
@@ -288,8 +296,11 @@ def pm_style_map(model: nn.Module, images: Tensor, target: Target = None) -> Ten
     forward pass, class-dependent and probabilistic, no extra parameters, trained with little
     locality supervision (< 1% of ImageNet-1k, pseudo masks for WSOL). Not known: which layer's tokens
     and which normalization it reads, the loss, how masks enter training, and the threshold; what is
-    here is the parameter-free reading of that description. :func:`pm_style_loss` is one way to use
-    a few masks (our choice, not the paper's).
+    here is the parameter-free reading of that description (our choice: the last block's tokens
+    through the model's final norm and classifier, the classifier that reads [CLS]). Untrained, it
+    is the model as it is; ``train/pm.py`` (:class:`ice_prune.tasks.PMStyleTask`) trains it with
+    :func:`pm_style_loss` on a few masks. The map has no threshold: the evaluation protocols
+    binarize it as they do every map.
     """
     with eval_mode(model):
         logits, patch_logits = pm_patch_logits(model, images)
@@ -299,19 +310,28 @@ def pm_style_map(model: nn.Module, images: Tensor, target: Target = None) -> Ten
 
 
 def pm_style_loss(patch_logits: Tensor, labels: Tensor, patch_masks: Tensor) -> Tensor:
-    """Fine-tuning loss for the PM-style map from a few masks (our choice: the abstract gives none).
+    """The patch-level mask loss of PM-style training (our choice: the abstract gives none).
 
-    Binary cross-entropy between each patch's probability of the image class, ``[B, K, gh, gw]``
-    logits -> softmax, and the patch's foreground fraction ``patch_masks [B, gh, gw]`` in [0, 1].
-    Call it on logits computed with gradients (the model's head applied to the patch tokens).
+    Binary cross-entropy between each patch's probability of the image class ``p = softmax(z)[y]``
+    (``patch_logits [B, K, gh, gw]``, the quantity :func:`pm_style_map` reads) and the patch's
+    foreground fraction ``patch_masks [B, gh, gw]`` in [0, 1], averaged over the patches and images
+    given: ``-mean(m log p + (1 - m) log(1 - p))``. ``log(1 - p)`` is computed as ``logsumexp`` of the
+    other classes' logits minus that of all, finite however sure the patch is. Computed in float32.
+    So the map is trained to be what it is read as: the probability that the patch shows the class.
     """
     if patch_masks.shape != patch_logits.shape[:1] + patch_logits.shape[2:]:
         raise ValueError(f"patch_masks {tuple(patch_masks.shape)} must be [B, gh, gw] matching "
                          f"patch_logits {tuple(patch_logits.shape)}")
-    logp = patch_logits.log_softmax(1).gather(
-        1, labels[:, None, None, None].expand(-1, 1, *patch_logits.shape[2:]))[:, 0]
-    log1mp = torch.log1p(-logp.exp().clamp(max=1 - 1e-6))
-    return -(patch_masks * logp + (1 - patch_masks) * log1mp).mean()
+    if patch_logits.shape[1] < 2:
+        raise ValueError("pm_style_loss needs at least 2 classes: with one, every patch has "
+                         "probability 1 for it")
+    z = patch_logits.float()
+    index = labels[:, None, None, None].expand(-1, 1, *z.shape[2:])
+    log_all = z.logsumexp(1)
+    logp = z.gather(1, index)[:, 0] - log_all
+    log1mp = z.scatter(1, index, float("-inf")).logsumexp(1) - log_all
+    m = patch_masks.float()
+    return -(m * logp + (1 - m) * log1mp).mean()
 
 
 def upsample(maps: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
