@@ -1,20 +1,23 @@
 """What the training scripts compute per batch, and EViT's keep-rate schedule.
 
-:class:`ExplainTask` (``train/explain.py``) and :class:`PruneTask` (``train/prune.py``) give
-:func:`ice_prune.engine.fit` its ``step`` (loss and logged metrics of one batch) and ``eval``
-(metrics of one validation batch); :func:`keep_rate_schedule` the keep rate of a pruned model at
-each update.
+:class:`ExplainTask` (``train/explain.py``), :class:`PruneTask` (``train/prune.py``) and
+:class:`PMStyleTask` (``train/pm.py``) give :func:`ice_prune.engine.fit` its ``step`` (loss and
+logged metrics of one batch) and ``eval`` (metrics of one validation batch);
+:func:`keep_rate_schedule` the keep rate of a pruned model at each update.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ice_prune.data import MaskedTarget
 from ice_prune.engine import unwrap
+from ice_prune.head import ICEHead, forward_with_tokens
+from ice_prune.maps import ice_explain, patch_grid, pm_classify_patches, pm_style_loss
 from ice_prune.select import KeepRate, check_keep_rate
 
 def classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -83,6 +86,160 @@ class PruneTask:
         logits = model(images)
         return {"loss": classification_loss(logits, targets).item(),
                 "acc1": _topk_correct(logits, targets, 1), "acc5": _topk_correct(logits, targets, 5)}
+
+
+class PatchClassifier(nn.Module):
+    """A timm ViT as PM-style training sees it: ``forward(x) -> ([CLS] logits [B, K], patch logits
+    [B, K, gh, gw])`` from one forward pass, the patch logits being the model's own classifier on
+    every patch token (:func:`ice_prune.maps.pm_classify_patches`, what the ``pm-style`` map reads).
+
+    No parameter of its own: ``model.state_dict()`` keeps exactly timm's keys. It is the module the
+    training loop (and DistributedDataParallel) runs; checkpoints save ``model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits, tokens = forward_with_tokens(self.model, x)
+        return logits, pm_classify_patches(self.model, tokens, patch_grid(self.model, x))
+
+    def no_weight_decay(self) -> set[str]:
+        # the optimizer groups parameters by their names under this module
+        return {f"model.{k}" for k in self.model.no_weight_decay()}
+
+
+class ICEPseudoMasks:
+    """Pseudo masks from a trained ICE model: ``masks(images) -> [B, gh, gw]`` float, 1 on the
+    patches whose ICE argmax is not background (:func:`ice_prune.maps.ice_explain`'s
+    ``foreground``), computed without gradients on the images the step trains on.
+
+    :meth:`from_checkpoint` loads a ``train/explain.py`` checkpoint and checks that it fits the
+    model being trained (architecture, patch grid and class count)."""
+
+    def __init__(self, model: nn.Module, head: ICEHead) -> None:
+        self.model, self.head = model.eval(), head.eval()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str, student: nn.Module, model_name: str,
+                        model_kwargs: Optional[dict] = None) -> "ICEPseudoMasks":
+        """The ICE model of ``checkpoint`` built as ``model_name`` with ``model_kwargs`` (those of the
+        model being trained, ``student``); ValueError when it is another architecture, has no ICE
+        head, or another class count than ``student``'s classifier."""
+        from ice_prune.evaluation import load_explained_model
+
+        where = f"pseudo-mask checkpoint {checkpoint!r}"
+        try:
+            teacher, head = load_explained_model(model_name, checkpoint, **(model_kwargs or {}))
+        except ValueError as e:
+            raise ValueError(f"{where} is not a {model_name} like the model being trained "
+                             f"(another architecture): {e}") from None
+        if head is None:
+            raise ValueError(f"{where} has no ICE head (ice_head.* keys): give a train/explain.py "
+                             f"--variant ice checkpoint")
+        if head.num_classes != student.num_classes:
+            raise ValueError(f"{where} has an ICE head over {head.num_classes} classes, the model "
+                             f"being trained {student.num_classes}: its pseudo masks are for another "
+                             f"class count")
+        mine = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
+        if mine != theirs:
+            differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            raise ValueError(f"{where} is another architecture than the model being trained "
+                             f"(differing weights: {', '.join(differ[:5])})")
+        return cls(teacher, head)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> Tensor:
+        ref = next(self.model.parameters())
+        if ref.device != images.device:
+            self.model.to(images.device)
+            self.head.to(images.device)
+        # the foreground does not depend on the explained class: "ice" skips the classifier's check
+        return ice_explain(self.model, images, head=self.head, target="ice").foreground.float()
+
+
+class PMStyleTask:
+    """PM-style explanation training: the ViT's own classifier learns to read every patch.
+
+    What the PM paper's abstract states (Kang, Heo & Choe, Pattern Recognition Letters 2024): a
+    patch-level mask prediction from the ViT's features in one forward pass, no extra parameters,
+    fewer than 1% of the training images carry a mask, pseudo masks for weakly-supervised
+    localization. What it does not state, and what is therefore ours: the loss, the layer, the
+    weighting and the threshold. Here, per batch of a :class:`PatchClassifier` and targets
+    :class:`ice_prune.data.MaskedTarget`:
+
+    ``loss = CE([CLS] logits, labels) + mask_weight * pm_style_loss(patch logits of the masked
+    images, their labels, their patch masks)``
+
+    * cross-entropy on [CLS] for every image, with label ``smoothing`` as timm's ``Mixup`` applies
+      it with mixing off (the soft targets ``train/prune.py`` trains on), hard labels at 0;
+    * the mask loss (:func:`ice_prune.maps.pm_style_loss`, binary cross-entropy of each patch's
+      class probability against its foreground fraction) on the images that carry a mask only,
+      averaged over them, so its scale does not shrink with the mask fraction; a batch without a
+      masked image trains on cross-entropy alone, exactly plain fine-tuning;
+    * with ``pseudo_masks`` (e.g. :class:`ICEPseudoMasks`) the masked images' masks are made from the
+      images themselves and the dataset's are never read.
+
+    Logged per batch: ``ce``; ``mask_share`` (images with a mask / batch size) and
+    ``mask_loss_per_image`` (the mask loss summed over the masked images / batch size). Their epoch
+    means are the share of training images that carried a mask and, divided by each other, the mean
+    mask loss per masked image. Evaluation: ``ce``, ``acc1``, and ``mask_loss`` where the images have
+    masks.
+    """
+
+    def __init__(self, num_classes: int, mask_weight: float = 1.0, smoothing: float = 0.0,
+                 pseudo_masks: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+        if num_classes < 2:
+            raise ValueError(f"PM-style training needs at least 2 classes, got {num_classes}")
+        if not mask_weight >= 0:
+            raise ValueError(f"mask_weight must be >= 0, got {mask_weight}")
+        if not 0 <= smoothing < 1:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        self.num_classes, self.mask_weight, self.smoothing = num_classes, mask_weight, smoothing
+        self.pseudo_masks = pseudo_masks
+
+    def classification_targets(self, labels: Tensor) -> Tensor:
+        if not self.smoothing:
+            return labels
+        from timm.data.mixup import mixup_target
+
+        return mixup_target(labels, self.num_classes, 1.0, self.smoothing)
+
+    def masks(self, images: Tensor, targets: MaskedTarget) -> Tensor:
+        """The patch masks ``[M, gh, gw]`` of the batch's M masked images."""
+        chosen = targets.has_mask
+        if self.pseudo_masks is not None:
+            return self.pseudo_masks(images[chosen])
+        return targets.patch_mask[chosen]
+
+    def losses(self, model: nn.Module, images: Tensor, targets: MaskedTarget
+               ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``(loss, cross-entropy, mask loss or None)`` of a batch."""
+        labels, _, has_mask = targets
+        cls_logits, patch_logits = model(images)
+        ce = classification_loss(cls_logits, self.classification_targets(labels))
+        if not has_mask.any():
+            return ce, ce, None
+        mask_loss = pm_style_loss(patch_logits[has_mask], labels[has_mask],
+                                  self.masks(images, targets))
+        return ce + self.mask_weight * mask_loss, ce, mask_loss
+
+    def step(self, model: nn.Module, images: Tensor, targets: MaskedTarget):
+        loss, ce, mask_loss = self.losses(model, images, targets)
+        masked = int(targets.has_mask.sum())
+        total = 0.0 if mask_loss is None else mask_loss.item() * masked
+        return loss, {"ce": ce.item(), "mask_share": masked / images.shape[0],
+                      "mask_loss_per_image": total / images.shape[0]}
+
+    def eval(self, model: nn.Module, images: Tensor, targets: MaskedTarget) -> dict[str, float]:
+        labels, _, has_mask = targets
+        cls_logits, patch_logits = model(images)
+        out = {"ce": nn.functional.cross_entropy(cls_logits.float(), labels).item(),
+               "acc1": _topk_correct(cls_logits, labels, 1)}
+        if has_mask.all():
+            out["mask_loss"] = pm_style_loss(patch_logits, labels, self.masks(images, targets)).item()
+        return out
 
 
 def keep_rate_schedule(target: KeepRate, shrink_start: int = 0, shrink_epochs: int = 0,
