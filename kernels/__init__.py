@@ -1,15 +1,24 @@
-"""Token reorganization kernels, installed as ``ice_prune.kernels``.
+"""The library's kernels, installed as ``ice_prune.kernels``.
 
 ``reorganize`` is the step every selection point runs: from ``x [B, N, D]`` and one score per
 non-prefix token it writes ``[prefix, kept tokens, fused token]``. It is the torch op
 ``ice_prune::reorganize`` (``ops.py``), with Triton kernels on CUDA (``triton_reorganize.py``) and the
 plain-torch reference (``reference.py``) as the CPU path and the test oracle.
+
+``ice_score`` is ICE's foreground score ``1 - P(background)`` per token from the tokens and the head's
+weight, without the ``[B, n, C + 1]`` logits: the op ``ice_prune::ice_score``, one Triton kernel on CUDA
+(``triton_ice_score.py``) and a torch path chunked over classes (``reference.py``).
 """
-from .ops import KERNELS, reorganize, reorganize_macs, resolve_kernel
-from .reference import reorganize_backward_reference, reorganize_reference
+from .ops import (KERNELS, SCORE_KERNELS, ice_score, ice_score_macs, reorganize, reorganize_macs,
+                  resolve_kernel)
+from .reference import ice_score_reference, reorganize_backward_reference, reorganize_reference
 
 __all__ = [
     "KERNELS",
+    "SCORE_KERNELS",
+    "ice_score",
+    "ice_score_macs",
+    "ice_score_reference",
     "reorganize",
     "reorganize_backward_reference",
     "reorganize_macs",

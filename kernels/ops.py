@@ -1,10 +1,17 @@
-"""The reorganize step as the torch op ``ice_prune::reorganize``, with its kernels and FLOP formula.
+"""The library's torch ops, with their kernels and FLOP formulas.
+
+``ice_prune::reorganize``, the reorganize step:
 
 The op (``torch.library.custom_op``) has a fake implementation, so ``torch.compile(fullgraph=True)``
 traces through it, and an autograd formula that calls the op ``ice_prune::reorganize_backward``.
 Both dispatch by the ``kernel`` argument to a registry: ``"torch"`` (the plain-torch reference, the
 CPU path) and ``"triton"`` (the kernels in ``triton_reorganize.py``, on CUDA tensors, or on CPU
 tensors when the Triton interpreter is on). ``"auto"`` picks Triton for CUDA tensors.
+
+``ice_prune::ice_score``, the ICE foreground score without the logits: the same ``kernel`` choice
+between ``ice_score_reference`` (torch, chunked over classes) and ``triton_ice_score``; a fake
+implementation and a FLOP formula, no autograd formula (it serves inference; :func:`ice_score`
+refuses inputs that need a gradient).
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .reference import reorganize_backward_reference, reorganize_reference
+from .reference import ice_score_reference, reorganize_backward_reference, reorganize_reference
 
 
 class Kernel(NamedTuple):
@@ -28,14 +35,17 @@ class Kernel(NamedTuple):
 KERNELS: dict[str, Kernel] = {
     "torch": Kernel(reorganize_reference, reorganize_backward_reference, runs_on_cpu=True),
 }
+#: the ICE score's implementations, by the same names: ``(h, weight, bias, compute_dtype) -> scores``
+SCORE_KERNELS: dict[str, Callable[..., Tensor]] = {"torch": ice_score_reference}
 try:
-    from . import triton_reorganize
+    from . import triton_ice_score, triton_reorganize
 except ImportError:  # no Triton (CPU-only or macOS install): the torch kernel serves everything
-    triton_reorganize = None
+    triton_reorganize = triton_ice_score = None
 else:
     KERNELS["triton"] = Kernel(triton_reorganize.reorganize_triton,
                                triton_reorganize.reorganize_backward_triton,
                                runs_on_cpu=triton_reorganize.INTERPRETED)
+    SCORE_KERNELS["triton"] = triton_ice_score.ice_score_triton
 
 KERNEL_CHOICES = ("auto", "torch", "triton")
 
@@ -162,3 +172,90 @@ def reorganize(
         raise ValueError(f"x and scores must be on one device, got {x.device} and {scores.device}")
     kernel = resolve_kernel(kernel, x.device)
     return reorganize_op(x, scores, int(keep), int(num_prefix), bool(fuse), bool(normalize), kernel)
+
+
+#: dtypes the Triton ICE score computes in (fp64 goes to the torch kernel under ``"auto"``)
+TRITON_SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("ice_prune::ice_score", mutates_args=())
+def ice_score_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], compute_dtype: torch.dtype,
+                 kernel: str) -> Tensor:
+    """``[B, n]`` fp32 foreground scores; see :func:`ice_score`."""
+    return SCORE_KERNELS[resolve_kernel(kernel, h.device)](h, weight, bias, compute_dtype)
+
+
+@ice_score_op.register_fake
+def _ice_score_fake(h, weight, bias, compute_dtype, kernel):
+    return h.new_empty(h.shape[:2], dtype=torch.float32)
+
+
+def ice_score_macs(B: int, n: int, D: int, C: int) -> int:
+    """Multiply-adds of the ICE score of ``B x n`` tokens of width ``D`` under a head of ``C`` classes
+    plus background: the ``C + 1`` logits per token, as the linear layer it replaces counts them
+    (the exponentials, like every elementwise op, count zero)."""
+    return B * n * D * (C + 1)
+
+
+@register_flop_formula(torch.ops.ice_prune.ice_score)
+def _ice_score_flop(h_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    B, n, D = h_shape
+    return 2 * ice_score_macs(B, n, D, weight_shape[0] - 1)
+
+
+def ice_score(
+    h: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    kernel: str = "auto",
+) -> Tensor:
+    """ICE's foreground score ``1 - P(background)`` of every token through the op
+    ``ice_prune::ice_score``, without materializing the head's logits.
+
+    ``sigmoid(logsumexp_c(W_c h + b_c) - (w_bg . h + b_bg))`` over the image classes ``c < C``, the
+    background being the weight's last row: the value of
+    ``ice_prune.select.foreground_score(F.linear(h, weight, bias))``.
+
+    Args:
+        h: ``[B, n, D]`` tokens (any strides).
+        weight: ``[C + 1, D]`` the head's last linear layer, background last (``C >= 1``).
+        bias: ``[C + 1]`` or ``None``.
+        kernel: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``[B, n]`` fp32 scores. Inputs are rounded to the autocast dtype inside an autocast region
+        (as ``nn.Linear`` rounds them), else computed in their own dtype, with fp32 accumulation.
+
+    Inference only: there is no backward, and inputs that need a gradient raise; compute
+    ``foreground_score(head(h))`` there.
+    """
+    if h.dim() != 3:
+        raise ValueError(f"h must be [B, n, D] tokens, got shape {tuple(h.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != h.shape[2] or weight.shape[0] < 2:
+        raise ValueError(
+            f"weight must be [C + 1, D] = [classes + background, {h.shape[2]}] with C >= 1, got "
+            f"{tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be [C + 1] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    tensors = (h, weight) if bias is None else (h, weight, bias)
+    if not all(t.is_floating_point() for t in tensors):
+        raise TypeError(f"h, weight and bias must be floating point, got "
+                        f"{[t.dtype for t in tensors]}")
+    if any(t.device != h.device for t in tensors):
+        raise ValueError(f"h, weight and bias must be on one device, got "
+                         f"{[str(t.device) for t in tensors]}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(
+            "ice_score has no backward (it serves inference); where gradients are needed compute "
+            "ice_prune.select.foreground_score(head(h)), or call it under torch.no_grad()")
+    if torch.is_autocast_enabled(h.device.type):
+        compute_dtype = torch.get_autocast_dtype(h.device.type)
+    else:
+        compute_dtype = torch.promote_types(h.dtype, weight.dtype)
+    resolved = resolve_kernel(kernel, h.device)
+    if resolved == "triton" and compute_dtype not in TRITON_SCORE_DTYPES:
+        if kernel != "auto":
+            raise TypeError(f"kernel='triton' computes the ICE score in {TRITON_SCORE_DTYPES}, got "
+                            f"{compute_dtype}; use kernel='torch' or 'auto'")
+        resolved = "torch"
+    return ice_score_op(h, weight, bias, compute_dtype, resolved)

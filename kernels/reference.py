@@ -1,7 +1,11 @@
-"""Plain-torch reorganize step: the CPU path and the oracle for the Triton kernels."""
+"""Plain torch: the reorganize step and the fused ICE score, the CPU paths and the oracles for the
+Triton kernels."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Fusion weights are renormalized over the dropped tokens (ICE); a sum of near-zero scores must not
@@ -96,3 +100,53 @@ def reorganize_backward_reference(
         grad_scores.scatter_(1, dropped, a)
     grad_x[:, num_prefix:] = grad_tokens.to(x.dtype)
     return grad_x, grad_scores.to(scores.dtype)
+
+
+# The torch ICE score computes the logits of this many (token, class) pairs at a time, 16 MiB in fp32.
+ICE_SCORE_CHUNK = 1 << 22
+
+
+def ice_score_reference(
+    h: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+    chunk: int = ICE_SCORE_CHUNK,
+) -> Tensor:
+    """ICE's foreground score ``1 - P(background)`` per token, without the ``[B, n, C + 1]`` logits.
+
+    ``sigmoid(logsumexp_c(W_c h + b_c) - (w_bg . h + b_bg))`` for the image classes ``c < C`` and the
+    background row ``C`` (the last), with the logits of about ``chunk`` (token, class) pairs at a time
+    folded into a running logsumexp, so the extra memory stays bounded whatever ``C`` is.
+
+    Args:
+        h: ``[B, n, D]`` tokens.
+        weight: ``[C + 1, D]`` the head's (last) linear layer, background last.
+        bias: ``[C + 1]`` or ``None``.
+        compute_dtype: the inputs are rounded to it (as autocast rounds a linear layer's inputs), then
+            multiplied and summed in fp32; default the promoted dtype of ``h`` and ``weight``.
+        chunk: (token, class) pairs per chunk of logits.
+
+    Returns:
+        ``[B, n]`` fp32 scores.
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.promote_types(h.dtype, weight.dtype)
+    C = weight.shape[0] - 1
+
+    def rounded(t: Tensor) -> Tensor:
+        return t.to(compute_dtype).float()
+
+    # explicit dtypes: an autocast region around the call must not recast the fp32 arithmetic
+    with torch.autocast(h.device.type, enabled=False):
+        x, w = rounded(h), rounded(weight)
+        b = None if bias is None else rounded(bias)
+        tokens = max(1, x.shape[0] * x.shape[1])
+        step = max(1, chunk // tokens)
+        lse = None
+        for c0 in range(0, C, step):
+            c1 = min(c0 + step, C)
+            part = F.linear(x, w[c0:c1], None if b is None else b[c0:c1]).logsumexp(dim=-1)
+            lse = part if lse is None else torch.logaddexp(lse, part)
+        background = F.linear(x, w[C:], None if b is None else b[C:])[..., 0]
+        return torch.sigmoid(lse - background)

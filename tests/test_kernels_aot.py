@@ -1,4 +1,5 @@
-"""The Triton kernels compile for a Hopper GPU (sm_90) ahead of time, without a GPU.
+"""The Triton kernels (reorganize and the fused ICE score) compile for a Hopper GPU (sm_90) ahead of
+time, without a GPU.
 
 The interpreter runs the kernels' Python semantics but not Triton's compiler, so a kernel can pass
 every CPU test and still fail to compile on a GPU. Triton ships ptxas, so compiling to a cubin for
@@ -62,3 +63,52 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "compiled 26" in res.stdout
+
+
+ICE_SCORE_SCRIPT = textwrap.dedent('''
+    import itertools
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from ice_prune.kernels import triton_ice_score as S
+
+    target = GPUTarget("cuda", 90, 32)
+    # the launcher's configuration: tiles, warps, pipeline stages
+    consts = {"UPCAST": False, "BLOCK_T": S._BLOCK_T, "BLOCK_C": S._BLOCK_C, "BLOCK_D": S._BLOCK_D}
+    options = {"num_warps": S._NUM_WARPS, "num_stages": S._NUM_STAGES}
+    ints = ("T", "n", "C", "D", "stride_hb", "stride_hn", "stride_hd", "stride_wc", "stride_wd",
+            "stride_bias")
+    flags = ("HAS_BIAS", "COMPUTE", "UPCAST", "INPUT_PRECISION", "BLOCK_T", "BLOCK_C", "BLOCK_D")
+    # (stored dtype, compute dtype, fp32 dot precision): bf16 / fp16 models, fp32 under autocast,
+    # plain fp32 with and without TF32
+    cases = [("bf16", "bf16", "tf32"), ("fp16", "fp16", "tf32"), ("fp32", "bf16", "tf32"),
+             ("fp32", "fp16", "tf32"), ("fp32", "fp32", "ieee"), ("fp32", "fp32", "tf32")]
+    dtypes = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+    compiled = 0
+    for (dt, compute, precision), bias in itertools.product(cases, (False, True)):
+        sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "out_ptr": "*fp32",
+               **{k: "i32" for k in ints}, **{f: "constexpr" for f in flags}}
+        flag_values = {**consts, "HAS_BIAS": bias, "COMPUTE": dtypes[compute],
+                       "INPUT_PRECISION": precision}
+        kernel = triton.compile(
+            ASTSource(fn=S._ice_score_kernel, signature=sig, constexprs=flag_values),
+            target=target, options=options)
+        assert len(kernel.asm["cubin"]) > 0
+        # an H100 block has at most 227 KiB of shared memory
+        assert kernel.metadata.shared <= 227 * 1024, (dt, compute, kernel.metadata.shared)
+        # bf16 / fp16 dots run on Hopper's tensor cores (warp-group MMA)
+        if compute != "fp32":
+            assert "wgmma" in kernel.asm["ptx"], (dt, compute)
+        compiled += 1
+    print("compiled", compiled)
+''')
+
+
+def test_ice_score_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    res = subprocess.run([sys.executable, "-c", ICE_SCORE_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "compiled 12" in res.stdout
