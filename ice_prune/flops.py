@@ -1,10 +1,11 @@
 """Multiply-add (MAC) counting for ViTs, patched or not: fvcore with the handles it lacks.
 
 fvcore, the counter behind the GMACs that DeiT, EViT and ICE report, skips scaled-dot-product
-attention (DeiT-S: 4.25 instead of 4.60 GMACs) and does not know the library's ``ice_prune::reorganize``
-op. This module registers handles for both, counts index work (argsort, topk, gather) as zero, counts
+attention (DeiT-S: 4.25 instead of 4.60 GMACs) and does not know the library's ops
+``ice_prune::reorganize`` and ``ice_prune::ice_score``. This module registers handles for them, counts index work (argsort, topk, gather) as zero, counts
 a two-operand einsum exactly, and keeps fvcore's other defaults (linear, conv, norms), so a patched
-model's count includes its ICE head (an ``aten::linear``) and EViT's extra [CLS] attention row.
+model's count includes its ICE head (an ``aten::linear``, or in eval the fused score, counted as the
+linear layer it replaces) and EViT's extra [CLS] attention row.
 
 A second counter, ``torch.utils.flop_counter.FlopCounterMode`` given the same formulas, counts at the
 dispatcher instead of a JIT trace; it reports FLOPs = 2 x MACs, halved here. The two agree exactly on
@@ -22,7 +23,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ice_prune.kernels import reorganize_macs
+from ice_prune.kernels import ice_score_macs, reorganize_macs
 
 # aten names the JIT tracer records for scaled-dot-product attention, on CPU and CUDA
 SDPA_OPS = (
@@ -35,6 +36,7 @@ SDPA_OPS = (
 #: index work: no multiply-adds
 ZERO_OPS = ("aten::topk", "aten::argsort", "aten::sort", "aten::gather", "aten::take_along_dim")
 REORGANIZE_OP = "ice_prune::reorganize"
+ICE_SCORE_OP = "ice_prune::ice_score"
 
 
 def sdpa_macs(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
@@ -76,6 +78,12 @@ def _reorganize_flop_jit(inputs: list, outputs: list) -> int:
     return reorganize_macs(B, _shape(inputs[1])[1], D, int(keep), bool(fuse))
 
 
+def _ice_score_flop_jit(inputs: list, outputs: list) -> int:
+    # schema: ice_score(Tensor h, Tensor weight, Tensor? bias, ScalarType compute_dtype, str kernel)
+    B, n, D = _shape(inputs[0])
+    return ice_score_macs(B, n, D, _shape(inputs[1])[0] - 1)
+
+
 def _einsum_flop_jit(inputs: list, outputs: list) -> int:
     from fvcore.nn.jit_handles import einsum_flop_jit
     equation = inputs[0].toIValue()
@@ -90,6 +98,7 @@ def fvcore_handles() -> dict[str, Optional[Callable]]:
     handles: dict[str, Optional[Callable]] = {name: _sdpa_flop_jit for name in SDPA_OPS}
     handles.update({name: None for name in ZERO_OPS})
     handles[REORGANIZE_OP] = _reorganize_flop_jit
+    handles[ICE_SCORE_OP] = _ice_score_flop_jit
     handles["aten::einsum"] = _einsum_flop_jit
     return handles
 
@@ -118,8 +127,8 @@ def _layer_norm_flop(input, normalized_shape, weight=None, *args, out_shape=None
 
 def torch_formulas() -> dict:
     """Formulas :func:`count_flops` with ``counter="torch"`` adds to FlopCounterMode's registry:
-    the CPU flash attention it lacks and layer norm (as fvcore counts it). The reorganize op
-    registers its own formula (``ice_prune.kernels``)."""
+    the CPU flash attention it lacks and layer norm (as fvcore counts it). The library's ops
+    register their own formulas (``ice_prune.kernels``)."""
     aten = torch.ops.aten
     return {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flop,
             aten.native_layer_norm: _layer_norm_flop}

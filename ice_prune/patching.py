@@ -60,7 +60,8 @@ class ICEState:
     def select(self, x: Tensor, h: Optional[Tensor], cls_attn: Optional[Tensor], keep: int,
                loc: int) -> Tensor:
         head = self.heads[loc] if self.heads is not None else None
-        scores, logits = self.selector.scores(cls_attn, h, head, self.num_prefix)
+        scores, logits = self.selector.scores(cls_attn, h, head, self.num_prefix,
+                                              logits_needed=self.record_logits, kernel=self.kernel)
         if logits is not None and self.record_logits:
             self.logits.append(logits)
         out, order = reorganize(x, scores, keep, self.num_prefix, self.fuse,
@@ -267,8 +268,9 @@ def patch(
             or one ``"per_location"``.
         num_classes: ICE only: image classes of the head (background is added); default the model's.
         trace: record per selection point which patches were kept and fused (``model.ice_trace``).
-        kernel: reorganize kernel: ``"auto"`` (Triton on CUDA tensors, torch otherwise),
-            ``"triton"`` or ``"torch"``.
+        kernel: the kernels of the reorganize step and of ICE's fused score (eval without
+            trace): ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or
+            ``"torch"``.
     """
     if not isinstance(model, VisionTransformer):
         raise TypeError(

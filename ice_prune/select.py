@@ -6,7 +6,10 @@ A selector turns what a block has already computed into one score per non-prefix
   computed as one extra softmax row beside timm's fused attention. Dropped tokens are fused as their
   attention-weighted sum, not renormalized.
 * ``ice``: ``1 - P(background)`` under the ICE head applied to the tokens the MLP reads (the block's
-  ``norm2`` output). Dropped tokens are fused as their score-weighted mean.
+  ``norm2`` output). Dropped tokens are fused as their score-weighted mean. Where nothing needs the
+  head's logits (no training loss, no trace, no gradient) the score comes from the fused op
+  ``ice_prune::ice_score``, which never writes the ``[B, n, C + 1]`` logits
+  (:func:`fused_foreground_score`).
 
 New selectors register with :func:`register_selector`; ``patch(method=...)`` looks them up here.
 The keep/fuse step the scores feed is the ``ice_prune::reorganize`` op in :mod:`ice_prune.kernels`;
@@ -21,6 +24,9 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+
+from ice_prune.head import ICEHead
+from ice_prune.kernels import ice_score
 
 SELECTORS: dict[str, type["Selector"]] = {}
 
@@ -49,8 +55,14 @@ class Selector(abc.ABC):
 
     @abc.abstractmethod
     def scores(self, cls_attn: Optional[Tensor], h: Tensor, head: Optional[nn.Module],
-               num_prefix: int) -> tuple[Tensor, Optional[Tensor]]:
-        """Return ``(scores [B, n], head logits [B, n, C+1] or None)`` for the non-prefix tokens."""
+               num_prefix: int, logits_needed: bool = True,
+               kernel: str = "auto") -> tuple[Tensor, Optional[Tensor]]:
+        """Return ``(scores [B, n], head logits [B, n, C+1] or None)`` for the non-prefix tokens.
+
+        ``logits_needed``: the caller keeps the logits (the training loss, a trace); without it a
+        selector may skip computing them. ``kernel``: the patch's kernel choice, for selectors
+        that run one of the library's ops.
+        """
 
 
 @register_selector("evit")
@@ -58,7 +70,7 @@ class EViTSelector(Selector):
     needs_cls_attn = True
     normalize = False
 
-    def scores(self, cls_attn, h, head, num_prefix):
+    def scores(self, cls_attn, h, head, num_prefix, logits_needed=True, kernel="auto"):
         return cls_attn[:, num_prefix:], None
 
 
@@ -67,8 +79,13 @@ class ICESelector(Selector):
     needs_head = True
     normalize = True
 
-    def scores(self, cls_attn, h, head, num_prefix):
-        logits = head(h[:, num_prefix:])
+    def scores(self, cls_attn, h, head, num_prefix, logits_needed=True, kernel="auto"):
+        tokens = h[:, num_prefix:]
+        if not logits_needed:
+            scores = fused_foreground_score(head, tokens, kernel)
+            if scores is not None:
+                return scores, None
+        logits = head(tokens)
         return foreground_score(logits), logits
 
 
@@ -79,6 +96,33 @@ def foreground_score(logits: Tensor) -> Tensor:
     ``p_bg`` rounds to 1.
     """
     return torch.sigmoid(torch.logsumexp(logits[..., :-1], dim=-1) - logits[..., -1])
+
+
+def fused_foreground_score(head: nn.Module, tokens: Tensor, kernel: str = "auto") -> Optional[Tensor]:
+    """:func:`foreground_score` of ``head(tokens)`` through the fused op ``ice_prune::ice_score``
+    (fp32 scores, no ``[B, n, C + 1]`` logits), or ``None`` where the op does not apply.
+
+    It applies to an :class:`~ice_prune.head.ICEHead`, an ``nn.Linear`` or an ``nn.Sequential``
+    ending in one, whose output is the ``C + 1`` logits. An MLP head runs its first layers in torch
+    and fuses the last linear layer (the hidden activations are computed either way; the logits and their
+    logsumexp are what the op saves). ``None`` for any other module (its forward may do anything)
+    and where a gradient is needed (the op has no backward): the caller computes the logits.
+    """
+    if torch.is_grad_enabled() and (tokens.requires_grad
+                                    or any(p.requires_grad for p in head.parameters())):
+        return None
+    fc = head.fc if isinstance(head, ICEHead) and type(head).forward is ICEHead.forward else head
+    if isinstance(fc, nn.Linear):
+        layers, last = (), fc
+    elif type(fc) is nn.Sequential and len(fc) > 0:
+        layers, last = tuple(fc)[:-1], fc[-1]
+    else:
+        return None
+    if not isinstance(last, nn.Linear) or type(last).forward is not nn.Linear.forward:
+        return None
+    for layer in layers:
+        tokens = layer(tokens)
+    return ice_score(tokens, last.weight, last.bias, kernel)
 
 
 def keep_count(keep_rate: float, n: int) -> int:

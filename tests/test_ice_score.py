@@ -1,0 +1,361 @@
+"""The fused ICE score ``ice_prune::ice_score``: both kernels (the Triton one interpreted on CPU) against
+an fp64 oracle written here, its op registration and FLOP counts, and its use by the ICE selector in a
+patched model (same output and same kept tokens as the logits path, under torch.compile too)."""
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import ice_prune
+import ice_prune.patching
+import ice_prune.select
+from ice_prune import flops
+from ice_prune.head import ICEHead
+from ice_prune.kernels import ice_score, ice_score_macs, ice_score_reference
+from ice_prune.select import foreground_score, fused_foreground_score
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KERNEL_NAMES = ("torch", "triton")
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def oracle(h, weight, bias=None):
+    """``1 - softmax(logits)[..., -1]`` in float64, and the bound on an fp32-accumulated kernel's
+    error: ``D eps sum_d |h_d w_cd|`` for a logit (the worst-case error of an fp32 dot product of
+    length D), a few eps of ``|logsumexp - background|`` for the exp / log, times the sigmoid's
+    slope (at most 1/4) and 2 (the logsumexp and the background logit each carry one error)."""
+    h, weight = h.detach().cpu().double(), weight.detach().cpu().double()
+    logits = h @ weight.T
+    magnitude = h.abs() @ weight.abs().T
+    if bias is not None:
+        logits = logits + bias.detach().cpu().double()
+        magnitude = magnitude + bias.detach().cpu().double().abs()
+    score = 1 - logits.softmax(dim=-1)[..., -1]
+    margin = (logits[..., :-1].logsumexp(dim=-1) - logits[..., -1]).abs()
+    D = h.shape[-1]
+    tol = 0.5 * (D * EPS32 * magnitude.amax(dim=-1) + 8 * EPS32 * margin) + 1e-7
+    return score, tol
+
+
+def check(scores, expected, tol):
+    assert scores.dtype == torch.float32 and scores.shape == expected.shape
+    assert torch.isfinite(scores).all() and (scores >= 0).all() and (scores <= 1).all()
+    err = (scores.cpu().double() - expected).abs()
+    assert (err <= tol).all(), f"max error {err.max():.3g}, worst error / bound {(err / tol).max():.3g}"
+
+
+def random_head(C, D, scale=3.0, bias=False):
+    """A head whose logits have standard deviation about ``scale`` on unit tokens, so the scores
+    spread over (0, 1) instead of saturating."""
+    weight = torch.randn(C + 1, D, device=DEVICE) * scale / D ** 0.5
+    return weight, (torch.randn(C + 1, device=DEVICE) if bias else None)
+
+
+# C = 127 fills one class tile of 128 with the background, C = 128 leaves the background alone in a
+# last tile, C = 1000 is ImageNet's 1001 rows (7 full tiles and a ragged one); n and D are ragged
+# against 64-wide token and channel tiles
+SHAPES = [(2, 5, 8, 1), (2, 37, 70, 10), (1, 65, 40, 127), (3, 17, 33, 128), (2, 40, 96, 1000)]
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("B,n,D,C", SHAPES)
+@pytest.mark.parametrize("bias", (False, True))
+def test_matches_fp64_oracle(kernel, B, n, D, C, bias):
+    h = torch.randn(B, n, D, device=DEVICE)
+    weight, b = random_head(C, D, bias=bias)
+    check(ice_score(h, weight, b, kernel=kernel), *oracle(h, weight, b))
+
+
+@pytest.mark.parametrize("chunk", (1, 7, 40 * 13))
+def test_torch_path_chunked_over_classes(chunk):
+    """The running logsumexp over chunks of (token, class) pairs: one class per chunk, a chunk that
+    splits the classes raggedly, 13 classes at a time."""
+    h = torch.randn(2, 20, 24, device=DEVICE)
+    weight, b = random_head(100, 24, bias=True)
+    check(ice_score_reference(h, weight, b, chunk=chunk), *oracle(h, weight, b))
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("C", (10, 1000))
+def test_half_precision_inputs(kernel, dtype, C):
+    """bf16 / fp16 tokens and weight: products of two such numbers are exact in fp32, so both kernels
+    are within the fp32 bound of the fp64 score of the very inputs they got; against the score of the
+    fp32 values before rounding they differ by the rounding of the inputs, which we bound loosely."""
+    h = torch.randn(2, 37, 70, device=DEVICE)
+    weight, _ = random_head(C, 70)
+    h16, w16 = h.to(dtype), weight.to(dtype)
+    scores = ice_score(h16, w16, kernel=kernel)
+    check(scores, *oracle(h16, w16))
+    unrounded, _ = oracle(h, weight)
+    # relative input rounding u (bf16 2^-8, fp16 2^-11): a logit moves by at most 2u sum|h_d w_d|
+    u = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
+    magnitude = (h.abs() @ weight.abs().T).amax(dim=-1).cpu().double()
+    assert ((scores.cpu().double() - unrounded).abs() <= 0.5 * 2 * u * magnitude + 1e-6).all()
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+def test_autocast_rounds_inputs_like_a_linear_layer(kernel):
+    h = torch.randn(2, 21, 40, device=DEVICE)
+    weight, b = random_head(50, 40, bias=True)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        scores = ice_score(h, weight, b, kernel=kernel)
+    expected = ice_score(h.bfloat16(), weight.bfloat16(), b.bfloat16(), kernel=kernel)
+    torch.testing.assert_close(scores, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("C", (1, 10, 1000))
+def test_extreme_logits_do_not_overflow(kernel, C):
+    """Logits of order 1e4: exp would overflow fp32 without the running max; scores saturate to 0
+    or 1 or sit in between, never NaN. A zero token has all logits 0: score C / (C + 1)."""
+    D = 48
+    h = torch.randn(3, 19, D, device=DEVICE)
+    h[0, 0] = 0
+    weight = torch.randn(C + 1, D, device=DEVICE) * 1e4 / D ** 0.5
+    weight[-1] *= 4  # a background logit that beats the max of 1000 class logits on some tokens
+    scores = ice_score(h, weight, kernel=kernel)
+    expected, tol = oracle(h, weight)
+    check(scores, expected, tol)
+    assert (expected < 1e-30).any() and (expected > 1 - 1e-12).any()  # both tails are exercised
+    # far from the boundary (|logsumexp - background| > 100, beyond any rounding) saturation is exact
+    logits = h.cpu().double() @ weight.cpu().double().T
+    far = (logits[..., :-1].logsumexp(dim=-1) - logits[..., -1]).abs() > 100
+    assert far.float().mean() > 0.5
+    assert ((scores.cpu().double() - expected).abs()[far] < 1e-30).all()
+    assert scores[0, 0].item() == pytest.approx(C / (C + 1), rel=1e-6)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("C", (1, 10, 1000))
+def test_tied_logits(kernel, C):
+    """Every class row equal: logsumexp is ``z + log C``. With the background row equal too the score is
+    exactly C / (C + 1) for every token; with another background row it is sigmoid(log C + (w - v).h)."""
+    D = 36
+    h = torch.randn(2, 23, D, device=DEVICE)
+    w = torch.randn(D, device=DEVICE) / D ** 0.5
+    weight = w.expand(C + 1, D).contiguous()
+    scores = ice_score(h, weight, kernel=kernel)
+    torch.testing.assert_close(scores, torch.full_like(scores, C / (C + 1)), rtol=4 * EPS32, atol=0)
+    weight[-1] = torch.randn(D, device=DEVICE) / D ** 0.5
+    scores = ice_score(h, weight, kernel=kernel)
+    check(scores, *oracle(h, weight))
+    expected = torch.sigmoid(torch.log(torch.tensor(float(C), dtype=torch.float64))
+                             + (h.cpu().double() @ (w - weight[-1]).cpu().double()))
+    torch.testing.assert_close(scores.cpu().double(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+def test_strided_tokens_and_weight(kernel):
+    """The selector passes ``h[:, num_prefix:]``, a view; a transposed weight is read in place too."""
+    full = torch.randn(2, 1 + 30, 40, device=DEVICE)
+    h = full[:, 1:]
+    weight_t = torch.randn(40, 11, device=DEVICE) * 3 / 40 ** 0.5
+    weight = weight_t.T  # [C + 1, D] with unit stride over classes
+    channels_last = h.transpose(1, 2).contiguous().transpose(1, 2)
+    expected = oracle(h, weight)
+    for tokens in (h, channels_last):
+        check(ice_score(tokens, weight, kernel=kernel), *expected)
+
+
+def test_kernels_agree_with_the_logits_path():
+    h = torch.randn(3, 50, 64, device=DEVICE)
+    weight, b = random_head(1000, 64, bias=True)
+    unfused = foreground_score(nn.functional.linear(h, weight, b))
+    for kernel in KERNEL_NAMES:
+        torch.testing.assert_close(ice_score(h, weight, b, kernel=kernel), unfused,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_empty_batch():
+    weight, _ = random_head(10, 16)
+    for kernel in KERNEL_NAMES:
+        assert ice_score(torch.randn(0, 5, 16, device=DEVICE), weight, kernel=kernel).shape == (0, 5)
+
+
+def test_refuses_gradients_and_bad_input():
+    h = torch.randn(2, 5, 8, device=DEVICE)
+    weight, _ = random_head(3, 8)
+    with pytest.raises(RuntimeError, match="no backward"):
+        ice_score(h.clone().requires_grad_(), weight)
+    with pytest.raises(RuntimeError, match="no backward"):
+        ice_score(h, weight.clone().requires_grad_())
+    with torch.no_grad():  # fine without a graph
+        ice_score(h, weight.clone().requires_grad_())
+    with pytest.raises(ValueError, match=r"h must be \[B, n, D\]"):
+        ice_score(h[0], weight)
+    with pytest.raises(ValueError, match=r"weight must be \[C \+ 1, D\]"):
+        ice_score(h, weight[:, :4])
+    with pytest.raises(ValueError, match=r"C >= 1"):
+        ice_score(h, weight[:1])
+    with pytest.raises(ValueError, match=r"bias must be \[C \+ 1\]"):
+        ice_score(h, weight, torch.zeros(3, device=DEVICE))
+    with pytest.raises(TypeError, match="floating point"):
+        ice_score(h.long(), weight)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        ice_score(h, weight, kernel="cuda")
+    with pytest.raises(TypeError, match="kernel='triton' computes"):
+        ice_score(h.double(), weight.double(), kernel="triton")
+    # fp64 goes to the torch kernel under "auto"
+    check(ice_score(h.double(), weight.double()), *oracle(h, weight))
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+def test_opcheck(kernel):
+    h = torch.randn(2, 9, 20, device=DEVICE)
+    weight, b = random_head(10, 20, bias=True)
+    for args in ((h, weight, None, torch.float32, kernel), (h, weight, b, torch.bfloat16, kernel)):
+        torch.library.opcheck(torch.ops.ice_prune.ice_score.default, args)
+
+
+def test_flop_counter_counts_the_linear_layer_it_replaces():
+    B, n, D, C = 2, 30, 64, 100
+    h = torch.randn(B, n, D, device=DEVICE)
+    weight, _ = random_head(C, D)
+    assert ice_score_macs(B, n, D, C) == B * n * D * (C + 1)
+    with FlopCounterMode(display=False) as counter:
+        ice_score(h, weight)
+    assert counter.get_total_flops() == 2 * B * n * D * (C + 1)
+
+
+# ----------------------------------------------------------------------------- the selector
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("hidden_dim", (None, 48))
+def test_fused_score_of_linear_and_mlp_heads(kernel, hidden_dim):
+    """A linear head is fused whole; an MLP head runs fc.0 / GELU in torch and fuses fc.2 (with its
+    bias)."""
+    head = ICEHead(32, 10, hidden_dim=hidden_dim).to(DEVICE).eval()
+    for m in head.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=2 / m.in_features ** 0.5)
+            if m.bias is not None:
+                nn.init.normal_(m.bias)
+    tokens = torch.randn(2, 25, 32, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_foreground_score(head, tokens, kernel),
+                                   foreground_score(head(tokens)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused_foreground_score(head.fc, tokens, kernel),
+                                   foreground_score(head(tokens)), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_score_falls_back_where_it_does_not_apply():
+    head = ICEHead(16, 4)
+    tokens = torch.randn(2, 6, 16)
+    assert fused_foreground_score(head, tokens) is None  # the head's parameters want gradients
+    with torch.no_grad():
+        assert fused_foreground_score(head, tokens) is not None
+
+    class Scaled(ICEHead):  # another forward: the op cannot know what it computes
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with torch.no_grad():
+        assert fused_foreground_score(Scaled(16, 4), tokens) is None
+        assert fused_foreground_score(nn.Sequential(nn.Linear(16, 5), nn.Tanh()), tokens) is None
+        assert fused_foreground_score(nn.Identity(), tokens) is None
+
+
+def _model(kernel, **kw):
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, pretrained=False).to(DEVICE)
+    model = ice_prune.patch(model.eval(), method="ice", kernel=kernel, **kw)
+    # a head whose scores spread over (0, 1), as a trained one's do (the initial one's sit near 1)
+    nn.init.normal_(model.ice_head.fc.weight, std=3 / model.embed_dim ** 0.5)
+    return model
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Counts the fused-score calls and records the kept positions of every reorganize step."""
+    calls, kept = [], []
+    score, reorganize = ice_prune.select.ice_score, ice_prune.patching.reorganize
+
+    def spy_score(*args, **kwargs):
+        calls.append(1)
+        return score(*args, **kwargs)
+
+    def spy_reorganize(x, scores, keep, *args):
+        out, order = reorganize(x, scores, keep, *args)
+        kept.append(order[:, :keep])
+        return out, order
+
+    monkeypatch.setattr(ice_prune.select, "ice_score", spy_score)
+    monkeypatch.setattr(ice_prune.patching, "reorganize", spy_reorganize)
+    return calls, kept
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("keep_rate", (0.7, 0.5))
+def test_patched_model_fused_score_equals_logits_path(kernel, keep_rate, spies):
+    calls, kept = spies
+    model = _model(kernel, keep_rate=keep_rate)
+    images = torch.randn(4, 3, 64, 64, device=DEVICE)
+    with torch.no_grad():
+        model.trace = True  # a trace keeps the logits: today's path
+        expected = model(images)
+        assert not calls and len(model.ice_logits) == 3
+        kept_expected, kept[:] = list(kept), []
+        model.trace = False
+        out = model(images)
+    assert len(calls) == 3 and model.ice_logits == []
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert len(kept) == 3 and all(torch.equal(a, b) for a, b in zip(kept, kept_expected))
+
+
+def test_train_mode_and_gradients_keep_the_logits_path(spies):
+    calls, _ = spies
+    model = _model("torch", keep_rate=0.5)
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    model.train()
+    model(images).sum().backward()
+    assert not calls and len(model.ice_logits) == 3
+    assert model.ice_head.fc.weight.grad is not None
+    model.eval()
+    model(images)  # eval with autograd on: the scores must stay differentiable
+    assert not calls
+    with torch.inference_mode():
+        model(images)
+    assert len(calls) == 3
+
+
+def test_flop_counts_unchanged_by_the_fused_score(monkeypatch):
+    """fvcore and FlopCounterMode count the op as the linear layer it replaces: the same MACs as the
+    logits path (selector forced onto it here)."""
+    model = _model("auto", keep_rate=0.7)
+    counts = {c: flops.count_flops(model, (3, 64, 64), counter=c) for c in ("fvcore", "torch")}
+    assert counts["fvcore"] == counts["torch"]
+    monkeypatch.setattr(ice_prune.select, "fused_foreground_score", lambda *args: None)
+    for c in ("fvcore", "torch"):
+        assert flops.count_flops(model, (3, 64, 64), counter=c) == counts[c]
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+def test_compiled_patched_model_fullgraph(kernel, spies):
+    """``torch.compile(fullgraph=True)`` traces the op (its fake) without a graph break; aot_eager on
+    CPU runs the same graph as inductor without the C++ compile (the inductor case is below)."""
+    calls, _ = spies
+    model = _model(kernel, keep_rate=0.5)
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    with torch.no_grad():
+        model.trace = True
+        expected = model(images)
+        model.trace = False
+        backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        torch.testing.assert_close(compiled(images), expected, rtol=1e-4, atol=1e-4)
+    assert calls  # traced through the fused op
+
+
+@pytest.mark.slow
+def test_compiled_patched_model_inductor_cpu():
+    """Inductor's C++ code generation on CPU (about a minute on 2 cores)."""
+    model = _model("torch", keep_rate=0.5)
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.trace = True
+        expected = reference(images)
+        compiled = torch.compile(model, fullgraph=True, backend="inductor")
+        torch.testing.assert_close(compiled(images), expected, rtol=1e-4, atol=1e-4)
