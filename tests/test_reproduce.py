@@ -35,13 +35,14 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     logs.clear()
     results = repro.run(scale, out, log=logs.append)
     assert [line for line in logs if "reused" in line] == [
-        "[1/21] pretrain: done before, reused", "[2/21] explain-ice: done before, reused"]
+        "[1/24] pretrain: done before, reused", "[2/24] explain-ice: done before, reused"]
     names = [s.name for s in repro.plan(scale)]
     assert names == ["pretrain", "explain-ice", "explain-ice-f", "explain-icev2-style",
                      "explain-ice-literal", "explain-ice-alpha1-literal", "explain-ice-alpha1",
                      "explain-ice-lambda0.5-literal", "explain-ice-lambda0.5",
                      "explain-ice-alpha1-lambda0.5-literal", "explain-ice-alpha1-lambda0.5",
-                     "maps-baselines", "classes-3-generic", "classes-3-lambda-paper",
+                     "maps-baselines", "explain-pm-style", "explain-pm-style-pseudo",
+                     "explain-pm-style-no-masks", "classes-3-generic", "classes-3-lambda-paper",
                      "classes-3-lambda-auto", "classes-3-lambda-0.5", "prune-none-1-s0",
                      "prune-evit-0.5-s0", "prune-ice-0.5-s0", "speed", "examples"]
     for name in names:
@@ -76,6 +77,24 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     # sorted by lambda: the rule's 0.105, the sweep's 0.5, the paper's 0.975
     assert [r["lambda"] for r in study["runs"]] == ["auto", "0.5", "paper"]
     assert study["rule"]["lambda_class"] == pytest.approx(2.925 / 27.925)
+    # PM-style: a quarter of the 16 smoke training images keep their ground-truth mask; the pseudo
+    # run takes as many masks from explain-ice's ICE model; the control none; timm's keys only
+    pm_meta = meta("explain-pm-style")
+    assert (pm_meta["mask_source"], pm_meta["masked_images"], pm_meta["train_images"]) == (
+        "dataset", 4, 16)
+    pseudo = meta("explain-pm-style-pseudo")
+    assert pseudo["mask_source"] == "ice:" + os.path.join(out, "work", "explain-ice", "last.pth")
+    assert pseudo["masked_indices"] == pm_meta["masked_indices"]
+    assert meta("explain-pm-style-no-masks")["masked_images"] == 0
+    pm_weights = torch.load(os.path.join(out, "work", "explain-pm-style", "last.pth"),
+                            map_location="cpu", weights_only=False)["model"]
+    assert not any(k.startswith("ice_head.") for k in pm_weights)
+    pm_summary = repro.summarize(results)
+    assert list(pm_summary["pm"]) == ["pm-style", "pm-style-pseudo", "pm-style-no-masks"]
+    for run, row in pm_summary["pm"].items():
+        done = results["stages"][f"explain-{run}"]
+        assert row["miou"] == done["maps"]["miou"] and row["top1"] == done["top1"]
+    assert pm_summary["unmodified_top1"] == results["stages"]["pretrain"]["top1"]
     meta = torch.load(os.path.join(out, "work", "prune-ice-0.5-s0", "last.pth"), map_location="cpu",
                       weights_only=False)["meta"]
     assert meta["method"] == "ice" and meta["keep_rate"] == 0.5
@@ -114,6 +133,15 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     report = open(os.path.join(out, "REPORT.md")).read()
     assert "| ICE | 0.5 | 12.35 |" in report
     assert "| rollout | " in report and "99.88" in report
+    # the maps table: the trained PM-style rows with their top-1, beside the untrained reading
+    pm = written["summary"]["pm"]["pm-style"]
+    assert (f"| pm-style, trained, 25% ground-truth masks | {pm['pixel_accuracy']:.2f} | "
+            f"{pm['miou']:.2f} |") in report
+    assert f"| {pm['top1']:.2f} |" in report.split("| pm-style, trained, 25% ground-truth")[1]
+    assert "| pm-style, trained, 25% ICE pseudo masks |" in report
+    assert "| pm-style, fine-tuned without masks (control) |" in report
+    assert "It gives no loss, layer, weighting or threshold" in report and "**Ours**" in report
+    assert "PM-style trained with 25% ground-truth masks (4 images) beats the untrained" in report
     ice_miou = written["summary"]["maps"]["ice"]["miou"]
     assert f"ICE beats the best baseline map (rollout) on mIoU: **no**, by {ice_miou - 99.876:+.2f}" \
         in report

@@ -2,8 +2,8 @@
 
 It lives beside the scripts it drives and is no part of the ``ice_prune`` library: import it with
 ``train/`` on ``sys.path``, as train/reproduce.py does, and it imports the sibling scripts ``prune``,
-``explain`` and ``evaluate`` and calls their ``main(argv)``, so a run exercises exactly what a user
-runs.
+``explain``, ``pm`` and ``evaluate`` and calls their ``main(argv)``, so a run exercises exactly what
+a user runs.
 
 A run is a list of stages (:func:`plan`), each writing into ``OUT/work/<stage>`` and ending with
 ``done.json`` (its results). :func:`run` skips every stage whose ``done.json`` exists (``fresh=True``
@@ -18,7 +18,11 @@ and ``OUT/figures/*.png`` from those ``done.json`` files only, beside the paper'
 2. ``explain-<run>``: ICE, ICE-f, ICEv2-style and Table 6's ablation (alpha 1.0; lambda 0.5; both)
    with ``train/explain.py`` from the pretrained weights, each evaluated by
    ``train/evaluate.py explain --methods ice``; ``maps-baselines``: the attention baselines and the
-   PM-style map on the pretrained model (the paper explains an unmodified DeiT-S with them).
+   PM-style map on the pretrained model (the paper explains an unmodified DeiT-S with them);
+   ``explain-pm-style``, ``explain-pm-style-pseudo``, ``explain-pm-style-no-masks``: PM-style
+   training (``train/pm.py``) with the scale's 1% of ground-truth masks (SyntheticScenes), with
+   ICE's pseudo masks from ``explain-ice`` on as many images, and without masks (the control), each
+   scored by ``train/evaluate.py explain --methods pm-style`` and ``train/evaluate.py accuracy``.
 3. ``prune-<method>-<rate>-s<seed>``: ``train/prune.py`` with ICE and EViT at each keep rate (and the
    unpruned model, ``none``, at keep rate 1 with the same budget), then ``train/evaluate.py accuracy``
    on one common validation set; ``speed``: parameters, GMACs and the speed-up over the unpruned model

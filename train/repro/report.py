@@ -16,7 +16,7 @@ from ice_prune.paper import TABLE1, TABLE3, TABLE5, TABLE6
 from ice_prune.loss import auto_lambda
 
 from .plots import plot_accuracy, plot_class_counts, plot_speed
-from .scales import BASELINES, TABLE6 as TABLE6_SETTINGS, VARIANTS, ablation_runs
+from .scales import BASELINES, PM_RUNS, TABLE6 as TABLE6_SETTINGS, VARIANTS, ablation_runs
 
 # the class-count rule is "in the good region" at a class count when its mIoU is within this many
 # points of the best lambda tried there (a yardstick stated before the runs, not fitted to them)
@@ -24,6 +24,9 @@ GOOD_REGION_MIOU = 5.0
 # Table 6's rows and how the report names them
 ABLATION_LABELS = {"ice": "ICE (alpha 0.5, lambda 0.975)", "ice-alpha1": "alpha 1.0",
                    "ice-lambda0.5": "lambda 0.5", "ice-alpha1-lambda0.5": "alpha 1.0, lambda 0.5"}
+# the PM paper states only an abstract: what each comparison of a trained PM-style map rests on
+PM_ABSTRACT = ("the PM abstract claims better maps and classification than previous techniques, "
+               "no figure")
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -42,13 +45,14 @@ def summarize(results: dict) -> dict:
     for run in VARIANTS + tuple(ablation_runs(scale["num_classes"])):
         maps[run] = _ice_maps(stages[f"explain-{run}"])
     for name, measured in stages["maps-baselines"]["maps"].items():
-        jaccard = measured.get("jaccard")
-        maps[name] = {"pixel_accuracy": measured["pixel_accuracy"], "miou": measured["miou"],
-                      "map": measured["map"],
-                      # the best threshold / head variant, as Table 3 lists the best of each
-                      "jaccard": max(jaccard.values()) if jaccard else None,
-                      "jaccard_variants": jaccard}
+        maps[name] = _map_figures(measured)
     best_baseline = max(BASELINES, key=lambda b: maps[b]["miou"])
+    pm = {run: {**_map_figures(stages[f"explain-{run}"]["maps"]),
+                **{k: stages[f"explain-{run}"][k] for k in (
+                    "top1", "top5", "mask_source", "mask_fraction", "masked_images",
+                    "train_images", "mask_weight", "smoothing")}}
+          for run in PM_RUNS if f"explain-{run}" in stages}
+    unmodified_top1 = stages["pretrain"]["top1"] if "pretrain" in stages else None
     groups: dict[str, list[dict]] = {}
     for name, result in stages.items():
         if name.startswith("prune-"):
@@ -90,6 +94,7 @@ def summarize(results: dict) -> dict:
         comparisons.append(_claim(
             f"Table 6 balance-equivalent at {scale['num_classes']} classes: ICE beats "
             f"{ABLATION_LABELS[run]} on mIoU", ice["miou"] - maps[run]["miou"], paper))
+    comparisons.extend(_pm_claims(pm, maps, best_baseline, unmodified_top1))
     classes = _class_counts(stages, scale)
     for num_classes, study in classes.items():
         rule, literal = study["rule"], study["literal"]
@@ -126,8 +131,59 @@ def summarize(results: dict) -> dict:
             100 * (ice_pruned["speedup"] - 1),
             f"paper: {100 * (paper_ice.img_per_s / TABLE5['none-1.0'].img_per_s - 1):+.1f}%",
             unit="%"))
-    return {"maps": maps, "best_baseline": best_baseline, "prune": prune, "classes": classes,
+    return {"maps": maps, "best_baseline": best_baseline, "pm": pm,
+            "unmodified_top1": unmodified_top1, "prune": prune, "classes": classes,
             "comparisons": comparisons}
+
+
+def _map_figures(measured: dict) -> dict:
+    """A non-ICE map's figures from train/evaluate.py explain: the segmentation meter's and the
+    best Jaccard threshold / head variant, as Table 3 lists the best of each."""
+    jaccard = measured.get("jaccard")
+    return {"pixel_accuracy": measured["pixel_accuracy"], "miou": measured["miou"],
+            "map": measured["map"], "jaccard": max(jaccard.values()) if jaccard else None,
+            "jaccard_variants": jaccard}
+
+
+def pm_label(run: str, result: dict) -> str:
+    """How the report names a trained PM-style run."""
+    if run == "pm-style-no-masks":
+        return "PM-style fine-tuning without masks (the control)"
+    source = "ground-truth" if run == "pm-style" else "ICE pseudo"
+    return (f"PM-style trained with {100 * result['mask_fraction']:g}% {source} masks "
+            f"({result['masked_images']} images)")
+
+
+def _pm_claims(pm: dict, maps: dict, best_baseline: str, unmodified_top1: Optional[float]
+               ) -> list[dict]:
+    """Whether each PM-style run with masks beats the untrained reading, the same fine-tuning
+    without masks and the best baseline on mIoU, and the unmodified model and the control on top-1;
+    the pseudo-mask run also against ICE, whose foreground it learned from."""
+    claims = []
+    control = pm.get("pm-style-no-masks")
+    for run in ("pm-style", "pm-style-pseudo"):
+        if run not in pm:
+            continue
+        ours, label = pm[run], pm_label(run, pm[run])
+        claims.append(_claim(f"{label} beats the untrained PM-style reading on mIoU",
+                             ours["miou"] - maps["pm-style"]["miou"], PM_ABSTRACT))
+        if control is not None:
+            claims.append(_claim(f"{label} beats the same fine-tuning without masks on mIoU",
+                                 ours["miou"] - control["miou"], "our control; none in the abstract"))
+        claims.append(_claim(f"{label} beats the best baseline map ({best_baseline}) on mIoU",
+                             ours["miou"] - maps[best_baseline]["miou"], PM_ABSTRACT))
+        if run == "pm-style-pseudo":
+            claims.append(_claim(f"{label} beats ICE, the source of its masks, on mIoU",
+                                 ours["miou"] - maps["ice"]["miou"],
+                                 "the abstract names pseudo masks for localization, no source"))
+        if unmodified_top1 is not None:
+            claims.append(_claim(f"{label} is more accurate than the unmodified model",
+                                 ours["top1"] - unmodified_top1, PM_ABSTRACT, unit=" points top-1"))
+        if control is not None:
+            claims.append(_claim(f"{label} is more accurate than the same fine-tuning without masks",
+                                 ours["top1"] - control["top1"], "our control; none in the abstract",
+                                 unit=" points top-1"))
+    return claims
 
 
 def _ice_maps(result: dict) -> dict:
@@ -261,30 +317,39 @@ def render(results: dict) -> str:
                  "cumulative-mass thresholds 0.9 / 0.8 and, for raw attention, of mean or best head). "
                  "Paper columns: DeiT-S, ImageNet-Segmentation (Table 1) and VOC12 (Table 3).")
     lines.append("")
-    lines.append("| map | pixel acc. | mIoU | mAP | Jaccard | foreground share | paper pixel acc. | "
-                 "paper mIoU | paper Jaccard |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| map | pixel acc. | mIoU | mAP | Jaccard | foreground share | top-1 (%) | "
+                 "paper pixel acc. | paper mIoU | paper Jaccard |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     paper_jaccard = {"ice": TABLE3["ice"], "ice-f": TABLE3["ice-f"],
                      "raw-attention": TABLE3["raw-attention mean@0.9"]}
-    for name in VARIANTS + BASELINES:
-        ours, published = maps[name], TABLE1.get(name)
+    rows = [(name, maps[name], None) for name in VARIANTS]
+    # the baselines explain the unmodified model: its top-1 is theirs
+    rows += [(name, maps[name], summary["unmodified_top1"]) for name in BASELINES]
+    rows += [(f"pm-style, {_pm_row(run, ours)}", ours, ours["top1"])
+             for run, ours in summary["pm"].items()]
+    for name, ours, top1 in rows:
+        published = TABLE1.get(name)
         lines.append(f"| {name} | {_number(ours['pixel_accuracy'])} | {_number(ours['miou'])} | "
                      f"{_number(ours['map'])} | {_number(ours['jaccard'])} | "
-                     f"{_number(ours.get('fg_share'), 1)} | "
+                     f"{_number(ours.get('fg_share'), 1)} | {_number(top1)} | "
                      f"{_number(published.pixel_accuracy if published else None)} | "
                      f"{_number(published.miou if published else None)} | "
                      f"{_number(paper_jaccard.get(name))} |")
-    lines.append(f"| RobustViT (not run here) | | | | | | {TABLE1['robustvit'].pixel_accuracy:.2f} | "
+    lines.append(f"| RobustViT (not run here) | | | | | | | {TABLE1['robustvit'].pixel_accuracy:.2f} | "
                  f"{TABLE1['robustvit'].miou:.2f} | |")
     lines.append("")
     lines.append("Foreground share: the percentage of patches the ICE head's argmax calls foreground "
                  "on its run's validation images (a mask that covers every patch scores the pixel "
-                 "accuracy of calling everything foreground).")
+                 "accuracy of calling everything foreground). Top-1: the classifier of the model the "
+                 "map explains, on the accuracy images (`train/evaluate.py accuracy`); the baselines "
+                 "explain the unmodified model; ICE's runs train no classifier.")
     lines.append("")
     lines.append("ICEv2-style: what ICEv2's abstract states (the last 2 blocks train, an MLP head); its "
-                 "exact method is not public. PM-style: the model's own classifier on every patch, "
-                 "untrained on masks; the paper has no PM column.")
+                 "exact method is not public. PM-style: the model's own classifier on every patch; the "
+                 "ICE paper has no PM column.")
     lines.append("")
+    if summary["pm"]:
+        lines.extend(_render_pm(summary["pm"], scale))
     lines.extend(_render_ablation(maps, scale["num_classes"]))
     if summary["classes"]:
         lines.extend(_render_class_counts(summary["classes"], scale["num_classes"]))
@@ -343,6 +408,48 @@ def render(results: dict) -> str:
         lines.append(f"| {name} | {result['wall_s']:.0f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _pm_row(run: str, result: dict) -> str:
+    """The maps table's name of a trained PM-style run."""
+    if run == "pm-style-no-masks":
+        return "fine-tuned without masks (control)"
+    source = "ground-truth" if run == "pm-style" else "ICE pseudo"
+    return f"trained, {100 * result['mask_fraction']:g}% {source} masks"
+
+
+def _render_pm(pm: dict, scale: dict) -> list[str]:
+    """What the trained PM-style rows are, and which of their choices are ours."""
+    spec, first = scale["explain"], next(iter(pm.values()))
+    counts = {run: f"{r['masked_images']} of {r['train_images']}" for run, r in pm.items()}
+    text = (f"PM-style trained (`train/pm.py`, from the pretrained weights with the explanation "
+            f"runs' budget: {spec['epochs']} epoch(s), lr {spec['lr']:g}): the whole model "
+            f"fine-tunes with cross-entropy on [CLS] for every image plus a patch-level mask loss "
+            f"on the images that keep a mask")
+    parts = []
+    if "pm-style" in pm:
+        parts.append(f"ground-truth masks on {counts['pm-style']} training images (seeded choice)")
+    if "pm-style-pseudo" in pm:
+        parts.append(f"ICE pseudo masks on {counts['pm-style-pseudo']}: the `explain-ice` run's "
+                     f"foreground (argmax not background) of the same images, no ground-truth mask")
+    if "pm-style-no-masks" in pm:
+        parts.append("no mask at all, the control that tells what the masks add to the same "
+                     "fine-tuning")
+    return [text + ("; " + "; ".join(parts) if parts else "") + ". No parameter is added; the map "
+            "is read as the untrained row reads it.", "",
+            "Only the PM paper's abstract is available (Kang, Heo & Choe, Pattern Recognition "
+            "Letters 2024): a patch-level mask prediction from the ViT's features in one forward "
+            "pass, no extra parameters, under 1% of ImageNet's training images with masks, pseudo "
+            "masks for localization. It gives no loss, layer, weighting or threshold, and no "
+            "figure we could set beside ours. **Ours**: the map is the model's own classifier "
+            "(final norm, classifier) on the last block's patch tokens, softmax over the classes, "
+            "the explained class's probability; the mask loss is binary cross-entropy of each "
+            "patch's probability of the image's class against the patch's foreground fraction, "
+            f"averaged over the masked images, weight {first['mask_weight']:g} beside "
+            f"cross-entropy (label smoothing {first['smoothing']:g}); "
+            "pseudo masks on the same share of images as the ground-truth run; no mixup or cutmix "
+            "(they mix images but not masks); no threshold of our own (each protocol binarizes the "
+            "map as it does every map).", ""]
 
 
 def _render_ablation(maps: dict, num_classes: int) -> list[str]:

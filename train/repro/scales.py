@@ -44,6 +44,14 @@ def class_count_runs(scale: "Scale") -> list[tuple[int, str]]:
             for lam in ("paper", "auto") + tuple(f"{x:g}" for x in scale.lambda_sweep)]
 # the maps of the unmodified pretrained model (train/evaluate.py explain --methods)
 BASELINES = ("rollout", "gradcam", "generic", "raw-attention", "pm-style")
+# PM-style training runs (train/pm.py): ground-truth masks, ICE pseudo masks, none (the control)
+PM_RUNS = ("pm-style", "pm-style-pseudo", "pm-style-no-masks")
+
+
+def pm_runs(scale: "Scale") -> tuple[str, ...]:
+    """The PM-style runs of a scale: ground-truth masks only where the training data has them
+    (SyntheticScenes; an ImageFolder has none)."""
+    return tuple(run for run in PM_RUNS if run != "pm-style" or scale.synthetic)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +108,8 @@ class Scale:
     # time the speed stage's models with torch.compile (tiny models are launch-bound on a GPU)
     bench_compile: bool = False
     bench_dtype: str = "fp32"
+    # PM-style training: the share of training images that keep a mask (the PM abstract: < 1%)
+    pm_mask_fraction: float = 0.01
 
     @property
     def synthetic(self) -> bool:
@@ -123,7 +133,8 @@ def smoke_scale(**overrides) -> Scale:
         prune=TrainSpec(epochs=1, lr=1e-4, batch_size=16, train_images=16, val_images=16,
                         mixup=False),
         num_classes=4, eval_images=8, grid_images=2, bench_batch=4, bench_reps=2, workers=0,
-        threads=1, class_counts=(3,), lambda_sweep=(0.5,))
+        threads=1, class_counts=(3,), lambda_sweep=(0.5,),
+        pm_mask_fraction=0.25)  # 4 of its 16 training images: 1% of them would be none
     settings.update(overrides)
     return Scale(**settings)
 

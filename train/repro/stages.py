@@ -2,8 +2,8 @@
 
 Each :class:`Stage` writes into its own folder ``OUT/work/<stage>`` and ends with ``done.json`` (its
 results). Training and evaluation go through the command lines beside this package
-(``prune.main(argv)``, ``explain.main(argv)``, ``evaluate.main(argv)``), so a run exercises exactly
-what a user runs; the speed and examples stages use the library directly.
+(``prune.main(argv)``, ``explain.main(argv)``, ``pm.main(argv)``, ``evaluate.main(argv)``), so a run
+exercises exactly what a user runs; the speed and examples stages use the library directly.
 """
 from __future__ import annotations
 
@@ -32,10 +32,12 @@ from ice_prune.paper import TABLES
 # the sibling scripts in train/ (on sys.path, see train/reproduce.py)
 import evaluate
 import explain
+import pm
 import prune
 
 from .report import write_json, write_report
-from .scales import BASELINES, VARIANTS, Scale, TrainSpec, ablation_runs, class_count_runs
+from .scales import (BASELINES, VARIANTS, Scale, TrainSpec, ablation_runs, class_count_runs,
+                     pm_runs)
 
 DONE = "done.json"
 
@@ -214,6 +216,36 @@ def _maps_baselines(context: Context, out: str) -> dict:
     return {"maps": maps["methods"], "images": maps["images"]}
 
 
+def _pm_stage(run: str) -> Callable[[Context, str], dict]:
+    """PM-style training (train/pm.py) from the pretrained weights with the explanation runs'
+    budget, then its ``pm-style`` map (train/evaluate.py explain) and its top-1 (train/evaluate.py
+    accuracy). ``run``: ``pm-style`` (the scale's share of ground-truth masks), ``pm-style-pseudo``
+    (the same share of images with the ``explain-ice`` run's ICE foreground as masks, no ground
+    truth) or ``pm-style-no-masks`` (no mask: the same cross-entropy fine-tuning, the control that
+    tells what the masks add)."""
+
+    def fn(context: Context, out: str) -> dict:
+        scale = context.scale
+        fraction = 0.0 if run == "pm-style-no-masks" else scale.pm_mask_fraction
+        argv = ["--checkpoint", context.pretrained, "--mask-fraction", f"{fraction:g}"]
+        if run == "pm-style-pseudo":
+            argv += ["--pseudo-masks", f"ice:{context.checkpoint('explain-ice')}"]
+        record = train(pm, argv + train_argv(scale, scale.explain), out)
+        checkpoint = os.path.join(out, CHECKPOINT)
+        maps = evaluate.main(eval_argv(scale, "explain", checkpoint, os.path.join(out, "eval"))
+                             + ["--methods", "pm-style"])
+        accuracy = evaluate.main(eval_argv(scale, "accuracy", checkpoint,
+                                           os.path.join(out, "accuracy")))
+        meta = torch.load(checkpoint, map_location="cpu", weights_only=False)["meta"]
+        return {"run": run, "args": argv[2:], "mask_source": meta["mask_source"],
+                "mask_fraction": fraction, "masked_images": meta["masked_images"],
+                "train_images": meta["train_images"], "mask_weight": meta["mask_weight"],
+                "smoothing": meta["smoothing"], "train": record,
+                "maps": maps["methods"]["pm-style"], "images": maps["images"],
+                "top1": accuracy["top1"], "top5": accuracy["top5"]}
+    return fn
+
+
 def class_count_name(num_classes: int, lambda_class: str) -> str:
     return f"classes-{num_classes}-lambda-{lambda_class}"
 
@@ -365,6 +397,8 @@ def plan(scale: Scale) -> list[Stage]:
     for run in VARIANTS + tuple(ablation_runs(scale.num_classes)):
         stages.append(Stage(f"explain-{run}", _explain_stage(run), "explain"))
     stages.append(Stage("maps-baselines", _maps_baselines, "maps"))
+    for run in pm_runs(scale):
+        stages.append(Stage(f"explain-{run}", _pm_stage(run), "pm"))
     for num_classes in scale.class_counts:
         stages.append(Stage(f"classes-{num_classes}-generic", _class_count_baseline(num_classes),
                             "classes"))
