@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "train"))
 
 import evaluate  # noqa: E402
 import explain  # noqa: E402
+import pm  # noqa: E402
 import prune  # noqa: E402
 import repro  # noqa: E402
 import reproduce  # noqa: E402
@@ -170,6 +171,9 @@ def test_gpu_scale_builds_the_paper_command_lines(tmp_path):
     names = [s.name for s in repro.plan(scale)]
     assert "pretrain" not in names  # starts from the DeiT-S checkpoint
     assert {"prune-ice-0.7-s1", "prune-evit-0.5-s0", "explain-ice-f", "maps-baselines"} <= set(names)
+    # ImageNet has no masks in this pipeline: PM-style on ICE pseudo masks and the control only
+    assert {"explain-pm-style-pseudo", "explain-pm-style-no-masks"} <= set(names)
+    assert "explain-pm-style" not in names
     context = repro.Context(scale, str(tmp_path))
     assert context.pretrained == "/ckpt/deit_small_patch16_224-cd65a155.pth"
 
@@ -183,6 +187,9 @@ def test_gpu_scale_builds_the_paper_command_lines(tmp_path):
     args = explain.parse_args(["--variant", "ice"] + repro.train_argv(scale, scale.explain)
                               + ["--output", str(tmp_path)])
     assert (args.epochs, args.lr, args.batch_size) == (3, 1e-5, 256)
+    args = pm.parse_args(repro.train_argv(scale, scale.explain) + ["--output", str(tmp_path)])
+    # the explanation budget; mixup and cutmix off (they would mix images but not masks)
+    assert (args.epochs, args.lr, args.mixup, args.cutmix) == (3, 1e-5, 0.0, 0.0)
     args = evaluate.parser().parse_args(repro.eval_argv(scale, "explain", "c.pth", "o"))
     assert args.data == "imagenet-seg:/data/gtsegs_ijcv.mat" and args.limit is None
     args = evaluate.parser().parse_args(repro.eval_argv(scale, "accuracy", "c.pth", "o"))
