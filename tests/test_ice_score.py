@@ -69,11 +69,12 @@ def test_matches_fp64_oracle(kernel, B, n, D, C, bias):
     check(ice_score(h, weight, b, kernel=kernel), *oracle(h, weight, b))
 
 
-@pytest.mark.parametrize("chunk", (1, 7, 40 * 13))
-def test_torch_path_chunked_over_classes(chunk):
-    """The running logsumexp over chunks of (token, class) pairs: one class per chunk, a chunk that
-    splits the classes raggedly, 13 classes at a time."""
-    h = torch.randn(2, 20, 24, device=DEVICE)
+@pytest.mark.parametrize("chunk", (1, 32 * 13, 101 * 40, None))
+def test_torch_path_tiles(chunk):
+    """The torch path's tiles of (token, class) pairs, 90 tokens x 101 classes: one class at a time
+    (32 tokens per tile, a running logsumexp over 101 chunks), 13 classes at a time (ragged), every
+    class for 40 tokens at a time (a ragged last tile), the default (one tile)."""
+    h = torch.randn(3, 30, 24, device=DEVICE)
     weight, b = random_head(100, 24, bias=True)
     check(ice_score_reference(h, weight, b, chunk=chunk), *oracle(h, weight, b))
 
