@@ -1,4 +1,4 @@
-"""Micro-benchmark of the reorganize step (pytest-benchmark).
+"""Micro-benchmarks of the reorganize step and the fused ICE score (pytest-benchmark).
 
     .venv/bin/python -m pytest bench/test_kernels.py --benchmark-only --benchmark-columns=median,min,rounds
 
@@ -8,6 +8,12 @@ eager code (topk, gather, complement, gather, weighted sum, cat). ``extra_info``
 per step and the effective bandwidth over the minimal bytes: every input row read once, ``P + k + 1``
 rows written, the scores read and the int64 order written. The Triton cases need a CUDA GPU and are
 skipped without one; the torch cases run on CPU too (fp32, as a CPU has no fast bf16).
+
+The ICE score (``test_ice_score``) at the same selection point, DeiT-S's 1001-way head, as the patched
+model runs it: under autocast on a GPU (fp32 norm2 output and weight, bf16 arithmetic), fp32 on CPU.
+Three ways: ``ice_prune::ice_score`` with the Triton kernel and with the torch kernel (chunked over
+classes), and the logits path it replaces (linear layer, then ``foreground_score``'s logsumexp).
+``extra_info`` holds the median time per call and the head's TFLOP/s.
 """
 import statistics
 import time
@@ -16,9 +22,11 @@ import pytest
 import timm
 import torch
 
+import torch.nn.functional as F
+
 import ice_prune
-from ice_prune.kernels import reorganize, reorganize_reference
-from ice_prune.select import keep_count, token_schedule
+from ice_prune.kernels import ice_score, reorganize, reorganize_reference
+from ice_prune.select import foreground_score, keep_count, token_schedule
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -148,3 +156,33 @@ def test_reorganize_share_of_pruned_forward(benchmark, B):
         "device": torch.cuda.get_device_name() if CUDA else "cpu", "dtype": str(DTYPE), "B": B,
         "kernel": kernel, "tokens": lengths, "forward_ms": forward * 1e3,
         "reorganize_ms": step_time * 1e3, "reorganize_share": step_time / forward})
+
+
+SCORE_CLASSES = 1000  # ImageNet: a 384 x 1001 head
+SCORE_IMPLS = {
+    "triton": lambda h, w: ice_score(h, w, kernel="triton"),
+    "torch": lambda h, w: ice_score(h, w, kernel="torch"),
+    "logits_logsumexp": lambda h, w: foreground_score(F.linear(h, w)),
+}
+
+
+@pytest.mark.parametrize("impl", list(SCORE_IMPLS))
+@pytest.mark.parametrize("B", BATCHES)
+def test_ice_score(benchmark, impl, B):
+    if impl == "triton" and not CUDA:
+        pytest.skip("the Triton kernels are benchmarked on a CUDA GPU only")
+    h = torch.randn(B, NUM_PATCHES, DIM, device=DEVICE)
+    weight = torch.randn(SCORE_CLASSES + 1, DIM, device=DEVICE) / DIM ** 0.5
+    fn = SCORE_IMPLS[impl]
+    autocast = torch.autocast(DEVICE.type, dtype=DTYPE, enabled=CUDA)
+    with torch.no_grad(), autocast:
+        for _ in range(3):  # warm-up: Triton compile, allocator
+            fn(h, weight)
+        _sync()
+        benchmark.pedantic(_timed(fn, h, weight), rounds=30 if CUDA else 20, warmup_rounds=2)
+    step = benchmark.stats.stats.median / STEPS
+    benchmark.extra_info.update({
+        "device": torch.cuda.get_device_name() if CUDA else "cpu",
+        "dtype": f"autocast {DTYPE}" if CUDA else str(DTYPE), "B": B, "n": NUM_PATCHES, "D": DIM,
+        "classes": SCORE_CLASSES + 1, "median_step_us": step * 1e6,
+        "TFLOPs": 2 * B * NUM_PATCHES * DIM * (SCORE_CLASSES + 1) / step / 1e12})
