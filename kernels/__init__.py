@@ -7,7 +7,7 @@ plain-torch reference (``reference.py``) as the CPU path and the test oracle.
 
 ``ice_score`` is ICE's foreground score ``1 - P(background)`` per token from the tokens and the head's
 weight, without the ``[B, n, C + 1]`` logits: the op ``ice_prune::ice_score``, one Triton kernel on CUDA
-(``triton_ice_score.py``) and a torch path chunked over classes (``reference.py``).
+(``triton_ice_score.py``) and a torch path tiled over tokens and classes (``reference.py``).
 """
 from .ops import (KERNELS, SCORE_KERNELS, ice_score, ice_score_macs, reorganize, reorganize_macs,
                   resolve_kernel)

@@ -9,7 +9,7 @@ CPU path) and ``"triton"`` (the kernels in ``triton_reorganize.py``, on CUDA ten
 tensors when the Triton interpreter is on). ``"auto"`` picks Triton for CUDA tensors.
 
 ``ice_prune::ice_score``, the ICE foreground score without the logits: the same ``kernel`` choice
-between ``ice_score_reference`` (torch, chunked over classes) and ``triton_ice_score``; a fake
+between ``ice_score_reference`` (torch, in tiles of tokens and classes) and ``triton_ice_score``; a fake
 implementation and a FLOP formula, no autograd formula (it serves inference; :func:`ice_score`
 refuses inputs that need a gradient).
 """

@@ -162,6 +162,19 @@ def test_strided_tokens_and_weight(kernel):
         check(ice_score(tokens, weight, kernel=kernel), *expected)
 
 
+@pytest.mark.gpu
+def test_gpu_deit_small_head_under_autocast():
+    """DeiT-S's first selection point at batch 256 with the 1001-way head, as the patched model runs
+    it under bf16 autocast (fp32 norm2 output and weight): the compiled kernel rounds in the kernel,
+    the torch path with torch; both sum in fp32."""
+    h = torch.randn(256, 1 + 196, 384, device="cuda")[:, 1:]
+    weight, _ = random_head(1000, 384)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        scores = ice_score(h, weight, kernel="triton")
+        torch.testing.assert_close(scores, ice_score(h, weight, kernel="torch"), rtol=0, atol=1e-4)
+    check(scores, *oracle(h.bfloat16(), weight.bfloat16()))
+
+
 def test_kernels_agree_with_the_logits_path():
     h = torch.randn(3, 50, 64, device=DEVICE)
     weight, b = random_head(1000, 64, bias=True)
