@@ -103,10 +103,11 @@ def fused_foreground_score(head: nn.Module, tokens: Tensor, kernel: str = "auto"
     (fp32 scores, no ``[B, n, C + 1]`` logits), or ``None`` where the op does not apply.
 
     It applies to an :class:`~ice_prune.head.ICEHead`, an ``nn.Linear`` or an ``nn.Sequential``
-    ending in one, whose output is the ``C + 1`` logits. An MLP head runs its first layers in torch
-    and fuses the last linear layer (the hidden activations are computed either way; the logits and their
-    logsumexp are what the op saves). ``None`` for any other module (its forward may do anything)
-    and where a gradient is needed (the op has no backward): the caller computes the logits.
+    ending in one, whose output is the ``C + 1 >= 2`` logits. An MLP head runs its first layers in
+    torch and fuses the last linear layer (the hidden activations are computed either way; the
+    logits and their logsumexp are what the op saves). ``None`` for any other module (its forward
+    may do anything) and where a gradient is needed (the op has no backward): the caller computes
+    the logits.
     """
     if torch.is_grad_enabled() and (tokens.requires_grad
                                     or any(p.requires_grad for p in head.parameters())):
@@ -118,7 +119,8 @@ def fused_foreground_score(head: nn.Module, tokens: Tensor, kernel: str = "auto"
         layers, last = tuple(fc)[:-1], fc[-1]
     else:
         return None
-    if not isinstance(last, nn.Linear) or type(last).forward is not nn.Linear.forward:
+    if (not isinstance(last, nn.Linear) or type(last).forward is not nn.Linear.forward
+            or last.out_features < 2):
         return None
     for layer in layers:
         tokens = layer(tokens)

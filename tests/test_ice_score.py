@@ -270,6 +270,7 @@ def test_fused_score_falls_back_where_it_does_not_apply():
         assert fused_foreground_score(Scaled(16, 4), tokens) is None
         assert fused_foreground_score(nn.Sequential(nn.Linear(16, 5), nn.Tanh()), tokens) is None
         assert fused_foreground_score(nn.Identity(), tokens) is None
+        assert fused_foreground_score(nn.Linear(16, 1), tokens) is None  # no image class
 
 
 def _model(kernel, **kw):
