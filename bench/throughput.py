@@ -25,8 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 import ice_prune
-from ice_prune.throughput import (DEFAULTS, benchmark_models, load_checkpoint, max_batch_size,
-                                 read_checkpoint, resolve_device)
+from ice_prune.checkpoint import load_checkpoint, read_state_dict, split_ice_head
+from ice_prune.cli import TRUST_HELP, run_script
+from ice_prune.throughput import DEFAULTS, benchmark_models, max_batch_size, resolve_device
 from ice_prune.flops import count_flops
 from ice_prune.kernels.ops import KERNEL_CHOICES
 from ice_prune.paper import TABLE5, TABLE5_KEEP_RATES, TABLE5_SOURCE, Efficiency
@@ -64,6 +65,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                          help="weights: DeiT release .pth ({'model': ...}), plain state dict or "
                               ".safetensors; ice_head.* keys, if present, go to the ICE models")
     weights.add_argument("--pretrained", action="store_true", help="timm's pretrained weights")
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="fp16/bf16 run under autocast")
@@ -99,11 +101,11 @@ def build_variants(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module]
     """The baseline and EViT / ICE at every keep rate, sharing the baseline's weights."""
     kwargs = {} if args.img_size is None else {"img_size": args.img_size}
     base = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
-    state = read_checkpoint(args.checkpoint) if args.checkpoint else None
+    state = read_state_dict(args.checkpoint, args.trust_checkpoint) if args.checkpoint else None
     head_state = {}
     if state is not None:
-        load_checkpoint(base, {k: v for k, v in state.items() if not k.startswith("ice_head.")})
-        head_state = {k: v for k, v in state.items() if k.startswith("ice_head.")}
+        base_state, head_state = split_ice_head(state)
+        load_checkpoint(base, base_state)
     models, meta = {"baseline": base}, {"baseline": {"method": "baseline", "keep_rate": 1.0}}
     for rate in args.keep_rates:
         for method in METHODS:
@@ -273,4 +275,4 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

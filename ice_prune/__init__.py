@@ -7,10 +7,12 @@
 >>> maps = ice_prune.explain(model, images, "ice")        # or "rollout", "gradcam", "generic", ...
 
 Modules: ``patching`` (patch / unpatch), ``select`` (selectors), ``head``, ``loss``, ``maps``
-(explanation maps), ``metrics``, ``data``, ``flops``, ``throughput``, ``engine`` (training loops),
-``visualize``, ``evaluation`` (map and accuracy protocols).
+(explanation maps), ``metrics``, ``data``, ``flops``, ``throughput``, ``checkpoint`` (safe loading:
+weights only unless trusted), ``engine`` (training loops), ``visualize``, ``evaluation`` (map and
+accuracy protocols).
 """
-from ice_prune.throughput import benchmark, benchmark_models, load_checkpoint, max_batch_size
+from ice_prune.throughput import benchmark, benchmark_models, max_batch_size
+from ice_prune.checkpoint import load_checkpoint
 from ice_prune.data import SyntheticScenes
 from ice_prune.maps import explain
 from ice_prune.flops import count_flops

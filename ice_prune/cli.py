@@ -2,8 +2,9 @@
 
 ``train/explain.py`` and ``train/prune.py`` add their own arguments to :func:`add_common_args`, turn
 the parsed arguments into a :class:`ice_prune.engine.TrainConfig` with :func:`config_from_args`, and
-build data and model with :func:`build_data` / :func:`create_model`. :func:`run_script` ends a run on
-a bad argument or path with one line instead of a traceback.
+build data and model with :func:`build_data` / :func:`create_model`, and load ``--checkpoint`` with
+:func:`load_weights`. :func:`run_script` ends a run on a bad argument, path or checkpoint with one
+line instead of a traceback.
 """
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ from typing import Any, Callable, Optional
 from torch import nn
 from torch.utils.data import Dataset
 
+from ice_prune.checkpoint import CheckpointError, load_checkpoint
 from ice_prune.engine import TrainConfig, cleanup_distributed
+
+TRUST_HELP = ("unpickle the checkpoint in full when it needs it, which runs whatever code it "
+              "carries: only for a file you trust (without this flag checkpoints load with "
+              "torch.load(weights_only=True) and such a file is refused)")
+
 
 def add_common_args(parser, *, epochs: int, lr: float, min_lr: float, weight_decay: float,
                     batch_size: int) -> None:
@@ -26,10 +33,11 @@ def add_common_args(parser, *, epochs: int, lr: float, min_lr: float, weight_dec
                    help='JSON keyword arguments for timm.create_model, e.g. \'{"depth": 6}\'')
     g.add_argument("--checkpoint", default=None,
                    help="weights to start from: a DeiT release .pth, a timm state dict or "
-                        ".safetensors")
+                        ".safetensors, or a checkpoint of this project")
     g.add_argument("--reset-classifier", action="store_true",
                    help="do not load the --checkpoint's classifier: a new one for this run's class "
                         "count (e.g. ImageNet weights on a 200-class data set)")
+    g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     g.add_argument("--pretrained", action="store_true",
                    help="start from timm's pretrained weights (downloads from the hub)")
     g.add_argument("--data", default="synthetic", help="synthetic | imagefolder:PATH")
@@ -76,7 +84,7 @@ def config_from_args(args, **extra) -> TrainConfig:
         weight_decay=args.weight_decay, sched=args.sched, clip_grad=args.clip_grad, amp=args.amp,
         ema_decay=args.ema_decay, workers=args.workers, seed=args.seed, log_every=args.log_every,
         resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-        device=args.device, **extra)
+        device=args.device, trust_checkpoint=args.trust_checkpoint, **extra)
 
 
 def build_data(args) -> tuple[Dataset, Optional[Dataset], int]:
@@ -123,11 +131,18 @@ def create_model(args, num_classes: int) -> nn.Module:
                              drop_path_rate=args.drop_path, **kwargs)
 
 
+def load_weights(model: nn.Module, args) -> list[str]:
+    """Load ``--checkpoint`` into ``model`` (with ``--reset-classifier`` and ``--trust-checkpoint``);
+    the model's ICE head (``ice_head.*``) may be missing from it. Returns the keys left as they were."""
+    return load_checkpoint(model, args.checkpoint, optional_prefixes=("ice_head.",),
+                           reset_classifier=args.reset_classifier, trust=args.trust_checkpoint)
+
+
 def run_script(main: Callable[[], Any]) -> None:
     """Run a script's ``main``; a bad argument or path ends it with the message, not a traceback."""
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

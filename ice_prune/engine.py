@@ -10,12 +10,14 @@ Checkpoints (``OUTPUT/last.pth``, written atomically: temp file, then ``os.repla
     {"model": state dict of the trained module (timm keys; an ICE head under "ice_head."),
      "optimizer", "scheduler", "scaler" (or None), "ema" (or None): their state dicts,
      "epoch": epochs completed, "num_updates": optimizer steps taken,
-     "rng": one dict per process {"torch", "cuda", "numpy", "python"},
+     "rng": one dict per process {"torch", "cuda", "numpy", "python"} (:func:`rng_state`),
      "meta": what the script says about the run (model name, head, loss, keep rate, ...),
      "args": the command-line arguments}
 
-They are written at the end of every epoch; ``resume=True`` reloads the last one and the run
-continues exactly as an uninterrupted run would (same data order, augmentations and weights).
+Tensors, plain containers and strings only (:func:`ice_prune.checkpoint.plain`), so
+:func:`ice_prune.checkpoint.read_checkpoint` reads them with ``torch.load(weights_only=True)``. They
+are written at the end of every epoch; ``resume=True`` reloads the last one and the run continues
+exactly as an uninterrupted run would (same data order, augmentations and weights).
 """
 from __future__ import annotations
 
@@ -36,8 +38,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ice_prune.checkpoint import CheckpointError, plain, read_checkpoint, save_checkpoint
+
 CHECKPOINT = "last.pth"
 LOG = "log.jsonl"
+RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "num_updates", "rng")
 
 StepFn = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, dict[str, float]]]
 EvalFn = Callable[[nn.Module, Tensor, Tensor], dict[str, float]]
@@ -90,14 +95,25 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    """This process's RNG states as tensors and plain values, which a weights-only load reads: numpy's
+    as ``np.random.get_state(legacy=False)`` with its key array a tensor, Python's as
+    ``random.getstate()`` (a tuple of ints)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    return {"torch": torch.get_rng_state(), "numpy": plain(numpy_state),
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s states (or those of a checkpoint written before they were
+    tensors, where numpy's is ``np.random.get_state()``'s tuple)."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        key = numpy_state["state"]["key"].numpy().astype(np.uint32)
+        numpy_state = {**numpy_state, "state": {**numpy_state["state"], "key": key}}
+    np.random.set_state(numpy_state)
     random.setstate(state["python"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -113,91 +129,6 @@ def _all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints and weights
-
-
-def save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temp file beside ``path``, then rename: a crash never leaves half a file.
-    A failed save removes its temp file and re-raises; ``path`` keeps the previous checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-def read_state_dict(path: str) -> dict[str, Tensor]:
-    """Weights from a DeiT release ``.pth`` (a ``"model"`` key), one of our checkpoints, a plain
-    (timm) state dict, or a ``.safetensors`` file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            return obj[key]
-    if isinstance(obj, dict) and all(isinstance(v, Tensor) for v in obj.values()):
-        return obj
-    raise ValueError(f"{path!r} holds no state dict: expected a dict of tensors or one under "
-                     f"'model' / 'state_dict'")
-
-
-def classifier_keys(model: nn.Module) -> tuple[str, ...]:
-    """State-dict prefixes of a timm model's classifier(s), from its ``pretrained_cfg`` (``"head."``
-    for a ViT; DeiT's distilled models add ``"head_dist."``)."""
-    names = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
-    names = (names,) if isinstance(names, str) else tuple(names)
-    return tuple(f"{n}." for n in names)
-
-
-def load_weights(model: nn.Module, path: str, optional_prefixes: tuple[str, ...] = ("ice_head.",),
-                 reset_classifier: bool = False) -> list[str]:
-    """Load ``path`` into ``model``; every key must match in name and shape except model keys under
-    ``optional_prefixes`` (a new ICE head), which may be missing. Returns the keys left as they were.
-    On a mismatch the error lists the missing, unexpected and differently shaped keys.
-
-    ``reset_classifier=True`` leaves the model's classifier as initialized and ignores the
-    checkpoint's (weights trained on another class count, as timm does for ``pretrained=True,
-    num_classes=N``)."""
-    theirs = read_state_dict(path)
-    theirs = {k[7:] if k.startswith("module.") else k: v for k, v in theirs.items()}
-    if reset_classifier:
-        head = classifier_keys(model)
-        theirs = {k: v for k, v in theirs.items() if not k.startswith(head)}
-        optional_prefixes = tuple(optional_prefixes) + head
-    ours = model.state_dict()
-    missing = [k for k in ours if k not in theirs and not k.startswith(optional_prefixes)]
-    unexpected = [k for k in theirs if k not in ours]
-    shapes = [f"{k}: checkpoint {tuple(theirs[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in ours.items() if k in theirs and theirs[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        def show(items):
-            return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")
-
-        lines = [f"checkpoint {path!r} does not fit this model ({type(model).__name__}, "
-                 f"{getattr(model, 'num_classes', '?')} classes):"]
-        if shapes:
-            lines.append(f"  shapes differ: {show(shapes)}")
-        if missing:
-            lines.append(f"  missing in the checkpoint: {show(missing)}")
-        if unexpected:
-            lines.append(f"  not in the model: {show(unexpected)}")
-        lines.append("  pick the --model (and --num-classes) the checkpoint was trained with")
-        if any(k.startswith(classifier_keys(model)) for k in
-               [x.split(":")[0] for x in shapes] + missing + unexpected):
-            lines.append("  or, to start from its other weights with a new classifier for another "
-                         "class count, pass --reset-classifier")
-        raise ValueError("\n".join(lines))
-    model.load_state_dict(theirs, strict=False)
-    return [k for k in ours if k not in theirs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +305,7 @@ class TrainConfig:
     eval_every: int = 1
     resume: bool = False
     overwrite: bool = False
+    trust_checkpoint: bool = False  # --resume: unpickle the checkpoint in full (see ice_prune.checkpoint)
     progress: bool = True
     device: Optional[str] = None
     # a pruned model's ICE head sits idle while the keep rate is still 1 (shrink_start > 0)
@@ -434,7 +366,12 @@ def fit(cfg: TrainConfig, model: nn.Module, step_fn: StepFn, eval_fn: EvalFn, tr
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     start_epoch, num_updates = 0, 0
     if resume_from is not None:
-        ckpt = torch.load(resume_from, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(resume_from, trust=cfg.trust_checkpoint)
+        lacking = [k for k in RESUME_KEYS if not (isinstance(ckpt, dict) and k in ckpt)]
+        if lacking:
+            raise CheckpointError(f"checkpoint {resume_from!r} is not one of an ice_prune run (no "
+                                  f"{', '.join(lacking)}): --resume continues a run this project "
+                                  f"wrote")
         save_module.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         lr_scheduler.load_state_dict(ckpt["scheduler"])
@@ -488,7 +425,7 @@ def fit(cfg: TrainConfig, model: nn.Module, step_fn: StepFn, eval_fn: EvalFn, tr
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "ema": ema.state_dict() if ema is not None else None,
                 "epoch": epoch + 1, "num_updates": num_updates, "rng": rngs,
-                "meta": meta or {}, "args": args or {}})
+                "meta": plain(meta or {}), "args": plain(args or {})})
             log.write(**record)
             print(json.dumps(record), flush=True)
         if info.distributed:

@@ -27,7 +27,8 @@ Datasets (:data:`DATASETS`, by the kind ``train/evaluate.py --data`` names): ``s
 ``folder`` (an ImageFolder, accuracy only).
 
 Checkpoints (:func:`load_explained_model`): a timm model's state dict, alone or under ``"model"``
-(anything :func:`ice_prune.engine.read_state_dict` reads, ``.safetensors`` included). Keys
+(anything :func:`ice_prune.checkpoint.read_state_dict` reads, ``.safetensors`` included; loaded
+with weights only unless ``trust=True``). Keys
 ``ice_head.*``, as a model patched with ``heads="shared"`` saves them, build the ICE head from their
 shapes: ``ice_head.fc.weight [C+1, D]`` is ICE's linear head, ``ice_head.fc.0.weight [hidden, D]``
 and ``ice_head.fc.2.weight [C+1, hidden]`` the MLP head of ICE-f.
@@ -46,7 +47,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ice_prune import data, maps, metrics, visualize
-from ice_prune.engine import read_state_dict
+from ice_prune.checkpoint import read_state_dict, split_ice_head
 from ice_prune.head import ICEHead
 from ice_prune.patching import patch
 from ice_prune.select import SELECTORS
@@ -57,13 +58,6 @@ PROTOCOL_NAMES = ("segmentation", "jaccard", "corloc", "cub")
 
 # ---------------------------------------------------------------------------------------------
 # model and checkpoint
-
-def split_ice_head(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``(model state dict without ice_head, ice_head state dict with the prefix stripped)``."""
-    model_state = {k: v for k, v in state.items() if not k.startswith("ice_head.")}
-    head_state = {k[len("ice_head."):]: v for k, v in state.items() if k.startswith("ice_head.")}
-    return model_state, head_state
-
 
 def head_from_state(head_state: dict[str, Tensor]) -> Optional[ICEHead]:
     """An eval-mode ICEHead built from its state dict's shapes (linear: ``fc.weight``; MLP:
@@ -84,15 +78,17 @@ def head_from_state(head_state: dict[str, Tensor]) -> Optional[ICEHead]:
     return head.eval()
 
 
-def load_explained_model(model_name: str, checkpoint: Optional[str] = None,
+def load_explained_model(model_name: str, checkpoint: Optional[str] = None, *, trust: bool = False,
                          **model_kwargs) -> tuple[nn.Module, Optional[ICEHead]]:
     """``(eval-mode unpatched timm model, its ICE head or None)`` from a checkpoint.
 
     ``model_kwargs`` go to ``timm.create_model`` (never pretrained unless asked); the classifier's
     class count comes from the checkpoint's ``head.weight`` when it has one. Without ``checkpoint``
-    the model is randomly initialized and has no ICE head.
+    the model is randomly initialized and has no ICE head. ``trust=True`` unpickles a checkpoint that
+    needs it in full (:func:`ice_prune.checkpoint.read_checkpoint`).
     """
-    model_state, head_state = split_ice_head(read_state_dict(checkpoint)) if checkpoint else ({}, {})
+    model_state, head_state = (split_ice_head(read_state_dict(checkpoint, trust)) if checkpoint
+                               else ({}, {}))
     kwargs = {"pretrained": False, **model_kwargs}
     if "head.weight" in model_state:
         kwargs["num_classes"] = model_state["head.weight"].shape[0]

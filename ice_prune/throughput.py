@@ -14,7 +14,6 @@ medians taken in one run.
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -273,43 +272,3 @@ def max_batch_size(
             torch.cuda.empty_cache()
 
     return find_max_batch(fits, start, limit)
-
-
-def read_checkpoint(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
-    """The state dict in a DeiT/timm release ``.pth`` (a dict with a ``"model"`` or ``"state_dict"``
-    key), a plain state-dict ``.pth``, or a ``.safetensors`` file (read by timm)."""
-    from timm.models import load_state_dict
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return load_state_dict(str(path), use_ema=False)
-
-
-def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
-                    strict: bool = True) -> None:
-    """Load a checkpoint (a path for :func:`read_checkpoint`, or a state dict) into ``model``.
-
-    Keys and shapes are checked first: a mismatch raises ``ValueError`` naming the keys and the fix.
-    """
-    name = "the state dict" if isinstance(checkpoint, Mapping) else f"checkpoint {str(checkpoint)!r}"
-    state = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} is {tuple(state[k].shape)} there and {tuple(v.shape)} here"
-              for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-
-    def few(keys: list[str]) -> str:
-        return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-
-    problems = [f"shapes differ: {few(shapes)}"] if shapes else []
-    if strict and missing:
-        problems.append(f"missing from it: {few(missing)}")
-    if strict and unexpected:
-        problems.append(f"not in the model: {few(unexpected)}")
-    if problems:
-        raise ValueError(
-            f"{name} does not fit this {type(model).__name__}: " + "; ".join(problems)
-            + ". Build the architecture it was trained with (e.g. --model deit_small_patch16_224 "
-              "for a DeiT-S release .pth)")
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)

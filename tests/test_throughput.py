@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 import ice_prune
@@ -125,40 +124,6 @@ def test_find_max_batch_doubles_then_bisects(capacity):
 def test_find_max_batch_nothing_fits():
     with pytest.raises(RuntimeError, match="batch of 1"):
         timing.find_max_batch(lambda b: False)
-
-
-def tiny_vit(**kw):
-    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
-    return timm.models.vision_transformer.VisionTransformer(**{**args, **kw})
-
-
-@pytest.mark.parametrize("fmt", ["release", "plain", "safetensors"])
-def test_load_checkpoint_formats(tmp_path, fmt):
-    src = tiny_vit()
-    sd = src.state_dict()
-    path = tmp_path / ("w.safetensors" if fmt == "safetensors" else "w.pth")
-    if fmt == "release":
-        torch.save({"model": sd, "epoch": 299}, path)  # the layout of DeiT's release files
-    elif fmt == "plain":
-        torch.save(sd, path)
-    else:
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    dst = tiny_vit()
-    ice_prune.load_checkpoint(dst, path)
-    for k, v in dst.state_dict().items():
-        assert torch.equal(v, sd[k]), k
-
-
-def test_load_checkpoint_mismatch_is_clear(tmp_path):
-    path = tmp_path / "w.pth"
-    torch.save({"model": tiny_vit(embed_dim=48).state_dict()}, path)
-    with pytest.raises(ValueError, match=r"shapes differ: .*cls_token.*--model"):
-        ice_prune.load_checkpoint(tiny_vit(), path)
-    torch.save({"model": tiny_vit(depth=2).state_dict()}, path)
-    with pytest.raises(ValueError, match=r"missing from it: blocks\.2\."):
-        ice_prune.load_checkpoint(tiny_vit(), path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        ice_prune.load_checkpoint(tiny_vit(), tmp_path / "nope.pth")
 
 
 @pytest.fixture(scope="module")

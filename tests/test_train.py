@@ -12,6 +12,8 @@ import pytest
 import timm
 import torch
 
+from ice_prune.checkpoint import read_checkpoint
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KW = '{"patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3}'
 BASE = ["--model", "vit_tiny_patch16_224", "--model-kwargs", KW, "--img-size", "32",
@@ -32,7 +34,7 @@ def log(out):
 
 
 def weights(out):
-    return torch.load(os.path.join(out, "last.pth"), map_location="cpu", weights_only=False)["model"]
+    return read_checkpoint(os.path.join(out, "last.pth"))["model"]
 
 
 def env():
@@ -58,7 +60,7 @@ def test_explain_lowers_the_loss_and_moves_the_foreground_fraction(tmp_path):
     assert epochs[-1]["train"]["loss"] < epochs[0]["train"]["loss"] - 0.05
     # with background weight 0.5 the head learns to call patches background
     assert epochs[-1]["train"]["fg_fraction"] < first["fg_fraction"] - 0.15
-    ckpt = torch.load(os.path.join(out, "last.pth"), map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(os.path.join(out, "last.pth"))
     assert ckpt["epoch"] == 3 and ckpt["meta"]["variant"] == "ice"
     assert ckpt["model"]["ice_head.fc.weight"].shape == (11, 48)
 
@@ -95,7 +97,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert torch.load(os.path.join(killed, "last.pth"), weights_only=False)["epoch"] == 1
+    assert read_checkpoint(os.path.join(killed, "last.pth"))["epoch"] == 1
     # the output dir holds a run: refused without --resume
     with pytest.raises(FileExistsError, match="--resume"):
         explain.main(args + ["--output", killed])
@@ -170,8 +172,7 @@ def test_lambda_class_flag_in_both_scripts_and_the_checkpoint_meta(tmp_path):
                     "--epochs", "1"]
 
     def meta(out):
-        return torch.load(os.path.join(out, "last.pth"), map_location="cpu",
-                          weights_only=False)["meta"]
+        return read_checkpoint(os.path.join(out, "last.pth"))["meta"]
 
     # the default: the class-count rule at SyntheticScenes' 10 classes, 9.75 / (9.75 + 25)
     explain.main(small + ["--output", str(tmp_path / "e-auto")])

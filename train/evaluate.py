@@ -14,7 +14,8 @@
 ``--methods``: any maps of ice_prune.maps.METHODS (default: all of them).
 
 Checkpoint: a dict with ``"model"`` (the timm model's state dict), the state dict itself, or a
-``.safetensors`` file. Keys ``ice_head.*`` (as a model patched with ``heads="shared"`` saves them)
+``.safetensors`` file, loaded with weights only (``--trust-checkpoint`` unpickles a file you trust in
+full; see ice_prune.checkpoint). Keys ``ice_head.*`` (as a model patched with ``heads="shared"`` saves them)
 build the ICE head from their shapes (see ice_prune.evaluation). Without ``--checkpoint`` the model
 is randomly initialized (a smoke test, not a result).
 
@@ -30,7 +31,7 @@ import os
 import sys
 
 from ice_prune import evaluation, maps, visualize
-from ice_prune.cli import run_script
+from ice_prune.cli import TRUST_HELP, run_script
 from ice_prune.select import SELECTORS
 
 
@@ -54,7 +55,8 @@ def model_from_args(args):
         model_kwargs["img_size"] = args.img_size
     if args.patch_size is not None:
         model_kwargs["patch_size"] = args.patch_size
-    return evaluation.load_explained_model(args.model, args.checkpoint, **model_kwargs)
+    return evaluation.load_explained_model(args.model, args.checkpoint,
+                                           trust=args.trust_checkpoint, **model_kwargs)
 
 
 def open_data(args, kind: str, path, model):
@@ -121,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--data-kwargs", default="{}",
                        help='JSON keyword arguments of the dataset, e.g. \'{"length": 500}\' (synthetic)')
         s.add_argument("--checkpoint", default=None)
+        s.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
         s.add_argument("--model", default="deit_small_patch16_224")
         s.add_argument("--img-size", type=int, default=None)
         s.add_argument("--patch-size", type=int, default=None)

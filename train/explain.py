@@ -56,7 +56,7 @@ def main(argv=None):
     model = cli.create_model(args, num_classes)
     explainer = ICEExplainer(model, variant.build(model, num_classes))
     if args.checkpoint:
-        engine.load_weights(model, args.checkpoint, reset_classifier=args.reset_classifier)
+        cli.load_weights(model, args)
     set_trainable(model, explainer.head, variant.trainable_blocks,
                   train_classifier=args.cls_weight > 0)
     task = ExplainTask(loss_fn, cls_weight=args.cls_weight)

@@ -78,7 +78,7 @@ def main(argv=None):
     engine.seed_everything(args.seed)  # the same initial weights in every process
     model = cli.create_model(args, num_classes)
     if args.checkpoint:
-        engine.load_weights(model, args.checkpoint, reset_classifier=args.reset_classifier)
+        cli.load_weights(model, args)
     pseudo = None
     if pseudo_path is not None:
         pseudo = ICEPseudoMasks.from_checkpoint(pseudo_path, model, args.model,

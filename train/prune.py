@@ -60,7 +60,7 @@ def main(argv=None):
     ice_prune.patch(model, keep_rate=args.keep_rate, method=args.method, locs=args.locs,
                     placement=args.placement, fuse=not args.no_fuse)
     if args.checkpoint:
-        engine.load_weights(model, args.checkpoint, reset_classifier=args.reset_classifier)
+        cli.load_weights(model, args)
     task = PruneTask(loss_fn, ice_weight=args.ice_weight)
     meta = {"kind": "prune", "model": args.model, "model_kwargs": args.model_kwargs,
             "method": args.method, "keep_rate": args.keep_rate, "locs": args.locs,

@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 import ice_prune
 from ice_prune import visualize
 from ice_prune.data import ImageNetSegmentation, SyntheticScenes
-from ice_prune.engine import CHECKPOINT, LOG, read_state_dict
+from ice_prune.checkpoint import read_checkpoint, read_state_dict
+from ice_prune.engine import CHECKPOINT, LOG
 from ice_prune.head import HEAD_VARIANTS
 from ice_prune.loss import ICELoss, parse_lambda
 from ice_prune.maps import ice_explain, upsample
@@ -236,7 +237,7 @@ def _pm_stage(run: str) -> Callable[[Context, str], dict]:
                              + ["--methods", "pm-style"])
         accuracy = evaluate.main(eval_argv(scale, "accuracy", checkpoint,
                                            os.path.join(out, "accuracy")))
-        meta = torch.load(checkpoint, map_location="cpu", weights_only=False)["meta"]
+        meta = read_checkpoint(checkpoint)["meta"]
         return {"run": run, "args": argv[2:], "mask_source": meta["mask_source"],
                 "mask_fraction": fraction, "masked_images": meta["masked_images"],
                 "train_images": meta["train_images"], "mask_weight": meta["mask_weight"],
