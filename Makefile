@@ -23,7 +23,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/throughput.py
 
-# the paper's experiments in miniature on this CPU (about 40 minutes): reports/cpu/REPORT.md
+# the paper's experiments in miniature on this CPU (about 65 minutes): reports/cpu/REPORT.md
 reproduce: $(STAMP)
 	$(PY) train/reproduce.py --scale cpu
 

@@ -206,3 +206,20 @@ def test_script_refuses_gpu_flags_at_cpu_scale():
         reproduce.build_scale(reproduce.parse_args(["--scale", "cpu", "--data", "/x"]))
     with pytest.raises(ValueError, match="--scale gpu needs --data"):
         reproduce.build_scale(reproduce.parse_args(["--scale", "gpu"]))
+
+
+def test_gpu_synthetic_scale_plans_the_cpu_pipeline_with_gpu_budgets(tmp_path):
+    scale = repro.SCALES["gpu-synthetic"]()
+    cpu = repro.cpu_scale()
+    names = [s.name for s in repro.plan(scale)]
+    assert names[0] == "pretrain" and "classes-40-lambda-auto" in names and "speed" in names
+    assert (scale.model, scale.model_kwargs, scale.synthetic_kwargs) == (
+        cpu.model, cpu.model_kwargs, cpu.synthetic_kwargs)
+    assert scale.bench_compile and scale.bench_dtype == "bf16" and scale.device == "cuda"
+    args = prune.parse_args(["--method", "evit", "--keep-rate", "1.0"]
+                            + repro.train_argv(scale, scale.pretrain) + ["--output", str(tmp_path)])
+    assert (args.epochs, args.batch_size, args.synthetic_train, args.device) == (30, 64, 16000, "cuda")
+    args = explain.parse_args(["--variant", "ice"] + repro.train_argv(scale, scale.explain,
+                                                                      num_classes=40)
+                              + ["--output", str(tmp_path)])
+    assert (args.epochs, args.synthetic_train, args.num_classes) == (4, 4000, 40)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The paper's experiments in miniature, end to end, with a report (``make reproduce``).
 
-    python train/reproduce.py --scale cpu            # about 40 minutes on a 2-core CPU
+    python train/reproduce.py --scale cpu            # about 65 minutes on a 2-core CPU
+    python train/reproduce.py --scale gpu-synthetic  # the same scenes sized for one GPU (~15 min)
     python train/reproduce.py --scale gpu --data /data/imagenet \\
         --seg-data gtsegs_ijcv.mat --checkpoint deit_small_patch16_224-cd65a155.pth
 
