@@ -7,9 +7,10 @@
 >>> maps = ice_prune.explain(model, images, "ice")        # or "rollout", "gradcam", "generic", ...
 
 Modules: ``patching`` (patch / unpatch), ``select`` (selectors), ``head``, ``loss``, ``maps``
-(explanation maps), ``metrics``, ``data``, ``flops``, ``throughput``, ``checkpoint`` (safe loading:
-weights only unless trusted), ``engine`` (training loops), ``visualize``, ``evaluation`` (map and
-accuracy protocols).
+(explanation maps), ``evaluation`` (map and accuracy protocols), ``metrics``, ``data``, ``flops``,
+``throughput``, ``checkpoint`` (safe loading: weights only unless trusted), ``engine`` (training
+loops), ``tasks`` (per-batch training steps, keep-rate schedule), ``cli`` (the training scripts'
+arguments), ``paper`` (the ICE paper's figures), ``visualize``.
 """
 from ice_prune.throughput import benchmark, benchmark_models, max_batch_size
 from ice_prune.checkpoint import load_checkpoint

@@ -122,15 +122,18 @@ class ICEPseudoMasks:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, student: nn.Module, model_name: str,
-                        model_kwargs: Optional[dict] = None) -> "ICEPseudoMasks":
+                        model_kwargs: Optional[dict] = None, trust: bool = False
+                        ) -> "ICEPseudoMasks":
         """The ICE model of ``checkpoint`` built as ``model_name`` with ``model_kwargs`` (those of the
         model being trained, ``student``); ValueError when it is another architecture, has no ICE
-        head, or another class count than ``student``'s classifier."""
+        head, or another class count than ``student``'s classifier. ``trust=True``: unpickle the file
+        fully (only for a file you trust; see ice_prune.checkpoint)."""
         from ice_prune.evaluation import load_explained_model
 
         where = f"pseudo-mask checkpoint {checkpoint!r}"
         try:
-            teacher, head = load_explained_model(model_name, checkpoint, **(model_kwargs or {}))
+            teacher, head = load_explained_model(model_name, checkpoint, trust=trust,
+                                                 **(model_kwargs or {}))
         except ValueError as e:
             raise ValueError(f"{where} is not a {model_name} like the model being trained "
                              f"(another architecture): {e}") from None

@@ -83,7 +83,8 @@ def main(argv=None):
     if pseudo_path is not None:
         pseudo = ICEPseudoMasks.from_checkpoint(pseudo_path, model, args.model,
                                                 {**json.loads(args.model_kwargs),
-                                                 "img_size": args.img_size})
+                                                 "img_size": args.img_size},
+                                                trust=args.trust_checkpoint)
     grid = tuple(model.patch_embed.grid_size)
     mask_seed = args.seed if args.mask_seed is None else args.mask_seed
     masked = mask_selection(len(train_set), args.mask_fraction, mask_seed)
