@@ -10,7 +10,8 @@ Modules: ``patching`` (patch / unpatch), ``select`` (selectors), ``head``, ``los
 (explanation maps), ``evaluation`` (map and accuracy protocols), ``metrics``, ``data``, ``flops``,
 ``throughput``, ``checkpoint`` (safe loading: weights only unless trusted), ``engine`` (training
 loops), ``tasks`` (per-batch training steps, keep-rate schedule), ``cli`` (the training scripts'
-arguments), ``paper`` (the ICE paper's figures), ``visualize``.
+arguments), ``paper`` (the ICE paper's figures), ``visualize``, ``token_grid`` (``restore``:
+pruned tokens back on the full patch grid for dense heads).
 """
 from ice_prune.throughput import benchmark, benchmark_models, max_batch_size
 from ice_prune.checkpoint import load_checkpoint
@@ -22,6 +23,7 @@ from ice_prune.loss import LOSS_MODES, ICELoss
 from ice_prune.tasks import keep_rate_schedule
 from ice_prune.patching import patch, unpatch
 from ice_prune.select import SELECTORS, register_selector, token_schedule
+from ice_prune.token_grid import restore
 
 __version__ = "0.1.0"
 
@@ -42,6 +44,7 @@ __all__ = [
     "max_batch_size",
     "patch",
     "register_selector",
+    "restore",
     "token_schedule",
     "unpatch",
 ]

@@ -86,7 +86,7 @@ class ICEState:
             "block": self.locs[loc], "tokens_in": tokens_in, "tokens_out": tokens_out, "keep": keep,
             "kept": kept, "fused": fused if self.fuse else None,
             "dropped": None if self.fuse else fused, "mask": mask[:, :num_patches],
-            "scores": scores.detach()})
+            "scores": scores.detach(), "order": order})
         if self.fuse:
             kept = torch.cat([kept, kept.new_full((B, 1), -1)], dim=1)
         self._positions = kept
@@ -130,7 +130,10 @@ class ICEVisionTransformer:
 
     @property
     def ice_trace(self) -> Optional[dict]:
-        """What the last forward with ``trace=True`` kept and fused, per selection point."""
+        """What the last forward with ``trace=True`` kept and fused, per selection point: ``kept`` /
+        ``fused`` (or ``dropped``) original patch positions (-1 for a fused token), ``mask``,
+        ``scores`` and ``order`` (the reorganize step's ranking of the incoming tokens, which
+        :func:`ice_prune.restore` composes)."""
         return self._ice.trace_out
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None,

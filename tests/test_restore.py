@@ -1,0 +1,109 @@
+"""ice_prune.restore: pruned tokens back on the full patch grid, checked against the trace's recorded
+positions and against a plain re-computation of which token each patch ends up in."""
+import pytest
+import timm
+import torch
+
+import ice_prune
+
+MODELS = {
+    "deit_tiny": ("deit_tiny_patch16_224", dict(img_size=96)),  # 36 patches, 1 prefix token
+    "reg4": ("vit_small_patch14_reg4_dinov2", dict(img_size=84, num_classes=10)),  # 5 prefix
+    "distilled": ("deit_small_distilled_patch16_224", dict(img_size=96)),  # CLS + dist
+}
+
+
+def traced(name, method, keep_rate, fuse=True, batch=3):
+    timm_name, kwargs = MODELS[name]
+    model = timm.create_model(timm_name, pretrained=False, **kwargs).eval()
+    ice_prune.patch(model, keep_rate=keep_rate, method=method, fuse=fuse, trace=True)
+    x = torch.randn(batch, 3, *model.patch_embed.img_size)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+    return model, tokens, model.ice_trace
+
+
+def plain_sources(trace, b):
+    """Which final token each patch reads, by following sets of patches through the points.
+
+    Each token is the set of patches it stands for; at a point the tokens are ranked by the recorded
+    scores (descending, ties by position), the first ``keep`` stay in that order and the union of the
+    rest becomes one new token appended last (or is lost without fusion)."""
+    gh, gw = trace["grid"]
+    tokens = [{p} for p in range(gh * gw)]
+    for loc in trace["locations"]:
+        scores = loc["scores"][b].tolist()
+        ranked = sorted(range(len(tokens)), key=lambda i: (-scores[i], i))
+        kept = [tokens[i] for i in ranked[:loc["keep"]]]
+        dropped = set().union(*(tokens[i] for i in ranked[loc["keep"]:]))
+        tokens = kept + ([dropped] if loc["fused"] is not None else [])
+    sources = [-1] * (gh * gw)
+    for j, members in enumerate(tokens):
+        for p in members:
+            sources[p] = j
+    return sources
+
+
+@pytest.mark.parametrize("method", ["ice", "evit"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_restore_matches_plain_recomputation_and_trace(name, method):
+    model, tokens, trace = traced(name, method, keep_rate=0.6)
+    P, (gh, gw) = model.num_prefix_tokens, trace["grid"]
+    assert len(trace["locations"]) == 3
+    out = ice_prune.restore(tokens, trace)
+    assert out.shape == (tokens.shape[0], P + gh * gw, tokens.shape[2])
+    assert torch.equal(out[:, :P], tokens[:, :P])  # prefix tokens stay in place
+    fused_kept_later = 0
+    for b in range(tokens.shape[0]):
+        sources = plain_sources(trace, b)
+        assert min(sources) >= 0  # with fusion every patch reads some token
+        for p, j in enumerate(sources):
+            assert torch.equal(out[b, P + p], tokens[b, P + j])
+        # the trace's own record of the last point: kept patches in place, its fused patches
+        # (those still standing before it) read the last token
+        last = trace["locations"][-1]
+        for j, p in enumerate(last["kept"][b].tolist()):
+            if p >= 0:
+                assert torch.equal(out[b, P + p], tokens[b, P + j])
+            else:
+                fused_kept_later += 1
+        for p in last["fused"][b].tolist():
+            if p >= 0:
+                assert torch.equal(out[b, P + p], tokens[b, -1])
+    if method == "evit":  # the composed case occurs: an earlier fused token kept at the last point
+        assert fused_kept_later > 0
+
+
+@pytest.mark.parametrize("method", ["ice", "evit"])
+@pytest.mark.parametrize("name", ["deit_tiny", "reg4"])
+def test_restore_without_fusion_gives_zeros_at_dropped_patches(name, method):
+    model, tokens, trace = traced(name, method, keep_rate=0.5, fuse=False)
+    P = model.num_prefix_tokens
+    out = ice_prune.restore(tokens, trace)
+    assert torch.equal(out[:, :P], tokens[:, :P])
+    mask = trace["locations"][-1]["mask"]
+    for b in range(tokens.shape[0]):
+        sources = plain_sources(trace, b)
+        for p, j in enumerate(sources):
+            assert (j >= 0) == bool(mask[b, p])
+            expected = tokens[b, P + j] if j >= 0 else torch.zeros(tokens.shape[2])
+            assert torch.equal(out[b, P + p], expected)
+    assert (out[:, P:].abs().sum(-1) == 0).sum() == (~mask).sum()
+
+
+@pytest.mark.parametrize("method", ["ice", "evit"])
+@pytest.mark.parametrize("name", ["deit_tiny", "distilled"])
+def test_restore_is_identity_at_keep_rate_one(name, method):
+    model, tokens, trace = traced(name, method, keep_rate=1.0)
+    assert trace["locations"] == []
+    assert torch.equal(ice_prune.restore(tokens, trace), tokens)
+
+
+def test_restore_reads_the_tokens_of_the_traced_forward():
+    model, tokens, trace = traced("deit_tiny", "evit", keep_rate=0.5)
+    with pytest.raises(ValueError, match="the trace ends with"):
+        ice_prune.restore(tokens[:, :-1], trace)
+    with pytest.raises(ValueError, match="batch"):
+        ice_prune.restore(tokens[:1], trace)
+    with pytest.raises(ValueError, match="model.trace = True"):
+        ice_prune.restore(tokens, None)
