@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 import ice_prune
 from ice_prune.checkpoint import load_checkpoint, read_state_dict, split_ice_head
-from ice_prune.cli import TRUST_HELP, run_script
+from ice_prune.cli import TRUST_HELP, ArgumentParser, check_keep_rate, check_model_name, run_script
+from ice_prune.engine import check_output_file
 from ice_prune.throughput import DEFAULTS, benchmark_models, max_batch_size, resolve_device
 from ice_prune.flops import count_flops
 from ice_prune.kernels.ops import KERNEL_CHOICES
@@ -54,7 +55,7 @@ def published_json() -> dict:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224", help="any timm VisionTransformer")
     parser.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5],
@@ -87,13 +88,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--plot", default=None, help="write a PNG of speed-up and GMACs vs keep rate")
     args = parser.parse_args(argv)
     for rate in args.keep_rates:
-        if not 0.0 < rate <= 1.0:
-            parser.error(f"--keep-rates must lie in (0, 1], got {rate}")
+        check_keep_rate(rate, "--keep-rates")
     if args.batch_size not in (None, "max"):
         try:
             args.batch_size = int(args.batch_size)
         except ValueError:
             parser.error(f"--batch-size takes a number or 'max', got {args.batch_size!r}")
+    check_model_name(args.model)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, flag)
     return args
 
 
@@ -213,7 +217,7 @@ def plot(rows: list[dict], path: str, title: str, reference: bool) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     models, meta = build_variants(args)
@@ -263,12 +267,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "paper": published_json(),
     }
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
         print(f"wrote {args.json}")
     if args.plot:
         # the paper's figures are for DeiT-S at 224 px: drawn only beside a run of that model
         reference = args.model.startswith("deit_small_patch16_224") and input_size[1:] == (224, 224)
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
         plot(rows, args.plot, header, reference)
         print(f"wrote {args.plot}")
     return result

@@ -3,11 +3,14 @@
 ``train/explain.py`` and ``train/prune.py`` add their own arguments to :func:`add_common_args`, turn
 the parsed arguments into a :class:`ice_prune.engine.TrainConfig` with :func:`config_from_args`, and
 build data and model with :func:`build_data` / :func:`create_model`, and load ``--checkpoint`` with
-:func:`load_weights`. :func:`run_script` ends a run on a bad argument, path or checkpoint with one
-line instead of a traceback.
+:func:`load_weights`. :func:`check_common_args` refuses a bad device, model, JSON, data spec or
+output folder before anything is built, and :func:`run_script` ends a run on a bad argument, path or
+checkpoint with one ``error: ...`` line and exit status 2 instead of a traceback; :class:`ArgumentParser`
+reports its own errors the same way.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -17,11 +20,60 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ice_prune.checkpoint import CheckpointError, load_checkpoint
-from ice_prune.engine import TrainConfig, cleanup_distributed
+from ice_prune.engine import TrainConfig, check_device, check_output_dir, cleanup_distributed
 
 TRUST_HELP = ("unpickle the checkpoint in full when it needs it, which runs whatever code it "
               "carries: only for a file you trust (without this flag checkpoints load with "
               "torch.load(weights_only=True) and such a file is refused)")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one ``error: ...`` line (exit status 2), like run_script's."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def parse_json_kwargs(text: str, flag: str) -> dict:
+    """A JSON object of keyword arguments from ``flag``; anything else is a ValueError."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} is not JSON ({e}): give an object, e.g. '{{\"depth\": 6}}'") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object of keyword arguments, got {text!r}")
+    return value
+
+
+def check_model_name(name: str, flag: str = "--model") -> None:
+    """A ValueError for a name timm does not know (timm itself raises RuntimeError, after imports and
+    data); hub and local-folder sources (``hf-hub:...``) are left to timm."""
+    import timm
+    from timm.models import parse_model_name, split_model_name_tag
+
+    source, model = parse_model_name(name)
+    if source is None and not timm.is_model(split_model_name_tag(model)[0]):
+        raise ValueError(f"{flag}: unknown timm model {name!r}; list the names with "
+                         f"timm.list_models('deit*') or timm.list_models('vit*'), e.g. "
+                         f"deit_small_patch16_224")
+
+
+def check_keep_rate(value: float, flag: str = "--keep-rate") -> None:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{flag} must lie in (0, 1], got {value:g}: the share of tokens kept at each "
+                         f"selection point (1 keeps every token)")
+
+
+def check_common_args(args) -> None:
+    """What :func:`add_common_args` takes that can be checked before anything is built: the device,
+    the model name, the JSON arguments, the form of --data and the --output folder."""
+    check_device(args.device)
+    check_model_name(args.model)
+    parse_json_kwargs(args.model_kwargs, "--model-kwargs")
+    parse_json_kwargs(args.synthetic_kwargs, "--synthetic-kwargs")
+    if args.data != "synthetic" and not args.data.startswith("imagefolder:"):
+        raise ValueError(f"--data must be 'synthetic' or 'imagefolder:PATH', got {args.data!r}")
+    check_output_dir(args.output)
 
 
 def add_common_args(parser, *, epochs: int, lr: float, min_lr: float, weight_decay: float,
@@ -93,10 +145,7 @@ def build_data(args) -> tuple[Dataset, Optional[Dataset], int]:
 
     if args.data == "synthetic":
         num_classes = args.num_classes or 10
-        try:
-            extra = json.loads(getattr(args, "synthetic_kwargs", "{}"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--synthetic-kwargs is not JSON: {e}") from None
+        extra = parse_json_kwargs(getattr(args, "synthetic_kwargs", "{}"), "--synthetic-kwargs")
         kwargs = dict(num_classes=num_classes, img_size=args.img_size, seed=args.seed, **extra)
         return (SyntheticScenes(length=args.synthetic_train, split="train", **kwargs),
                 SyntheticScenes(length=args.synthetic_val, split="val", **kwargs), num_classes)
@@ -119,10 +168,8 @@ def create_model(args, num_classes: int) -> nn.Module:
     ``--pretrained``. The scripts load ``--checkpoint`` after attaching the ICE head."""
     import timm
 
-    try:
-        kwargs = json.loads(args.model_kwargs)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--model-kwargs is not JSON: {e}") from None
+    check_model_name(args.model)
+    kwargs = parse_json_kwargs(args.model_kwargs, "--model-kwargs")
     if getattr(args, "reset_classifier", False) and not args.checkpoint:
         raise ValueError("--reset-classifier applies to the weights of --checkpoint; give one (with "
                          "--pretrained, timm makes a new classifier when --num-classes differs)")
@@ -139,10 +186,12 @@ def load_weights(model: nn.Module, args) -> list[str]:
 
 
 def run_script(main: Callable[[], Any]) -> None:
-    """Run a script's ``main``; a bad argument or path ends it with the message, not a traceback."""
+    """Run a script's ``main``; a bad argument, path or checkpoint ends it with one ``error: ...``
+    line and exit status 2, not a traceback (CheckpointError covers UnsafeCheckpointError; OSError
+    covers a missing, unreadable or unwritable path)."""
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, CheckpointError) as e:
+    except (ValueError, TypeError, OSError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -68,15 +68,45 @@ class DistInfo:
         return self.rank == 0
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(device: Any = None, flag: str = "--device") -> torch.device:
+    """The device ``device`` names, checked to exist on this machine: ``None`` / ``"auto"`` is CUDA
+    when present, else the CPU. Anything else that cannot run here (``"tpu"``, ``"cuda"`` without a
+    GPU, ``"cuda:7"`` on a machine with fewer GPUs) is a ValueError naming ``flag`` and the fix, raised
+    before a model is built."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{flag} {device!r} is not a device torch knows: use cpu, cuda, cuda:N "
+                         f"or auto") from None
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"{flag} {device!r} is not a device type this library runs on: use cpu, "
+                         f"cuda, cuda:N or auto")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{flag} {device}: torch sees no CUDA GPU on this machine "
+                             f"(torch.cuda.is_available() is False); use {flag} cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{flag} {device}: torch sees only {count} CUDA GPU(s), cuda:0 to "
+                             f"cuda:{count - 1}; use {flag} cuda:0 (or {flag} cpu)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {device}: no Apple MPS device on this machine; use {flag} cpu")
+    return dev
+
+
 def init_distributed(device: Optional[str] = None) -> DistInfo:
-    """Join the process group ``torchrun`` set up (NCCL on CUDA, gloo otherwise), or run alone."""
+    """Join the process group ``torchrun`` set up (NCCL on CUDA, gloo otherwise), or run alone.
+    ``device`` is checked first (:func:`check_device`): a device that is not there is a ValueError."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local if dev.index is None else dev.index)
+        dev = check_device(f"cuda:{local if dev.index is None else dev.index}")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
@@ -144,6 +174,36 @@ def resume_command(argv: Optional[list[str]] = None, world_size: int = 1) -> str
     return " ".join(launcher + [shlex.quote(argv[0])] + [shlex.quote(a) for a in args])
 
 
+def _cannot_create(folder: str) -> Optional[str]:
+    """Why ``folder`` cannot be made or written, or None: it, or the nearest of its parents that
+    exists, must be a writable folder."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing!r} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing!r} is not writable"
+    return None
+
+
+def check_output_dir(path: str, flag: str = "--output") -> None:
+    """Refuse, before any work, a folder that cannot be made or written; the ValueError names
+    ``flag`` and the fix."""
+    reason = _cannot_create(path)
+    if reason is not None:
+        raise ValueError(f"{flag} {path!r} cannot be created: {reason}; choose another {flag}")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse, before any work, a file that cannot be written (its folder is made on writing)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a folder; give a file name")
+    reason = _cannot_create(os.path.dirname(os.path.abspath(path)))
+    if reason is not None:
+        raise ValueError(f"{flag} {path!r} cannot be written: {reason}; choose another {flag}")
+
+
 def prepare_output(output: str, resume: bool, overwrite: bool, info: DistInfo) -> Optional[str]:
     """Make ``output``; refuse to clobber a run there. Returns the checkpoint to resume or None."""
     ckpt = os.path.join(output, CHECKPOINT)
@@ -160,7 +220,12 @@ def prepare_output(output: str, resume: bool, overwrite: bool, info: DistInfo) -
             f"{output!r} already holds a run ({CHECKPOINT} / {LOG}); continue it with --resume, "
             f"start over with --overwrite, or choose another --output")
     if info.is_main:
-        os.makedirs(output, exist_ok=True)
+        check_output_dir(output)
+        try:
+            os.makedirs(output, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--output {output!r} cannot be created ({e.strerror}); choose another "
+                             f"--output") from None
         for name in (CHECKPOINT, LOG):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(output, name))

@@ -97,15 +97,12 @@ class BenchmarkRun:
                             for name, m in self.measurements.items()]}
 
 
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """``None`` / ``"auto"``: CUDA when present, else CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA GPU; use device='cpu' "
-                           "or 'auto'")
-    return device
+def resolve_device(device: Union[str, torch.device, None], flag: str = "device") -> torch.device:
+    """``None`` / ``"auto"``: CUDA when present, else CPU; a device that is not on this machine is a
+    ValueError naming ``flag`` (see :func:`ice_prune.engine.check_device`)."""
+    from ice_prune.engine import check_device
+
+    return check_device(device, flag)
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:

@@ -31,18 +31,10 @@ import os
 import sys
 
 from ice_prune import evaluation, maps, visualize
-from ice_prune.cli import TRUST_HELP, run_script
+from ice_prune.cli import (TRUST_HELP, ArgumentParser, check_keep_rate, check_model_name,
+                           parse_json_kwargs, run_script)
+from ice_prune.engine import check_output_dir
 from ice_prune.select import SELECTORS
-
-
-def json_argument(text: str, flag: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{flag} is not JSON ({e}): give an object, e.g. '{{\"length\": 500}}'") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{flag} must be a JSON object of keyword arguments, got {text!r}")
-    return value
 
 
 def model_from_args(args):
@@ -50,7 +42,7 @@ def model_from_args(args):
     ``--patch-size`` and ``--checkpoint``."""
     if args.checkpoint is None:
         print("warning: no --checkpoint, the model is randomly initialized", file=sys.stderr)
-    model_kwargs = json_argument(args.model_kwargs, "--model-kwargs")
+    model_kwargs = parse_json_kwargs(args.model_kwargs, "--model-kwargs")
     if args.img_size is not None:
         model_kwargs["img_size"] = args.img_size
     if args.patch_size is not None:
@@ -63,7 +55,7 @@ def open_data(args, kind: str, path, model):
     """The ``--data`` dataset at the model's image size and class count."""
     return evaluation.open_dataset(kind, path, image_size=args.img_size or model.patch_embed.img_size[0],
                                    num_classes=model.num_classes,
-                                   kwargs=json_argument(args.data_kwargs, "--data-kwargs"))
+                                   kwargs=parse_json_kwargs(args.data_kwargs, "--data-kwargs"))
 
 
 def run_explain(args) -> dict:
@@ -115,7 +107,7 @@ def run_accuracy(args) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("explain", "accuracy"):
         s = sub.add_parser(name)
@@ -150,6 +142,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
+    # what can be checked before a model is built or data read
+    evaluation.parse_data_spec(args.data)
+    check_model_name(args.model)
+    parse_json_kwargs(args.model_kwargs, "--model-kwargs")
+    parse_json_kwargs(args.data_kwargs, "--data-kwargs")
+    if getattr(args, "method", None) is not None:
+        check_keep_rate(args.keep_rate)
+    check_output_dir(args.out, "--out")
     return {"explain": run_explain, "accuracy": run_accuracy}[args.command](args)
 
 

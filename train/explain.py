@@ -11,7 +11,6 @@ ice_prune.loss); ``--lambda-class paper`` takes the literal value. Multi-process
 ``OUTPUT/last.pth`` holds the timm model's weights with the head under ``ice_head.`` (see
 ice_prune.engine).
 """
-import argparse
 import dataclasses
 
 from ice_prune import cli, engine
@@ -22,7 +21,7 @@ from ice_prune.tasks import ExplainTask
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="ice", choices=sorted(HEAD_VARIANTS))
     p.add_argument("--trainable-blocks", type=int, default=None,
                    help="icev2-style: how many of the last blocks train (default 2)")
@@ -40,6 +39,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.check_common_args(args)
     variant = HEAD_VARIANTS[args.variant]
     if args.trainable_blocks is not None:
         if args.variant != "icev2-style":

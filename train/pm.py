@@ -28,8 +28,6 @@ Mixup and cutmix are off (they mix images but not their masks); label smoothing 
 stays. Defaults are ICE's explanation recipe (3 epochs, lr 1e-5, batch 256, weight decay 0.05): the
 paper's are not known. The checkpoint ``OUTPUT/last.pth`` holds exactly timm's keys.
 """
-import argparse
-import json
 
 from ice_prune import cli, engine
 from ice_prune.data import PartialMasks, has_masks, mask_selection
@@ -39,7 +37,7 @@ PSEUDO_SOURCES = ("ice",)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mask-fraction", type=float, default=0.01,
                    help="share of the training images that keep a mask, in [0, 1] (default 0.01)")
     p.add_argument("--mask-seed", type=int, default=None,
@@ -66,6 +64,7 @@ def pseudo_checkpoint(spec):
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.check_common_args(args)
     if not 0 <= args.mask_fraction <= 1:
         raise ValueError(f"--mask-fraction must be in [0, 1], got {args.mask_fraction}")
     if args.mixup > 0 or args.cutmix > 0:
@@ -82,7 +81,8 @@ def main(argv=None):
     pseudo = None
     if pseudo_path is not None:
         pseudo = ICEPseudoMasks.from_checkpoint(pseudo_path, model, args.model,
-                                                {**json.loads(args.model_kwargs),
+                                                {**cli.parse_json_kwargs(args.model_kwargs,
+                                                                          "--model-kwargs"),
                                                  "img_size": args.img_size},
                                                 trust=args.trust_checkpoint)
     grid = tuple(model.patch_embed.grid_size)

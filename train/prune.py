@@ -11,7 +11,6 @@ EViT ran 8 processes x 128 images; its main.py scales the lr by global batch / 5
 does not: pass the lr you want. Loss: cross-entropy on [CLS] plus, for ICE, ``--ice-weight`` x the
 ICE loss of the shared head averaged over the selection points.
 """
-import argparse
 import dataclasses
 
 import ice_prune
@@ -22,7 +21,7 @@ from ice_prune.tasks import PruneTask
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="ice", choices=sorted(ice_prune.SELECTORS))
     p.add_argument("--keep-rate", type=float, default=0.7)
     p.add_argument("--locs", type=int, nargs="+", default=[3, 6, 9])
@@ -43,6 +42,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    cli.check_keep_rate(args.keep_rate)
+    cli.check_common_args(args)
     if args.ice_weight < 0:
         raise ValueError(f"--ice-weight must be >= 0, got {args.ice_weight}")
     loss_fn = None

@@ -13,7 +13,6 @@ seeds, measure speed, draw examples. Each stage writes ``OUT/work/<stage>/done.j
 reuses finished stages (``--fresh`` starts over). The report: ``OUT/REPORT.md``, ``OUT/results.json``,
 ``OUT/figures/``.
 """
-import argparse
 import os
 import sys
 
@@ -21,10 +20,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import repro  # noqa: E402
+from ice_prune.cli import ArgumentParser  # noqa: E402
+from ice_prune.engine import check_output_dir  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", default="cpu", choices=sorted(repro.SCALES))
     parser.add_argument("--out", default=None, help="report folder (default reports/<scale>)")
     parser.add_argument("--fresh", action="store_true", help="discard finished stages and start over")
@@ -52,6 +53,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     scale = build_scale(args)
     out = args.out or os.path.join("reports", scale.name)
+    check_output_dir(out, "--out")
     results = repro.run(scale, out, fresh=args.fresh, until=args.until)
     if results is not None:
         print(f"report: {os.path.join(out, 'REPORT.md')} ({results['wall_s'] / 60:.1f} min of "
