@@ -53,7 +53,12 @@ def test_restore_matches_plain_recomputation_and_trace(name, method):
     out = ice_prune.restore(tokens, trace)
     assert out.shape == (tokens.shape[0], P + gh * gw, tokens.shape[2])
     assert torch.equal(out[:, :P], tokens[:, :P])  # prefix tokens stay in place
-    fused_kept_later = 0
+    # the composed cases occur: an earlier fused token kept at a later point, or fused again
+    kept_again = sum(int((loc["kept"] < 0).sum()) for loc in trace["locations"])
+    fused_again = sum(int((loc["fused"] < 0).sum()) for loc in trace["locations"])
+    assert fused_again > 0
+    if method == "evit":
+        assert kept_again > 0
     for b in range(tokens.shape[0]):
         sources = plain_sources(trace, b)
         assert min(sources) >= 0  # with fusion every patch reads some token
@@ -65,13 +70,9 @@ def test_restore_matches_plain_recomputation_and_trace(name, method):
         for j, p in enumerate(last["kept"][b].tolist()):
             if p >= 0:
                 assert torch.equal(out[b, P + p], tokens[b, P + j])
-            else:
-                fused_kept_later += 1
         for p in last["fused"][b].tolist():
             if p >= 0:
                 assert torch.equal(out[b, P + p], tokens[b, -1])
-    if method == "evit":  # the composed case occurs: an earlier fused token kept at the last point
-        assert fused_kept_later > 0
 
 
 @pytest.mark.parametrize("method", ["ice", "evit"])
