@@ -3,11 +3,15 @@
 
     python bench/throughput.py                                   # DeiT-S, keep rates 0.7 and 0.5
     python bench/throughput.py --device cuda --dtype bf16 --batch-size max --json r.json --plot r.png
+    python bench/throughput.py --latency-only --threads 1          # batch-1 latency: median, p90
 
 All variants are timed interleaved in one run (ice_prune.benchmark_models); a speed-up is the ratio of
 the variant's median img/s to the baseline's. GMACs are fvcore counts with the SDPA and reorganize
 handles of ice_prune.flops. Weights are random unless --checkpoint or --pretrained: the work a forward
 does, and so its speed, does not depend on them (every variant keeps a fixed number of tokens).
+``--latency`` / ``--latency-only`` time single-image forwards, interleaved the same way
+(ice_prune.throughput.latency), each captured once as a CUDA graph on a GPU (``--no-cuda-graphs``: eager;
+``--compile`` then uses mode="reduce-overhead"), and report median and p90 milliseconds.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ import ice_prune
 from ice_prune.checkpoint import load_checkpoint, read_state_dict, split_ice_head
 from ice_prune.cli import TRUST_HELP, ArgumentParser, check_keep_rate, check_model_name, run_script
 from ice_prune.engine import check_output_file
-from ice_prune.throughput import DEFAULTS, benchmark_models, max_batch_size, resolve_device
+from ice_prune.throughput import (DEFAULTS, LATENCY_DEFAULTS, benchmark_models, latency,
+                                  max_batch_size, resolve_device)
 from ice_prune.flops import count_flops
 from ice_prune.kernels.ops import KERNEL_CHOICES
 from ice_prune.paper import TABLE5, TABLE5_KEEP_RATES, TABLE5_SOURCE, Efficiency
@@ -84,6 +89,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "head, the cost of a distilled foreground/background selector")
     parser.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES, help="reorganize kernel")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    lat = parser.add_argument_group("batch-1 latency")
+    lat.add_argument("--latency", action="store_true",
+                     help="also measure batch-1 latency (median and p90 of single-image forwards, "
+                          "interleaved) after the throughput run")
+    lat.add_argument("--latency-only", action="store_true", help="measure latency, not throughput")
+    lat.add_argument("--latency-reps", type=int, default=None,
+                     help=f"timed single-image forwards per variant; default "
+                          f"{LATENCY_DEFAULTS['cpu']['reps']} on CPU, "
+                          f"{LATENCY_DEFAULTS['cuda']['reps']} on CUDA")
+    lat.add_argument("--latency-warmup", type=int, default=None, help="discarded rounds")
+    lat.add_argument("--no-cuda-graphs", action="store_true",
+                     help="on CUDA, time eager forwards instead of replaying a captured CUDA graph")
     parser.add_argument("--json", default=None, help="write every figure and the settings here")
     parser.add_argument("--plot", default=None, help="write a PNG of speed-up and GMACs vs keep rate")
     args = parser.parse_args(argv)
@@ -229,10 +246,48 @@ def main(argv: Optional[list[str]] = None) -> dict:
         stats[name] = {"params": sum(p.numel() for p in model.parameters()),
                        "macs": count_flops(model, input_size)}
     if args.compile:
+        # with latency on CUDA: reduce-overhead, torch.compile's own CUDA graphs
+        mode = "reduce-overhead" if device.type == "cuda" and (args.latency or args.latency_only) \
+            else None
         for name in list(models):
-            models[f"{name}+compile"] = torch.compile(models[name])
+            models[f"{name}+compile"] = torch.compile(models[name], mode=mode)
             meta[f"{name}+compile"], stats[f"{name}+compile"] = meta[name], stats[name]
 
+    info, versions = environment(device, torch.get_num_threads())
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else argv)),
+        "device": info, "versions": versions,
+        "settings": dict(vars(args), input_size=list(input_size), device=str(device)),
+    }
+    if not args.latency_only:
+        result.update(measure_throughput(args, models, meta, stats, input_size, device, info))
+    if args.latency or args.latency_only:
+        result["latency"] = measure_latency(args, models, meta, stats, input_size, device, info)
+    result["paper"] = published_json()
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot and "results" in result:
+        # the paper's figures are for DeiT-S at 224 px: drawn only beside a run of that model
+        reference = args.model.startswith("deit_small_patch16_224") and input_size[1:] == (224, 224)
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+        plot(result["results"], args.plot, result["header"], reference)
+        print(f"wrote {args.plot}")
+    return result
+
+
+def variant_row(measured: dict, meta: dict, stats: dict) -> dict:
+    name = measured["name"]
+    return dict(measured, **meta[name], compiled=name.endswith("+compile"),
+                params=stats[name]["params"], params_m=stats[name]["params"] / 1e6,
+                macs=stats[name]["macs"], gmacs=stats[name]["macs"] / 1e9)
+
+
+def measure_throughput(args, models, meta, stats, input_size, device, info) -> dict:
+    """The throughput run, its table, and its part of the --json output."""
     batch_size = args.batch_size
     if batch_size == "max":
         batch_size = max_batch_size(models, input_size, device, args.dtype)
@@ -241,43 +296,53 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     rows = []
     for measured in run.to_dict()["results"]:
-        name = measured["name"]
-        rows.append(dict(measured, **meta[name], compiled=name.endswith("+compile"),
-                         params=stats[name]["params"], params_m=stats[name]["params"] / 1e6,
-                         macs=stats[name]["macs"], gmacs=stats[name]["macs"] / 1e9))
+        rows.append(variant_row(measured, meta, stats))
     for row in rows:  # ICE's throughput relative to EViT's at the same keep rate, in the same run
         evit = f"evit@{row['keep_rate']:g}" + ("+compile" if row["compiled"] else "")
         row["vs_evit"] = (row["median_img_per_s"] / run[evit].median if row["method"] == "ice"
                           else None)
 
-    info, versions = environment(device, torch.get_num_threads())
     reps = len(run[run.baseline].times)
     header = (f"{args.model} on {info['name']} ({device.type}, {args.dtype}, batch "
               f"{run[run.baseline].batch_size}, {reps} reps, warm-up {run.warmup}, "
               f"{info['threads']} threads)")
     print_table(rows, header)
-    result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.argv[0])] + (sys.argv[1:] if argv is None else argv)),
-        "device": info, "versions": versions,
-        "settings": dict(vars(args), batch_size=run[run.baseline].batch_size,
-                         batch_size_arg=args.batch_size, reps=reps, warmup=run.warmup,
-                         input_size=list(input_size), device=str(device)),
-        "results": rows, "schedule": run.schedule,
-        "paper": published_json(),
-    }
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
-    if args.plot:
-        # the paper's figures are for DeiT-S at 224 px: drawn only beside a run of that model
-        reference = args.model.startswith("deit_small_patch16_224") and input_size[1:] == (224, 224)
-        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
-        plot(rows, args.plot, header, reference)
-        print(f"wrote {args.plot}")
-    return result
+    return {"header": header,
+            "settings": dict(vars(args), batch_size=run[run.baseline].batch_size,
+                             batch_size_arg=args.batch_size, reps=reps, warmup=run.warmup,
+                             input_size=list(input_size), device=str(device)),
+            "results": rows, "schedule": run.schedule}
+
+
+def measure_latency(args, models, meta, stats, input_size, device, info) -> dict:
+    """The batch-1 latency run (median and p90 of single-image forwards, CUDA graphs on a GPU unless
+    --no-cuda-graphs), its table, and its part of the --json output."""
+    run = latency(models, input_size, device, args.dtype, args.latency_reps, args.latency_warmup,
+                  baseline="baseline", cuda_graphs=False if args.no_cuda_graphs else "auto",
+                  progress=True)
+    rows = [variant_row(measured, meta, stats) for measured in run.to_dict()["results"]]
+    reps = len(run[run.baseline].times)
+    graphs = any(r["cuda_graph"] for r in rows)
+    header = (f"{args.model} on {info['name']} ({device.type}, {args.dtype}, batch 1, {reps} "
+              f"single-image forwards per variant, warm-up {run.warmup}, {info['threads']} threads"
+              f"{', CUDA graphs' if graphs else ''})")
+    print_latency_table(rows, header)
+    return {"header": header, "reps": reps, "warmup": run.warmup, "batch_size": 1,
+            "cuda_graphs": graphs, "results": rows, "schedule": run.schedule}
+
+
+def print_latency_table(rows: list[dict], header: str) -> None:
+    print(header)
+    cols = (f"{'variant':<18}{'keep':>6}{'GMACs':>8}{'median ms':>11}{'p90 ms':>9}{'best ms':>9}"
+            f"{'speed-up':>10}{'graph':>7}  note")
+    print(cols)
+    print("-" * len(cols))
+    for row in rows:
+        note = "slower than the baseline at batch 1" if row["speedup"] < 1 else ""
+        print(f"{row['name']:<18}{row['keep_rate']:>6.2f}{row['gmacs']:>8.2f}{row['median_ms']:>11.2f}"
+              f"{row['p90_ms']:>9.2f}{row['best_ms']:>9.2f}{row['speedup']:>9.2f}x"
+              f"{'yes' if row['cuda_graph'] else 'no':>7}  {note}")
+    print("speed-up: the baseline's median latency over the variant's, in the same interleaved run")
 
 
 if __name__ == "__main__":

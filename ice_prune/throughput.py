@@ -1,4 +1,6 @@
-"""Throughput measurement: images per second of one model, or of several interleaved in one run.
+"""Throughput and batch-1 latency: images per second of one model, or of several interleaved in one
+run (:func:`benchmark_models`), and the median / p90 milliseconds of single-image forwards
+(:func:`latency`, with CUDA graphs on a GPU).
 
 What makes a speed-up honest: random inputs (the measured work does not depend on them), eval mode,
 ``torch.inference_mode``, warm-up rounds discarded, ``torch.cuda.synchronize`` around the timed
@@ -14,8 +16,10 @@ medians taken in one run.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence, Union
@@ -182,20 +186,28 @@ def benchmark_models(
     bar = tqdm(total=(warmup + reps) * len(names), desc="benchmark", unit="batch",
                disable=not progress, leave=False)
     with torch.inference_mode(), _autocast(device, dtype), bar:
-        for r in range(warmup + reps):
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                bar.set_postfix_str(name)
-                _sync(device)
-                start = time.perf_counter()
-                models[name](x)
-                _sync(device)
-                elapsed = time.perf_counter() - start
-                run.schedule.append(name)
-                if r >= warmup:
-                    run.measurements[name].times.append(elapsed)
-                bar.update()
+        _interleaved(models, x, device, warmup, reps, run.measurements, run.schedule, bar)
     return run
+
+
+def _interleaved(forwards: Mapping[str, Callable], x: torch.Tensor, device: torch.device,
+                 warmup: int, reps: int, measurements: Mapping, schedule: list, bar) -> None:
+    """The timing loop of :func:`benchmark_models` and :func:`latency`: round ``r`` runs every
+    forward once, starting at ``r mod len(forwards)``; the first ``warmup`` rounds are discarded."""
+    names = list(forwards)
+    for r in range(warmup + reps):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            bar.set_postfix_str(name)
+            _sync(device)
+            start = time.perf_counter()
+            forwards[name](x)
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            schedule.append(name)
+            if r >= warmup:
+                measurements[name].times.append(elapsed)
+            bar.update()
 
 
 def benchmark(
@@ -213,6 +225,170 @@ def benchmark(
     run = benchmark_models({"model": model}, input_size, batch_size, device, dtype, reps, warmup,
                            progress=progress)
     return run["model"]
+
+
+LATENCY_DEFAULTS = {
+    "cpu": {"reps": 50, "warmup": 5},
+    "cuda": {"reps": 300, "warmup": 20},
+}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) with linear interpolation between the closest ranks
+    (numpy's default): 50 is the median."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile q must lie in [0, 100], got {q}")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass
+class LatencyMeasurement:
+    """Seconds of each timed single-image forward of one model (``times``), and how it ran:
+    ``cuda_graph`` is True when the forward replayed a captured CUDA graph."""
+
+    name: str
+    times: list[float] = field(default_factory=list)
+    cuda_graph: bool = False
+
+    @property
+    def median_ms(self) -> float:
+        return 1e3 * percentile(self.times, 50)
+
+    @property
+    def p90_ms(self) -> float:
+        return 1e3 * percentile(self.times, 90)
+
+    @property
+    def best_ms(self) -> float:
+        return 1e3 * min(self.times)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "times_s": self.times, "cuda_graph": self.cuda_graph,
+                "median_ms": self.median_ms, "p90_ms": self.p90_ms, "best_ms": self.best_ms}
+
+
+@dataclass
+class LatencyRun:
+    """The result of :func:`latency`: one :class:`LatencyMeasurement` per model, in the given order."""
+
+    measurements: dict[str, LatencyMeasurement]
+    baseline: str
+    device: str
+    dtype: str
+    input_size: tuple[int, ...]
+    warmup: int
+    schedule: list[str] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> LatencyMeasurement:
+        return self.measurements[name]
+
+    def speedup(self, name: str) -> float:
+        """The baseline's median latency over ``name``'s, both from this run: above 1, ``name`` answers
+        one image sooner; below 1, pruning does not pay at batch 1."""
+        return self.measurements[self.baseline].median_ms / self.measurements[name].median_ms
+
+    def to_dict(self) -> dict:
+        return {"baseline": self.baseline, "device": self.device, "dtype": self.dtype,
+                "input_size": list(self.input_size), "warmup": self.warmup, "batch_size": 1,
+                "reps": len(next(iter(self.measurements.values())).times),
+                "results": [dict(m.to_dict(), speedup=self.speedup(name))
+                            for name, m in self.measurements.items()]}
+
+
+def _capture_cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model``'s forward on ``x``'s shape captured as a CUDA graph: a call copies its input into the
+    static input and replays the graph (one launch instead of one per kernel). Warm-up runs on a side
+    stream first, as torch.cuda.graphs asks, so that lazy initialisation is not captured."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = model(static_x)
+
+    def replay(inp: torch.Tensor) -> torch.Tensor:
+        static_x.copy_(inp)
+        graph.replay()
+        return static_out
+
+    return replay
+
+
+def latency(
+    models: Mapping[str, nn.Module],
+    input_size: Sequence[int] = (3, 224, 224),
+    device: Union[str, torch.device, None] = None,
+    dtype: Union[str, torch.dtype, None] = "fp32",
+    reps: Optional[int] = None,
+    warmup: Optional[int] = None,
+    baseline: Optional[str] = None,
+    cuda_graphs: Union[bool, str] = "auto",
+    progress: bool = False,
+) -> LatencyRun:
+    """Batch-1 latency of several models, interleaved like :func:`benchmark_models`: each timed
+    round runs one single-image forward of every model (rotated start), each forward timed alone
+    (synchronized on CUDA), so every model gets ``reps`` latencies; median and p90 are read from them.
+
+    ``cuda_graphs``: ``"auto"`` (on CUDA only), True or False. On CUDA each model's forward is
+    captured once as a CUDA graph and replayed (at batch 1 a ViT is launch-bound: graphs take the
+    per-kernel launch cost away); a model that cannot be captured runs eagerly, its measurement's
+    ``cuda_graph`` False. A ``torch.compile``'d model is not captured: it runs as compiled
+    (``mode="reduce-overhead"`` brings torch.compile's own CUDA graphs). Other arguments as in
+    :func:`benchmark_models`; defaults per device type in :data:`LATENCY_DEFAULTS`.
+    """
+    from tqdm.auto import tqdm
+
+    if not models:
+        raise ValueError("latency needs at least one model")
+    if len(input_size) != 3:
+        raise ValueError(f"input_size is (channels, height, width) of one image, got {input_size!r}")
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    defaults = LATENCY_DEFAULTS.get(device.type, LATENCY_DEFAULTS["cpu"])
+    reps = defaults["reps"] if reps is None else reps
+    warmup = defaults["warmup"] if warmup is None else warmup
+    if reps < 1 or warmup < 0:
+        raise ValueError(f"need reps >= 1, warmup >= 0; got {reps}, {warmup}")
+    if cuda_graphs not in ("auto", True, False):
+        raise ValueError(f"cuda_graphs is 'auto', True or False, got {cuda_graphs!r}")
+    if cuda_graphs is True and device.type != "cuda":
+        raise ValueError("CUDA graphs need a CUDA device; use cuda_graphs='auto' or False on "
+                         f"{device.type}")
+    use_graphs = device.type == "cuda" and cuda_graphs is not False
+    baseline = next(iter(models)) if baseline is None else baseline
+    if baseline not in models:
+        raise ValueError(f"baseline {baseline!r} is not one of the models {list(models)}")
+
+    for model in models.values():
+        model.to(device).eval()
+    x = torch.randn(1, *input_size, device=device)
+    run = LatencyRun({n: LatencyMeasurement(n) for n in models}, baseline, str(device),
+                     {v: k for k, v in DTYPES.items()}[dtype], tuple(input_size), warmup)
+    bar = tqdm(total=(warmup + reps) * len(models), desc="latency", unit="image",
+               disable=not progress, leave=False)
+    with torch.inference_mode(), _autocast(device, dtype), bar:
+        forwards: dict[str, Callable] = dict(models)
+        if use_graphs:  # pragma: no cover - needs a GPU
+            for name, model in models.items():
+                if hasattr(model, "_orig_mod"):  # torch.compile'd: runs as compiled
+                    continue
+                try:
+                    forwards[name] = _capture_cuda_graph(model, x)
+                    run.measurements[name].cuda_graph = True
+                except RuntimeError as e:  # e.g. an op that synchronizes with the host
+                    warnings.warn(f"{name}: no CUDA graph ({e}); timed eagerly")
+                    torch.cuda.synchronize(device)
+        _interleaved(forwards, x, device, warmup, reps, run.measurements, run.schedule, bar)
+    return run
 
 
 def find_max_batch(fits: Callable[[int], bool], start: int = 64, limit: int = 8192) -> int:

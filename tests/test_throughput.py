@@ -188,3 +188,71 @@ def test_script_writes_table_json_and_plot(tmp_path, throughput, capsys):
     assert rows["ice@0.5"]["params"] - base["params"] == 192 * 1001  # the shared ICE head
     assert len(data["schedule"]) == 3 * 5
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_percentile_interpolates_like_numpy():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 6.0, 7.0, 9.0, 8.0]
+    assert timing.percentile(values, 50) == statistics.median(values) == 5.5
+    assert timing.percentile(values, 90) == pytest.approx(9.1)  # numpy.percentile(values, 90)
+    assert timing.percentile(values, 0) == 1.0 and timing.percentile(values, 100) == 10.0
+    assert timing.percentile([3.0], 90) == 3.0
+    with pytest.raises(ValueError, match=r"\[0, 100\]"):
+        timing.percentile(values, 101)
+
+
+def test_latency_is_batch_one_interleaved_with_percentiles(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    log = []
+    # one warm-up forward each (discarded), then ten timed single-image forwards each, in seconds
+    base_s = [1.0] + [0.010, 0.012, 0.011, 0.013, 0.010, 0.030, 0.011, 0.012, 0.010, 0.014]
+    slow_s = [1.0] + [0.020, 0.011, 0.012, 0.013, 0.015, 0.012, 0.016, 0.012, 0.040, 0.012]
+    base = Recorder("base", log, clock, base_s).train()
+    slow = Recorder("slow", log, clock, slow_s)
+    run = timing.latency({"base": base, "slow": slow}, (1, 2, 2), device="cpu", reps=10, warmup=1)
+    assert isinstance(run, timing.LatencyRun) and isinstance(run["base"], timing.LatencyMeasurement)
+    assert log == run.schedule == ["base", "slow", "slow", "base"] * 5 + ["base", "slow"]
+    assert set(base.seen) == {(False, True, False, (1, 1, 2, 2))}  # eval, inference mode, batch 1
+    assert run["base"].times == pytest.approx(base_s[1:])
+    assert run["slow"].times == pytest.approx(slow_s[1:])
+    assert run["base"].median_ms == pytest.approx(11.5)
+    assert run["base"].p90_ms == pytest.approx(1e3 * (0.014 + 0.1 * (0.030 - 0.014)))  # 15.6
+    assert run["base"].best_ms == pytest.approx(10.0)
+    assert run["slow"].median_ms == pytest.approx(12.5)
+    assert run.speedup("slow") == pytest.approx(11.5 / 12.5)  # below 1: pruning does not pay
+    assert not run["base"].cuda_graph  # CPU: no CUDA graphs
+    out = run.to_dict()
+    assert (out["batch_size"], out["reps"], out["warmup"], out["baseline"]) == (1, 10, 1, "base")
+    assert [r["name"] for r in out["results"]] == ["base", "slow"]
+    assert out["results"][1]["p90_ms"] == pytest.approx(run["slow"].p90_ms)
+    assert out["results"][0]["speedup"] == 1.0
+
+
+def test_latency_bad_arguments():
+    models = {"a": Recorder("a", [])}
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        timing.latency(models, (1, 2, 2), device="cpu", reps=1, cuda_graphs=True)
+    with pytest.raises(ValueError, match="reps >= 1"):
+        timing.latency(models, (1, 2, 2), device="cpu", reps=0)
+    with pytest.raises(ValueError, match="baseline 'z'"):
+        timing.latency(models, (1, 2, 2), device="cpu", reps=1, baseline="z")
+
+
+def test_script_latency_only(tmp_path, throughput, capsys):
+    out = tmp_path / "lat.json"
+    result = throughput.main(TINY + ["--keep-rates", "0.5", "--latency-only", "--latency-reps", "3",
+                                     "--latency-warmup", "1", "--threads", "1", "--json", str(out)])
+    table = capsys.readouterr().out
+    assert "median ms" in table and "p90 ms" in table and "img/s" not in table
+    data = json.loads(out.read_text())
+    assert "results" not in data  # no throughput run
+    lat = data["latency"]
+    assert (lat["batch_size"], lat["reps"], lat["warmup"], lat["cuda_graphs"]) == (1, 3, 1, False)
+    rows = {r["name"]: r for r in lat["results"]}
+    assert list(rows) == ["baseline", "evit@0.5", "ice@0.5"]
+    for r in rows.values():
+        assert len(r["times_s"]) == 3 and r["p90_ms"] >= r["median_ms"] >= r["best_ms"]
+        assert r["speedup"] == pytest.approx(rows["baseline"]["median_ms"] / r["median_ms"])
+        assert r["gmacs"] > 0
+    assert len(lat["schedule"]) == 4 * 3
+    assert result["latency"]["results"] == lat["results"]
