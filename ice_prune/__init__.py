@@ -11,7 +11,8 @@ Modules: ``patching`` (patch / unpatch), ``select`` (selectors), ``head``, ``los
 ``throughput``, ``checkpoint`` (safe loading: weights only unless trusted), ``engine`` (training
 loops), ``tasks`` (per-batch training steps, keep-rate schedule), ``cli`` (the training scripts'
 arguments), ``paper`` (the ICE paper's figures), ``visualize``, ``token_grid`` (``restore``:
-pruned tokens back on the full patch grid for dense heads).
+pruned tokens back on the full patch grid for dense heads), ``export`` (ONNX export; needs the
+``export`` extra, so it is not imported here).
 """
 from ice_prune.throughput import benchmark, benchmark_models, max_batch_size
 from ice_prune.checkpoint import load_checkpoint
