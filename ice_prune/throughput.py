@@ -121,9 +121,11 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    # weights stay fp32; fp16/bf16 run under autocast, as mixed-precision inference usually does
-    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+def _autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
+    # weights stay fp32; fp16/bf16 run under autocast, as mixed-precision inference usually does;
+    # CUDA graph capture needs autocast's weight cache off (torch.cuda.graphs' notes)
+    return (nullcontext() if dtype == torch.float32
+            else torch.autocast(device.type, dtype=dtype, cache_enabled=cache))
 
 
 def _sync(device: torch.device) -> None:
@@ -375,7 +377,7 @@ def latency(
                      {v: k for k, v in DTYPES.items()}[dtype], tuple(input_size), warmup)
     bar = tqdm(total=(warmup + reps) * len(models), desc="latency", unit="image",
                disable=not progress, leave=False)
-    with torch.inference_mode(), _autocast(device, dtype), bar:
+    with torch.inference_mode(), _autocast(device, dtype, cache=not use_graphs), bar:
         forwards: dict[str, Callable] = dict(models)
         if use_graphs:  # pragma: no cover - needs a GPU
             for name, model in models.items():
