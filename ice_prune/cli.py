@@ -60,8 +60,8 @@ def check_model_name(name: str, flag: str = "--model") -> None:
 
 def check_keep_rate(value: float, flag: str = "--keep-rate") -> None:
     if not 0.0 < value <= 1.0:
-        raise ValueError(f"{flag} must lie in (0, 1], got {value:g}: the share of tokens kept at each "
-                         f"selection point (1 keeps every token)")
+        raise ValueError(f"{flag} {value:g}: keep_rate must be in (0, 1], the share of tokens kept at "
+                         f"each selection point; use 1.0 to keep every token")
 
 
 def check_common_args(args) -> None:

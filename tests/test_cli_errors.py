@@ -77,10 +77,10 @@ CASES = [
      r"unknown timm model 'no_such_vit'.*timm\.list_models"),
     ("prune-keep-rate",
      lambda f: train("prune", "--keep-rate", "1.5", *output(f, "pr")),
-     r"--keep-rate must lie in \(0, 1\], got 1\.5"),
+     r"--keep-rate 1\.5: keep_rate must be in \(0, 1\]"),
     ("bench-keep-rates",
      lambda f: ["bench/throughput.py", *TINY, "--keep-rates", "0.7", "2"],
-     r"--keep-rates must lie in \(0, 1\], got 2"),
+     r"--keep-rates 2: keep_rate must be in \(0, 1\]"),
 ]
 
 
