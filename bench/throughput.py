@@ -111,6 +111,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             args.batch_size = int(args.batch_size)
         except ValueError:
             parser.error(f"--batch-size takes a number or 'max', got {args.batch_size!r}")
+    for flag in ("threads", "latency_reps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     check_model_name(args.model)
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
