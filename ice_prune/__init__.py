@@ -14,7 +14,7 @@ arguments), ``paper`` (the ICE paper's figures), ``visualize``, ``token_grid`` (
 pruned tokens back on the full patch grid for dense heads), ``export`` (ONNX export; needs the
 ``export`` extra, so it is not imported here).
 """
-from ice_prune.throughput import benchmark, benchmark_models, max_batch_size
+from ice_prune.throughput import benchmark, benchmark_models, latency, max_batch_size
 from ice_prune.checkpoint import load_checkpoint
 from ice_prune.data import SyntheticScenes
 from ice_prune.maps import explain
@@ -41,6 +41,7 @@ __all__ = [
     "count_flops",
     "explain",
     "keep_rate_schedule",
+    "latency",
     "load_checkpoint",
     "max_batch_size",
     "patch",
