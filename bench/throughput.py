@@ -4,6 +4,7 @@
     python bench/throughput.py                                   # DeiT-S, keep rates 0.7 and 0.5
     python bench/throughput.py --device cuda --dtype bf16 --batch-size max --json r.json --plot r.png
     python bench/throughput.py --latency-only --threads 1          # batch-1 latency: median, p90
+    python bench/throughput.py --device cuda --dtype bf16 --evit-reference --cuda-graphs
 
 All variants are timed interleaved in one run (ice_prune.benchmark_models); a speed-up is the ratio of
 the variant's median img/s to the baseline's. GMACs are fvcore counts with the SDPA and reorganize
@@ -12,6 +13,14 @@ does, and so its speed, does not depend on them (every variant keeps a fixed num
 ``--latency`` / ``--latency-only`` time single-image forwards, interleaved the same way
 (ice_prune.throughput.latency), each captured once as a CUDA graph on a GPU (``--no-cuda-graphs``: eager;
 ``--compile`` then uses mode="reduce-overhead"), and report median and p90 milliseconds.
+
+On a GPU the default run times every variant eager and torch.compile'd in the same interleaved run and
+prints one table each (a compiled variant's speed-up is over the compiled baseline); cuDNN benchmark
+is on while timing. ``--cuda-graphs`` replays each eager variant as a captured CUDA graph in the
+throughput run too, and compiles with mode="reduce-overhead" (small, launch-bound models).
+``--evit-reference`` adds, per keep rate, EViT with timm's non-fused attention in every block (the
+full attention matrix materialized, as the official EViT code computes it) and reports our EViT's
+throughput over it.
 """
 from __future__ import annotations
 
@@ -39,6 +48,8 @@ from ice_prune.kernels.ops import KERNEL_CHOICES
 from ice_prune.paper import TABLE5, TABLE5_KEEP_RATES, TABLE5_SOURCE, Efficiency
 
 METHODS = ("evit", "ice")
+#: the method name of --evit-reference's variants: EViT materializing the attention matrix
+REFERENCE = "evit-ref"
 
 
 def published(method: str, keep_rate: float = 1.0) -> Optional[Efficiency]:
@@ -88,7 +99,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="image classes of the ICE head (default: the model's); 1 gives a 2-output "
                         "head, the cost of a distilled foreground/background selector")
     parser.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES, help="reorganize kernel")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time torch.compile'd models, in the same run; None: on CUDA "
+                             "only")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="throughput run on CUDA: replay each eager variant as a captured CUDA "
+                             "graph, compile with mode='reduce-overhead' (small, launch-bound models)")
+    parser.add_argument("--evit-reference", action="store_true",
+                        help="also time, per keep rate, EViT materializing the attention matrix "
+                             "(timm's non-fused attention, as the official EViT code) and report "
+                             "our EViT's throughput over it")
     lat = parser.add_argument_group("batch-1 latency")
     lat.add_argument("--latency", action="store_true",
                      help="also measure batch-1 latency (median and p90 of single-image forwards, "
@@ -141,7 +161,26 @@ def build_variants(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module]
                 load_checkpoint(model, state)
             name = f"{method}@{rate:g}"
             models[name], meta[name] = model, {"method": method, "keep_rate": rate}
+        if args.evit_reference:
+            name = f"{REFERENCE}@{rate:g}"
+            models[name] = materialize_attention(
+                ice_prune.patch(copy.deepcopy(base), rate, method="evit", kernel=args.kernel))
+            meta[name] = {"method": REFERENCE, "keep_rate": rate}
     return models, meta
+
+
+def materialize_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with timm's non-fused attention in every block (``attn.fused_attn = False``): the
+    full ``[B, H, N, N]`` attention matrix is written and read, as in the official EViT code (timm
+    0.3's Attention), instead of fused scaled-dot-product attention. Our EViT's [CLS] row stays the
+    one extra ``q_cls k^T`` row (1/N of the matrix's multiply-adds), so against the official code's
+    structure this reference is at most that much slower."""
+    for i, block in enumerate(model.blocks):
+        if not hasattr(block.attn, "fused_attn"):
+            raise ValueError(f"blocks.{i}.attn ({type(block.attn).__name__}) has no fused_attn "
+                             f"switch: --evit-reference needs timm's Attention")
+        block.attn.fused_attn = False
+    return model
 
 
 def environment(device: torch.device, threads: int) -> tuple[dict, dict]:
@@ -184,6 +223,10 @@ def print_table(rows: list[dict], header: str) -> None:
             ratio = paper_ice.img_per_s / paper_evit.img_per_s
             line += f"; the paper's ICE: {100 * (ratio - 1):+.1f}%"
         print(line)
+    for row in rows:
+        if row.get("vs_reference") is not None:
+            print(f"{row['name']}: {row['vs_reference']:.2f}x the img/s of EViT materializing the "
+                  f"attention matrix ({REFERENCE}, same run; goal: at least 1)")
 
 
 def plot(rows: list[dict], path: str, title: str, reference: bool) -> None:
@@ -241,6 +284,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     device = resolve_device(args.device, "--device")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {args.device} ({device})")
+    if args.compile is None:  # the default: eager and compiled figures on a GPU
+        args.compile = device.type == "cuda"
     models, meta = build_variants(args)
     embed = models["baseline"].patch_embed
     input_size = (embed.proj.in_channels, *embed.img_size)
@@ -250,9 +297,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         stats[name] = {"params": sum(p.numel() for p in model.parameters()),
                        "macs": count_flops(model, input_size)}
     if args.compile:
-        # with latency on CUDA: reduce-overhead, torch.compile's own CUDA graphs
-        mode = "reduce-overhead" if device.type == "cuda" and (args.latency or args.latency_only) \
-            else None
+        # with CUDA graphs or latency on CUDA: reduce-overhead, torch.compile's own CUDA graphs
+        mode = ("reduce-overhead" if device.type == "cuda"
+                and (args.cuda_graphs or args.latency or args.latency_only) else None)
+        args.compile_mode = mode or "default"
         for name in list(models):
             models[f"{name}+compile"] = torch.compile(models[name], mode=mode)
             meta[f"{name}+compile"], stats[f"{name}+compile"] = meta[name], stats[name]
@@ -296,26 +344,51 @@ def measure_throughput(args, models, meta, stats, input_size, device, info) -> d
     if batch_size == "max":
         batch_size = max_batch_size(models, input_size, device, args.dtype)
     run = benchmark_models(models, input_size, batch_size, device, args.dtype, args.reps,
-                           args.warmup, baseline="baseline", progress=True)
-
-    rows = []
-    for measured in run.to_dict()["results"]:
-        rows.append(variant_row(measured, meta, stats))
-    for row in rows:  # ICE's throughput relative to EViT's at the same keep rate, in the same run
-        evit = f"evit@{row['keep_rate']:g}" + ("+compile" if row["compiled"] else "")
-        row["vs_evit"] = (row["median_img_per_s"] / run[evit].median if row["method"] == "ice"
-                          else None)
+                           args.warmup, baseline="baseline", progress=True,
+                           cuda_graphs=args.cuda_graphs, cudnn_benchmark=True)
+    rows = throughput_rows(run, meta, stats)
 
     reps = len(run[run.baseline].times)
+    cudnn = device.type == "cuda"  # benchmark_models turns cuDNN benchmark on for CUDA runs
     header = (f"{args.model} on {info['name']} ({device.type}, {args.dtype}, batch "
               f"{run[run.baseline].batch_size}, {reps} reps, warm-up {run.warmup}, "
-              f"{info['threads']} threads)")
-    print_table(rows, header)
+              f"{info['threads']} threads{', cuDNN benchmark' if cudnn else ''})")
+    graphs = ", CUDA graphs" if any(r["cuda_graph"] for r in rows) else ""
+    print_table([r for r in rows if not r["compiled"]], f"{header}\neager{graphs}")
+    compiled = [r for r in rows if r["compiled"]]
+    if compiled:
+        print()
+        print_table(compiled, f"{header}\ntorch.compile (mode {args.compile_mode}), same run; "
+                              f"speed-ups over the compiled baseline")
+        base = next(r for r in compiled if r["method"] == "baseline")
+        print(f"compiled baseline: {base['vs_eager']:.2f}x the eager baseline's img/s")
     return {"header": header,
             "settings": dict(vars(args), batch_size=run[run.baseline].batch_size,
                              batch_size_arg=args.batch_size, reps=reps, warmup=run.warmup,
-                             input_size=list(input_size), device=str(device)),
+                             input_size=list(input_size), device=str(device),
+                             cudnn_benchmark=cudnn),
             "results": rows, "schedule": run.schedule}
+
+
+def throughput_rows(run, meta: dict, stats: dict) -> list[dict]:
+    """The rows of the throughput tables, every ratio taken inside ``run``: ``speedup`` /
+    ``paired_speedup`` over the baseline of the same kind (eager over eager, compiled over compiled);
+    ``vs_evit``: ICE's median img/s over EViT's at the same keep rate; ``vs_reference``: EViT's over
+    the --evit-reference variant's; ``vs_eager``: a compiled variant's over its eager self."""
+    rows = []
+    for measured in run.to_dict()["results"]:
+        row = variant_row(measured, meta, stats)
+        name, suffix = row["name"], "+compile" if row["compiled"] else ""
+        row["speedup"] = run.speedup(name, "baseline" + suffix)
+        row["paired_speedup"] = run.paired_speedup(name, "baseline" + suffix)
+        rate = f"{row['keep_rate']:g}"
+        row["vs_evit"] = run.speedup(name, f"evit@{rate}{suffix}") if row["method"] == "ice" else None
+        reference = f"{REFERENCE}@{rate}{suffix}"
+        row["vs_reference"] = (run.speedup(name, reference)
+                               if row["method"] == "evit" and reference in run.measurements else None)
+        row["vs_eager"] = run.speedup(name, name[:-len(suffix)]) if suffix else None
+        rows.append(row)
+    return rows
 
 
 def measure_latency(args, models, meta, stats, input_size, device, info) -> dict:

@@ -6,7 +6,9 @@ What makes a speed-up honest: random inputs (the measured work does not depend o
 ``torch.inference_mode``, warm-up rounds discarded, ``torch.cuda.synchronize`` around the timed
 region on CUDA, and the variants interleaved per repetition (their order rotated each repetition) so
 that drift of the machine (clock, other load) spreads over all of them. A speed-up is the ratio of two
-medians taken in one run.
+medians taken in one run. On CUDA, ``torch.backends.cudnn.benchmark`` is on while timing (restored
+after): without it the patch-embedding convolution, in the baseline as in every variant, may run a
+slow default algorithm.
 
 >>> import timm, copy, ice_prune
 >>> base = timm.create_model("deit_small_patch16_224")
@@ -20,9 +22,9 @@ import math
 import statistics
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -40,11 +42,13 @@ DEFAULTS = {
 
 @dataclass
 class Measurement:
-    """Timings of one model: ``times`` holds the seconds of each repetition (one batch each)."""
+    """Timings of one model: ``times`` holds the seconds of each repetition (one batch each);
+    ``cuda_graph`` is True when the forward replayed a captured CUDA graph."""
 
     name: str
     batch_size: int
     times: list[float] = field(default_factory=list)
+    cuda_graph: bool = False
 
     @property
     def img_per_s(self) -> list[float]:
@@ -62,8 +66,8 @@ class Measurement:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "batch_size": self.batch_size, "times_s": self.times,
-                "img_per_s": self.img_per_s, "median_img_per_s": self.median,
-                "best_img_per_s": self.best}
+                "cuda_graph": self.cuda_graph, "img_per_s": self.img_per_s,
+                "median_img_per_s": self.median, "best_img_per_s": self.best}
 
 
 @dataclass
@@ -82,14 +86,17 @@ class BenchmarkRun:
     def __getitem__(self, name: str) -> Measurement:
         return self.measurements[name]
 
-    def speedup(self, name: str) -> float:
-        """Median images/s of ``name`` over the baseline's median, both from this run."""
-        return self.measurements[name].median / self.measurements[self.baseline].median
+    def speedup(self, name: str, baseline: Optional[str] = None) -> float:
+        """Median images/s of ``name`` over the baseline's median, both from this run; ``baseline``:
+        another model of the run to compare against (default the run's baseline)."""
+        baseline = self.baseline if baseline is None else baseline
+        return self.measurements[name].median / self.measurements[baseline].median
 
-    def paired_speedup(self, name: str) -> float:
+    def paired_speedup(self, name: str, baseline: Optional[str] = None) -> float:
         """Median over repetitions of the baseline's time over ``name``'s in the same repetition: on a
         machine whose load changes during the run (shared CPUs) a pair shares the load it saw."""
-        pairs = zip(self.measurements[self.baseline].times, self.measurements[name].times)
+        baseline = self.baseline if baseline is None else baseline
+        pairs = zip(self.measurements[baseline].times, self.measurements[name].times)
         return statistics.median(base / t for base, t in pairs)
 
     def to_dict(self) -> dict:
@@ -133,6 +140,50 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextmanager
+def cudnn_benchmark_mode(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark = enabled`` inside, on CUDA only, restored on the way out:
+    cuDNN then times its convolution algorithms on the first call of each shape and keeps the fastest
+    (the warm-up rounds absorb that). Elsewhere the flag is left as it is."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _check_cuda_graphs(cuda_graphs: Union[bool, str], device: torch.device) -> bool:
+    """Whether to capture CUDA graphs: ``"auto"`` means on CUDA only; True off CUDA is an error."""
+    if cuda_graphs not in ("auto", True, False):
+        raise ValueError(f"cuda_graphs is 'auto', True or False, got {cuda_graphs!r}")
+    if cuda_graphs is True and device.type != "cuda":
+        raise ValueError("CUDA graphs need a CUDA device; use cuda_graphs='auto' or False on "
+                         f"{device.type}")
+    return device.type == "cuda" and cuda_graphs is not False
+
+
+def _graph_forwards(models: Mapping[str, nn.Module], x: torch.Tensor, device: torch.device,
+                    measurements: Mapping) -> dict[str, Callable]:  # pragma: no cover - needs a GPU
+    """Each model's forward on ``x``'s shape as a replayed CUDA graph, its measurement's
+    ``cuda_graph`` set True; a ``torch.compile``'d model runs as compiled (``mode="reduce-overhead"``
+    brings its own graphs), and one that cannot be captured runs eagerly, with a warning."""
+    forwards: dict[str, Callable] = dict(models)
+    for name, model in models.items():
+        if hasattr(model, "_orig_mod"):  # torch.compile'd: runs as compiled
+            continue
+        try:
+            forwards[name] = _capture_cuda_graph(model, x)
+            measurements[name].cuda_graph = True
+        except RuntimeError as e:  # e.g. an op that synchronizes with the host
+            warnings.warn(f"{name}: no CUDA graph ({e}); timed eagerly")
+            torch.cuda.synchronize(device)
+    return forwards
+
+
 def benchmark_models(
     models: Mapping[str, nn.Module],
     input_size: Sequence[int] = (3, 224, 224),
@@ -143,6 +194,8 @@ def benchmark_models(
     warmup: Optional[int] = None,
     baseline: Optional[str] = None,
     progress: bool = False,
+    cuda_graphs: Union[bool, str] = False,
+    cudnn_benchmark: bool = True,
 ) -> BenchmarkRun:
     """Time several models interleaved in one run.
 
@@ -160,6 +213,11 @@ def benchmark_models(
         warmup: discarded rounds; default per device type.
         baseline: the name speed-ups are taken against; default the first model.
         progress: show a tqdm progress bar.
+        cuda_graphs: False (default), True or ``"auto"`` (on CUDA only): capture each model's
+            forward once as a CUDA graph and time its replays, for small, launch-bound models whose
+            kernels are too short to hide their launches (as :func:`latency` does at batch 1); a
+            ``torch.compile``'d model runs as compiled (``mode="reduce-overhead"`` has its own).
+        cudnn_benchmark: on CUDA, ``torch.backends.cudnn.benchmark`` while timing (restored after).
     """
     from tqdm.auto import tqdm
 
@@ -175,6 +233,7 @@ def benchmark_models(
     if batch_size < 1 or reps < 1 or warmup < 0:
         raise ValueError(f"need batch_size >= 1, reps >= 1, warmup >= 0; got {batch_size}, {reps}, "
                          f"{warmup}")
+    use_graphs = _check_cuda_graphs(cuda_graphs, device)
     baseline = next(iter(models)) if baseline is None else baseline
     if baseline not in models:
         raise ValueError(f"baseline {baseline!r} is not one of the models {list(models)}")
@@ -187,8 +246,11 @@ def benchmark_models(
                        {v: k for k, v in DTYPES.items()}[dtype], tuple(input_size), warmup)
     bar = tqdm(total=(warmup + reps) * len(names), desc="benchmark", unit="batch",
                disable=not progress, leave=False)
-    with torch.inference_mode(), _autocast(device, dtype), bar:
-        _interleaved(models, x, device, warmup, reps, run.measurements, run.schedule, bar)
+    with torch.inference_mode(), cudnn_benchmark_mode(device, cudnn_benchmark), \
+            _autocast(device, dtype, cache=not use_graphs), bar:
+        forwards = (_graph_forwards(models, x, device, run.measurements) if use_graphs
+                    else dict(models))
+        _interleaved(forwards, x, device, warmup, reps, run.measurements, run.schedule, bar)
     return run
 
 
@@ -336,6 +398,7 @@ def latency(
     baseline: Optional[str] = None,
     cuda_graphs: Union[bool, str] = "auto",
     progress: bool = False,
+    cudnn_benchmark: bool = True,
 ) -> LatencyRun:
     """Batch-1 latency of several models, interleaved like :func:`benchmark_models`: each timed
     round runs one single-image forward of every model (rotated start), each forward timed alone
@@ -346,7 +409,8 @@ def latency(
     per-kernel launch cost away); a model that cannot be captured runs eagerly, its measurement's
     ``cuda_graph`` False. A ``torch.compile``'d model is not captured: it runs as compiled
     (``mode="reduce-overhead"`` brings torch.compile's own CUDA graphs). Other arguments as in
-    :func:`benchmark_models`; defaults per device type in :data:`LATENCY_DEFAULTS`.
+    :func:`benchmark_models` (cuDNN benchmark on CUDA included); defaults per device type in
+    :data:`LATENCY_DEFAULTS`.
     """
     from tqdm.auto import tqdm
 
@@ -360,12 +424,7 @@ def latency(
     warmup = defaults["warmup"] if warmup is None else warmup
     if reps < 1 or warmup < 0:
         raise ValueError(f"need reps >= 1, warmup >= 0; got {reps}, {warmup}")
-    if cuda_graphs not in ("auto", True, False):
-        raise ValueError(f"cuda_graphs is 'auto', True or False, got {cuda_graphs!r}")
-    if cuda_graphs is True and device.type != "cuda":
-        raise ValueError("CUDA graphs need a CUDA device; use cuda_graphs='auto' or False on "
-                         f"{device.type}")
-    use_graphs = device.type == "cuda" and cuda_graphs is not False
+    use_graphs = _check_cuda_graphs(cuda_graphs, device)
     baseline = next(iter(models)) if baseline is None else baseline
     if baseline not in models:
         raise ValueError(f"baseline {baseline!r} is not one of the models {list(models)}")
@@ -377,18 +436,10 @@ def latency(
                      {v: k for k, v in DTYPES.items()}[dtype], tuple(input_size), warmup)
     bar = tqdm(total=(warmup + reps) * len(models), desc="latency", unit="image",
                disable=not progress, leave=False)
-    with torch.inference_mode(), _autocast(device, dtype, cache=not use_graphs), bar:
-        forwards: dict[str, Callable] = dict(models)
-        if use_graphs:  # pragma: no cover - needs a GPU
-            for name, model in models.items():
-                if hasattr(model, "_orig_mod"):  # torch.compile'd: runs as compiled
-                    continue
-                try:
-                    forwards[name] = _capture_cuda_graph(model, x)
-                    run.measurements[name].cuda_graph = True
-                except RuntimeError as e:  # e.g. an op that synchronizes with the host
-                    warnings.warn(f"{name}: no CUDA graph ({e}); timed eagerly")
-                    torch.cuda.synchronize(device)
+    with torch.inference_mode(), cudnn_benchmark_mode(device, cudnn_benchmark), \
+            _autocast(device, dtype, cache=not use_graphs), bar:
+        forwards = (_graph_forwards(models, x, device, run.measurements) if use_graphs
+                    else dict(models))
         _interleaved(forwards, x, device, warmup, reps, run.measurements, run.schedule, bar)
     return run
 

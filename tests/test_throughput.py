@@ -256,3 +256,162 @@ def test_script_latency_only(tmp_path, throughput, capsys):
         assert r["gmacs"] > 0
     assert len(lat["schedule"]) == 4 * 3
     assert result["latency"]["results"] == lat["results"]
+
+
+class FlagRecorder(Recorder):
+    """A Recorder that also logs torch.backends.cudnn.benchmark as its forward saw it."""
+
+    def forward(self, x):
+        self.seen_cudnn = torch.backends.cudnn.benchmark
+        return super().forward(x)
+
+
+def test_cudnn_benchmark_mode_only_on_cuda_and_restored(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with timing.cudnn_benchmark_mode(torch.device("cuda")):
+        assert torch.backends.cudnn.benchmark is True
+    assert torch.backends.cudnn.benchmark is False
+    with pytest.raises(KeyError):  # restored when the timed region raises, too
+        with timing.cudnn_benchmark_mode(torch.device("cuda:0")):
+            raise KeyError
+    assert torch.backends.cudnn.benchmark is False
+    with timing.cudnn_benchmark_mode(torch.device("cpu")):
+        assert torch.backends.cudnn.benchmark is False  # CPU: the flag is left alone
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    with timing.cudnn_benchmark_mode(torch.device("cuda"), enabled=False):
+        assert torch.backends.cudnn.benchmark is False
+    assert torch.backends.cudnn.benchmark is True
+
+
+@pytest.mark.parametrize("measure", ["benchmark_models", "latency"])
+def test_timed_region_runs_inside_cudnn_benchmark_mode(monkeypatch, measure):
+    calls = []
+    real = timing.cudnn_benchmark_mode
+
+    def spy(device, enabled=True):
+        calls.append((device, enabled))
+        return real(torch.device("cuda"), enabled)  # as on CUDA: the flag is set for the forwards
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(timing, "cudnn_benchmark_mode", spy)
+    model = FlagRecorder("m", [])
+    kwargs = {"batch_size": 2} if measure == "benchmark_models" else {}
+    getattr(timing, measure)({"m": model}, (1, 2, 2), device="cpu", reps=1, warmup=0, **kwargs)
+    assert calls == [(torch.device("cpu"), True)] and model.seen_cudnn is True
+    assert torch.backends.cudnn.benchmark is False  # restored after the run
+    calls.clear()
+    getattr(timing, measure)({"m": model}, (1, 2, 2), device="cpu", reps=1, warmup=0,
+                             cudnn_benchmark=False, **kwargs)
+    assert calls == [(torch.device("cpu"), False)] and model.seen_cudnn is False
+
+
+def test_cpu_run_leaves_cudnn_flag_alone(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    model = FlagRecorder("m", [])
+    run = timing.benchmark_models({"m": model}, (1, 2, 2), batch_size=2, device="cpu", reps=1,
+                                  warmup=0)
+    assert model.seen_cudnn is False and torch.backends.cudnn.benchmark is False
+    assert run["m"].cuda_graph is False and run.to_dict()["results"][0]["cuda_graph"] is False
+
+
+def test_throughput_cuda_graphs_argument():
+    models = {"a": Recorder("a", [])}
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        timing.benchmark_models(models, (1, 2, 2), 1, "cpu", reps=1, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs is 'auto', True or False"):
+        timing.benchmark_models(models, (1, 2, 2), 1, "cpu", reps=1, cuda_graphs="yes")
+    run = timing.benchmark_models(models, (1, 2, 2), 1, "cpu", reps=1, warmup=0, cuda_graphs="auto")
+    assert run["a"].cuda_graph is False  # "auto" on a CPU: eager
+
+
+def test_speedup_against_another_model(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    a = Recorder("a", [], clock, [4.0, 4.0, 4.0])
+    b = Recorder("b", [], clock, [2.0, 2.0, 2.0])
+    c = Recorder("c", [], clock, [1.0, 1.0, 4.0])
+    run = timing.benchmark_models({"a": a, "b": b, "c": c}, (1, 2, 2), batch_size=2, device="cpu",
+                                  reps=3, warmup=0)
+    assert run.speedup("c") == 4.0 and run.speedup("c", "b") == 2.0
+    assert run.paired_speedup("c", "b") == 2.0  # per repetition: 2, 2, 0.5
+
+
+def test_compile_default_and_cuda_graphs_flag(throughput):
+    assert throughput.parse_args([]).compile is None  # resolved in main: on for CUDA
+    assert throughput.parse_args(["--compile"]).compile is True
+    assert throughput.parse_args(["--no-compile"]).compile is False
+    with pytest.raises(ValueError, match="--cuda-graphs needs a CUDA device"):
+        throughput.main(TINY + ["--device", "cpu", "--cuda-graphs"])
+
+
+def fake_run(times):
+    """A BenchmarkRun from seconds per repetition (batch 1), baseline 'baseline'."""
+    measurements = {n: timing.Measurement(n, 1, list(t)) for n, t in times.items()}
+    return timing.BenchmarkRun(measurements, "baseline", "cpu", "fp32", (3, 32, 32), 0)
+
+
+def test_compiled_rows_are_ratios_to_the_compiled_baseline(throughput):
+    run = fake_run({"baseline": [4.0], "evit@0.7": [2.0], "ice@0.7": [2.5], "evit-ref@0.7": [3.0],
+                    "baseline+compile": [2.0], "evit@0.7+compile": [1.0], "ice@0.7+compile": [1.25],
+                    "evit-ref@0.7+compile": [2.5]})
+    meta, stats = {}, {}
+    for name in run.measurements:
+        plain = name.split("+")[0]
+        method, _, rate = plain.partition("@")
+        meta[name] = {"method": method, "keep_rate": float(rate or 1.0)}
+        stats[name] = {"params": 1, "macs": 1}
+    rows = {r["name"]: r for r in throughput.throughput_rows(run, meta, stats)}
+    assert rows["evit@0.7"]["speedup"] == 2.0 and rows["evit@0.7+compile"]["speedup"] == 2.0
+    assert rows["ice@0.7+compile"]["speedup"] == pytest.approx(1.6)
+    assert rows["ice@0.7"]["vs_evit"] == rows["ice@0.7+compile"]["vs_evit"] == pytest.approx(0.8)
+    assert rows["evit@0.7"]["vs_reference"] == pytest.approx(1.5)
+    assert rows["evit@0.7+compile"]["vs_reference"] == pytest.approx(2.5)
+    assert rows["baseline+compile"]["vs_eager"] == 2.0 and rows["baseline"]["vs_eager"] is None
+    assert rows["ice@0.7"]["vs_reference"] is None and rows["evit@0.7"]["vs_evit"] is None
+
+
+def test_evit_reference_runs_non_fused_attention_with_the_same_outputs(throughput, monkeypatch):
+    models, meta = throughput.build_variants(throughput.parse_args(
+        TINY + ["--keep-rates", "0.5", "--evit-reference"]))
+    assert list(models) == ["baseline", "evit@0.5", "ice@0.5", "evit-ref@0.5"]
+    assert meta["evit-ref@0.5"] == {"method": "evit-ref", "keep_rate": 0.5}
+    evit, ref = models["evit@0.5"].eval(), models["evit-ref@0.5"].eval()
+    assert all(b.attn.fused_attn for b in evit.blocks)
+    assert not any(b.attn.fused_attn for b in ref.blocks)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        ours = evit(x)
+        assert len(calls) == len(evit.blocks)  # our EViT: fused attention in every block
+        calls.clear()
+        theirs = ref(x)
+    assert calls == []  # the reference never calls SDPA: it materializes every attention matrix
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_materialize_attention_needs_timm_attention(throughput):
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32)
+    model.blocks[1].attn = nn.Identity()
+    with pytest.raises(ValueError, match="blocks.1.attn .Identity. has no fused_attn"):
+        throughput.materialize_attention(model)
+
+
+def test_script_evit_reference_reports_the_ratio(tmp_path, throughput, capsys):
+    out = tmp_path / "ref.json"
+    throughput.main(TINY + ["--keep-rates", "0.5", "--evit-reference", "--batch-size", "2",
+                            "--reps", "2", "--warmup", "1", "--threads", "1", "--json", str(out)])
+    table = capsys.readouterr().out
+    assert "evit-ref@0.5" in table and "EViT materializing the attention matrix" in table
+    data = json.loads(out.read_text())
+    rows = {r["name"]: r for r in data["results"]}
+    assert rows["evit@0.5"]["vs_reference"] == pytest.approx(
+        rows["evit@0.5"]["median_img_per_s"] / rows["evit-ref@0.5"]["median_img_per_s"])
+    assert data["settings"]["compile"] is False and data["settings"]["cudnn_benchmark"] is False
+    assert not any(r["compiled"] for r in rows.values())
