@@ -243,6 +243,11 @@ def _check_ice_head_shapes(module: nn.Module, state_dict: dict, prefix: str, *ar
             f"type); patch the matching architecture")
 
 
+def _is_transformers_model(model: nn.Module) -> bool:
+    """A Hugging Face transformers model: :mod:`ice_prune.integrations.transformers` patches it."""
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
 def patch(
     model: VisionTransformer,
     keep_rate: KeepRate = 0.7,
@@ -258,7 +263,9 @@ def patch(
     """Insert token selection into a timm ``VisionTransformer``, in place; returns the model.
 
     Args:
-        model: a model from ``timm.create_model`` (DeiT, ViT, DeiT III, register and distilled ViTs).
+        model: a model from ``timm.create_model`` (DeiT, ViT, DeiT III, register and distilled ViTs),
+            or a transformers ViT / DeiT (:mod:`ice_prune.integrations.transformers`; needs the
+            ``transformers`` extra).
         keep_rate: fraction of non-prefix tokens kept at each selection point, ``ceil(rate * n)``
             (EViT's rule): one float for all points or one per point. Change it later with
             ``model.keep_rate = ...``.
@@ -275,6 +282,10 @@ def patch(
             trace): ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or
             ``"torch"``.
     """
+    if not isinstance(model, VisionTransformer) and _is_transformers_model(model):
+        from ice_prune.integrations import transformers as hf
+        return hf.patch(model, keep_rate, method, locs, placement, fuse, heads, num_classes,
+                        trace, kernel)
     if not isinstance(model, VisionTransformer):
         raise TypeError(
             f"ice_prune.patch needs a timm VisionTransformer (e.g. timm.create_model("
@@ -349,6 +360,9 @@ def patch(
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original classes, no ICE head, the original outputs. Returns the model."""
+    if not isinstance(model, ICEVisionTransformer) and _is_transformers_model(model):
+        from ice_prune.integrations import transformers as hf
+        return hf.unpatch(model)
     if not isinstance(model, ICEVisionTransformer):
         raise ValueError("this model is not patched by ice_prune; nothing to undo")
     for i in model._ice.locs:

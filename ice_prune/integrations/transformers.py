@@ -1,0 +1,251 @@
+"""``patch()`` / ``unpatch()`` for Hugging Face transformers' ViT and DeiT, by class swap.
+
+Supported: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
+``DeiTForImageClassification`` and ``DeiTForImageClassificationWithTeacher`` (transformers 5:
+``model.layers`` of pre-norm layers with ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``).
+The same pattern as the timm integration: the model and the layers at the selection points get a
+subclass of their own class, one :class:`~ice_prune.patching.ICEState` is shared, and the selectors,
+ICE heads and the ``ice_prune::reorganize`` op are the timm path's. The attention itself stays
+transformers' (eager or SDPA, ``config._attn_implementation``); EViT's [CLS] row is one extra softmax
+row beside it. State-dict keys are unchanged, plus ``ice_head.*``.
+"""
+from __future__ import annotations
+
+import numbers
+import sys
+from typing import Optional, Sequence
+
+from torch import Tensor, nn
+
+try:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+except ImportError as err:  # pragma: no cover - exercised by a test that hides transformers
+    raise ImportError(
+        "patching a Hugging Face transformers model needs the transformers package: "
+        "pip install 'ice_prune[transformers]'") from err
+
+from ice_prune.head import ICEHead
+from ice_prune.kernels.ops import KERNEL_CHOICES
+from ice_prune.patching import (HEADS, PLACEMENTS, ICEState, ICEVisionTransformer,
+                                _check_ice_head_shapes, _swap_class)
+from ice_prune.select import SELECTORS, KeepRate, check_keep_rate, keep_count
+
+#: backbone attribute of each supported class (``None``: the model is the backbone) and its prefix
+#: token count ([CLS], plus DeiT's distillation token)
+SUPPORTED: dict[str, tuple[Optional[str], int]] = {
+    "ViTModel": (None, 1),
+    "ViTForImageClassification": ("vit", 1),
+    "DeiTModel": (None, 2),
+    "DeiTForImageClassification": ("deit", 2),
+    "DeiTForImageClassificationWithTeacher": ("deit", 2),
+}
+
+
+class TransformersICEState(ICEState):
+    """:class:`ICEState` whose per-forward reset reads the patch grid from a transformers config."""
+
+    def begin(self, model: nn.Module, images: Tensor) -> None:
+        self.record_logits = model.training or self.trace
+        self.logits = []
+        self._positions = None
+        if self.trace:
+            p = model.config.patch_size
+            p = (p, p) if isinstance(p, numbers.Integral) else tuple(p)
+            grid = (images.shape[-2] // p[0], images.shape[-1] // p[1])
+            self.trace_out = {"grid": grid, "num_prefix": self.num_prefix, "patch_size": p,
+                              "locations": []}
+
+
+class ICETransformersModel:
+    """Mixin put in front of the transformers model's class: the knobs of the timm path."""
+
+    _ice: TransformersICEState
+    keep_rate = ICEVisionTransformer.keep_rate
+    fuse = ICEVisionTransformer.fuse
+    trace = ICEVisionTransformer.trace
+    ice_logits = ICEVisionTransformer.ice_logits
+    ice_trace = ICEVisionTransformer.ice_trace
+
+    def forward(self, pixel_values: Optional[Tensor] = None, *args, **kwargs):
+        if kwargs.get("attention_mask") is not None:
+            raise ValueError(
+                "a token-pruned ViT changes its sequence inside the layers, so attention masks do "
+                "not apply; call ice_prune.unpatch(model) to use them")
+        if kwargs.get("output_attentions"):
+            raise ValueError(
+                "output_attentions is not available on a token-pruned ViT (the selection layers "
+                "compute only EViT's [CLS] row); call ice_prune.unpatch(model) to get attentions")
+        self._ice.begin(self, pixel_values)
+        return super().forward(pixel_values, *args, **kwargs)
+
+
+class ICETransformersLayer:
+    """Mixin for ``ViTLayer`` / ``DeiTLayer`` at selection points."""
+
+    _ice: TransformersICEState
+    _ice_loc: int
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+                **kwargs) -> Tensor:
+        state, loc = self._ice, self._ice_loc
+        x = hidden_states
+        n = x.shape[1] - state.num_prefix
+        keep = keep_count(state.keep_rate[loc], n)
+        if keep >= n:  # nothing to drop: exactly the original layer
+            return super().forward(x, attention_mask, **kwargs)
+        if attention_mask is not None:
+            raise ValueError("attention masks are not supported on a token-pruned ViT")
+        y, cls_attn = attention_with_cls_row(self.attention, self.layernorm_before(x),
+                                             state.selector.needs_cls_attn, **kwargs)
+        x = self.dropout(y) + x
+        if state.placement == "attn":  # EViT: the MLP already runs on the reduced sequence
+            h = self.layernorm_after(x) if state.selector.needs_head else None
+            x = state.select(x, h, cls_attn, keep, loc)
+            return self.dropout(self.mlp(self.layernorm_after(x))) + x
+        h = self.layernorm_after(x)
+        x = self.dropout(self.mlp(h)) + x
+        return state.select(x, h, cls_attn, keep, loc)
+
+
+def attention_with_cls_row(attn: nn.Module, x: Tensor, cls_row: bool = True,
+                           **kwargs) -> tuple[Tensor, Optional[Tensor]]:
+    """transformers 5 ``ViTAttention`` / ``DeiTAttention.forward`` that also returns the head-mean
+    [CLS] attention row ``[B, N]`` (``None`` without ``cls_row``).
+
+    A copy of transformers' forward (keep it in step): the attention runs through transformers' own
+    attention function for ``config._attn_implementation`` (eager, SDPA, ...); the [CLS] row is one
+    extra ``softmax(q_cls k^T * scaling)``, not the full matrix.
+    """
+    input_shape = x.shape[:-1]
+    hidden_shape = (*input_shape, -1, attn.head_dim)
+    q = attn.q_proj(x).view(hidden_shape).transpose(1, 2)
+    k = attn.k_proj(x).view(hidden_shape).transpose(1, 2)
+    v = attn.v_proj(x).view(hidden_shape).transpose(1, 2)
+    cls_attn = None
+    if cls_row:
+        cls_logits = (q[:, :, :1] @ k.transpose(-2, -1)) * attn.scaling  # [B, H, 1, N]
+        # fp32 scores: in bf16 many near-equal attention values tie and the ranking degrades
+        cls_attn = cls_logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
+    eager = sys.modules[type(attn).__module__].eager_attention_forward
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attn.config._attn_implementation, eager)
+    out, _ = attention_interface(attn, q, k, v, None,
+                                 dropout=0.0 if not attn.training else attn.attention_dropout,
+                                 scaling=attn.scaling, **kwargs)
+    out = out.reshape(*input_shape, -1).contiguous()
+    return attn.o_proj(out), cls_attn
+
+
+def _backbone(model: nn.Module) -> tuple[nn.Module, int]:
+    for cls in type(model).__mro__:
+        if cls.__name__ in SUPPORTED and cls.__module__.startswith("transformers."):
+            attr, num_prefix = SUPPORTED[cls.__name__]
+            return (model if attr is None else getattr(model, attr)), num_prefix
+    raise TypeError(
+        f"ice_prune.patch supports the transformers classes {sorted(SUPPORTED)}, got "
+        f"{type(model).__name__}")
+
+
+def patch(
+    model: nn.Module,
+    keep_rate: KeepRate = 0.7,
+    method: str = "ice",
+    locs: Sequence[int] = (3, 6, 9),
+    placement: str = "attn",
+    fuse: bool = True,
+    heads: str = "shared",
+    num_classes: Optional[int] = None,
+    trace: bool = False,
+    kernel: str = "auto",
+) -> nn.Module:
+    """:func:`ice_prune.patch` for a transformers ViT / DeiT (same arguments), in place.
+
+    ``num_classes`` defaults to ``config.num_labels`` of a classification model; a backbone
+    (``ViTModel`` / ``DeiTModel``) needs it for the ICE head.
+    """
+    if isinstance(model, ICETransformersModel):
+        raise RuntimeError(
+            "this model is already patched; change model.keep_rate / model.fuse / model.trace in "
+            "place, or call ice_prune.unpatch(model) before patching with other settings")
+    backbone, num_prefix = _backbone(model)
+    if method not in SELECTORS:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(SELECTORS)}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; choose one of {PLACEMENTS}")
+    if heads not in HEADS:
+        raise ValueError(f"unknown heads {heads!r}; choose one of {HEADS}")
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNEL_CHOICES}")
+    layers = backbone.layers
+    depth = len(layers)
+    locs = tuple(locs)
+    if not locs or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                           for i in locs):
+        raise ValueError(f"locs must be a non-empty sequence of block indices, got {locs!r}")
+    if any(i < 0 or i >= depth for i in locs):
+        raise ValueError(
+            f"locs {locs} out of range: this model has {depth} blocks, indices 0..{depth - 1}")
+    if list(locs) != sorted(set(locs)):
+        raise ValueError(f"locs must be strictly increasing block indices, got {locs}; "
+                         f"use {tuple(sorted(set(locs)))}")
+    rates = check_keep_rate(keep_rate, len(locs))
+    for i in locs:
+        attn = getattr(layers[i], "attention", None)
+        if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            raise TypeError(
+                f"layer {i} has no q_proj / k_proj / v_proj / o_proj attention; ice_prune supports "
+                f"the transformers 5 layout of ViT and DeiT (pip install 'ice_prune[transformers]')")
+
+    selector = SELECTORS[method]()
+    head_list = None
+    if selector.needs_head:
+        if num_classes is None and backbone is not model:
+            num_classes = model.config.num_labels
+        if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+            raise ValueError(
+                f"the ICE head needs the number of image classes; {type(model).__name__} has none "
+                f"(num_classes={num_classes!r}): pass num_classes=C to patch()")
+        ref = next(model.parameters())
+
+        def new() -> ICEHead:
+            return ICEHead(model.config.hidden_size, int(num_classes)).to(ref.device, ref.dtype)
+
+        if heads == "shared":
+            model.ice_head = new()
+            head_list = [model.ice_head] * len(locs)
+        else:
+            model.ice_head = nn.ModuleList(new() for _ in locs)
+            head_list = list(model.ice_head)
+    elif num_classes is not None:
+        raise ValueError(f"num_classes sets the ICE head's classes; method={method!r} has no head")
+
+    state = TransformersICEState(selector, locs, placement, rates, bool(fuse), bool(trace),
+                                 kernel, num_prefix, head_list)
+    model._ice = state
+    _swap_class(model, ICETransformersModel)
+    for j, i in enumerate(locs):
+        layer = layers[i]
+        layer._ice, layer._ice_loc = state, j
+        _swap_class(layer, ICETransformersLayer)
+    if head_list is not None:
+        model._ice_hook = model.register_load_state_dict_pre_hook(_check_ice_head_shapes)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: original classes, no ICE head, the original outputs. Returns the model."""
+    if not isinstance(model, ICETransformersModel):
+        raise ValueError("this model is not patched by ice_prune; nothing to undo")
+    layers = _backbone(model)[0].layers
+    for i in model._ice.locs:
+        layer = layers[i]
+        layer.__class__ = type(layer)._ice_base
+        del layer._ice, layer._ice_loc
+    if hasattr(model, "_ice_hook"):
+        model._ice_hook.remove()
+        del model._ice_hook
+    if hasattr(model, "ice_head"):
+        del model.ice_head
+    del model._ice
+    model.__class__ = type(model)._ice_base
+    return model

@@ -1,0 +1,206 @@
+"""The transformers integration: Hugging Face ViT / DeiT patched with the timm path's selectors,
+heads and reorganize op. Tiny configs built here; nothing is downloaded."""
+import builtins
+import importlib
+import pickle
+import sys
+
+import pytest
+import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+import ice_prune
+
+pytest.importorskip("transformers")
+from transformers import (DeiTConfig, DeiTForImageClassification,  # noqa: E402
+                          DeiTForImageClassificationWithTeacher, DeiTModel, ViTConfig,
+                          ViTForImageClassification, ViTModel)
+
+from ice_prune.integrations.transformers import ICETransformersModel  # noqa: E402
+
+TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4,
+            num_attention_heads=2, intermediate_size=64, layer_norm_eps=1e-6,
+            hidden_act="gelu", qkv_bias=True)
+LOCS = (1, 2)
+CLASSES = [ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification,
+           DeiTForImageClassificationWithTeacher]
+
+
+def build(cls, impl="sdpa", num_labels=5):
+    config = (DeiTConfig if cls.__name__.startswith("DeiT") else ViTConfig)(
+        **TINY, num_labels=num_labels, attn_implementation=impl)
+    return cls(config).eval()
+
+
+def output(model, x):
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("method", ["evit", "ice"])
+def test_keep_rate_one_is_exact_and_unpatch_restores(cls, impl, method):
+    model = build(cls, impl)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = output(model, x)
+        keys = set(model.state_dict())
+        ice_prune.patch(model, keep_rate=1.0, method=method, locs=LOCS,
+                        num_classes=3 if cls in (ViTModel, DeiTModel) and method == "ice" else None)
+        torch.testing.assert_close(output(model, x), ref, atol=1e-5, rtol=0)
+        extra = set(model.state_dict()) - keys
+        assert extra == ({"ice_head.fc.weight"} if method == "ice" else set())
+        assert keys <= set(model.state_dict())
+        model.keep_rate = 0.5  # pruning changes the output; the knob works without patching again
+        pruned = output(model, x)  # a backbone's sequence is shorter, a classifier's logits differ
+        assert pruned.shape != ref.shape or not torch.allclose(pruned, ref, atol=1e-5)
+        ice_prune.unpatch(model)
+        assert type(model) is cls and set(model.state_dict()) == keys
+        torch.testing.assert_close(output(model, x), ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [ViTForImageClassification, DeiTForImageClassificationWithTeacher],
+                         ids=lambda c: c.__name__)
+def test_knobs_trace_and_token_counts(cls):
+    model = ice_prune.patch(build(cls), keep_rate=0.7, method="ice", locs=LOCS, trace=True)
+    prefix = 2 if cls is DeiTForImageClassificationWithTeacher else 1
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+    tr = model.ice_trace
+    assert tr["grid"] == (4, 4) and tr["num_prefix"] == prefix
+    want = ice_prune.token_schedule(16 + prefix, prefix, [0.7, 0.7])
+    assert [loc["tokens_out"] for loc in tr["locations"]] == want
+    assert len(model.ice_logits) == 2 and model.ice_logits[0].shape == (2, 16, 6)
+    model.fuse = False
+    with torch.no_grad():
+        model(x)
+    assert [loc["tokens_out"] for loc in model.ice_trace["locations"]] == \
+        ice_prune.token_schedule(16 + prefix, prefix, [0.7, 0.7], fuse=False)
+    assert model.keep_rate == 0.7 and model.fuse is False and model.trace is True
+
+
+def test_evit_does_not_materialize_attention():
+    """The selection layers never call the attention function for probabilities: SDPA runs, and
+    EViT's [CLS] row agrees with the eager attention matrix's head mean."""
+    from ice_prune.integrations.transformers import attention_with_cls_row
+    model = build(ViTModel, "eager")
+    attn = model.layers[0].attention
+    h = torch.randn(2, 17, 32)
+    with torch.no_grad():
+        y, row = attention_with_cls_row(attn, h)
+        y_ref, weights = attn(h)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(row, weights.mean(1)[:, 0])
+
+
+def test_errors_and_state_dict_round_trip():
+    model = build(ViTModel)
+    with pytest.raises(ValueError, match="num_classes"):
+        ice_prune.patch(model, method="ice", locs=LOCS)
+    ice_prune.patch(model, method="evit", locs=LOCS)
+    with pytest.raises(RuntimeError, match="already patched"):
+        ice_prune.patch(model, locs=LOCS)
+    with pytest.raises(ValueError, match="attention masks"):
+        model(torch.randn(1, 3, 32, 32), attention_mask=torch.ones(1, 17))
+    with pytest.raises(ValueError, match="out of range"):
+        ice_prune.patch(build(ViTModel), method="evit", locs=(9,))
+    with pytest.raises(ValueError, match="not patched"):
+        ice_prune.unpatch(build(ViTModel))
+    a = ice_prune.patch(build(ViTForImageClassification), method="ice", locs=LOCS)
+    b = ice_prune.patch(build(ViTForImageClassification), method="ice", locs=LOCS)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(output(a, x), output(b, x))
+        c = pickle.loads(pickle.dumps(a))
+        torch.testing.assert_close(output(c, x), output(a, x))
+    with pytest.raises(ValueError, match="patch with num_classes=5"):
+        ice_prune.patch(build(ViTForImageClassification, num_labels=7), method="ice",
+                        locs=LOCS).load_state_dict(a.state_dict())
+
+
+def test_missing_transformers_names_the_extra(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_transformers(name, *args, **kwargs):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError("No module named 'transformers'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "ice_prune.integrations.transformers", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    with pytest.raises(ImportError, match=r"ice_prune\[transformers\]"):
+        importlib.import_module("ice_prune.integrations.transformers")
+
+
+# --- the same network in both libraries ---------------------------------------------------------
+
+def timm_to_transformers(sd: dict, backbone: str, distilled: bool) -> dict:
+    """timm ViT / distilled DeiT weights in transformers' layout (qkv split into q/k/v)."""
+    out = {}
+    p = f"{backbone}."
+    for key, value in sd.items():
+        if key.startswith("blocks."):
+            _, i, rest = key.split(".", 2)
+            lp = f"{p}layers.{i}."
+            if rest.startswith("attn.qkv."):
+                kind = rest.rsplit(".", 1)[1]
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
+                    out[f"{lp}attention.{name}.{kind}"] = part
+                continue
+            rest = (rest.replace("attn.proj.", "attention.o_proj.")
+                    .replace("norm1.", "layernorm_before.").replace("norm2.", "layernorm_after."))
+            out[lp + rest] = value
+            continue
+        name = {"cls_token": "embeddings.cls_token", "dist_token": "embeddings.distillation_token",
+                "pos_embed": "embeddings.position_embeddings",
+                "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+                "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+                "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}.get(key)
+        if name is not None:
+            out[p + name] = value
+        elif key.startswith("head_dist."):
+            out[key.replace("head_dist.", "distillation_classifier.")] = value
+        elif key.startswith("head."):
+            out[key.replace("head.", "cls_classifier." if distilled else "classifier.")] = value
+        else:
+            raise KeyError(key)
+    return out
+
+
+def pair(distilled: bool):
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, mlp_ratio=2.0,
+              num_classes=5)
+    tm = (VisionTransformerDistilled(**kw) if distilled
+          else VisionTransformer(**kw)).eval()
+    cls = DeiTForImageClassificationWithTeacher if distilled else ViTForImageClassification
+    hf = build(cls)
+    missing, unexpected = hf.load_state_dict(
+        timm_to_transformers(tm.state_dict(), "deit" if distilled else "vit", distilled),
+        strict=True)
+    assert not missing and not unexpected
+    return tm, hf
+
+
+@pytest.mark.parametrize("distilled", [False, True], ids=["vit", "deit-distilled"])
+@pytest.mark.parametrize("method", ["evit", "ice"])
+@pytest.mark.parametrize("keep_rate", [0.7, 0.5])
+def test_same_network_same_pruned_outputs(distilled, method, keep_rate):
+    tm, hf = pair(distilled)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, tm(x), atol=1e-4, rtol=0)
+        ice_prune.patch(tm, keep_rate=keep_rate, method=method, locs=LOCS, trace=True)
+        ice_prune.patch(hf, keep_rate=keep_rate, method=method, locs=LOCS, trace=True)
+        assert isinstance(hf, ICETransformersModel)
+        if method == "ice":
+            tm.ice_head.fc.weight.normal_()  # a head that separates tokens, shared by both
+            hf.ice_head.load_state_dict(tm.ice_head.state_dict())
+        out_t, out_h = tm(x), hf(x).logits
+        torch.testing.assert_close(out_h, out_t, atol=1e-4, rtol=0)
+        for lt, lh in zip(tm.ice_trace["locations"], hf.ice_trace["locations"]):
+            assert lt["tokens_out"] == lh["tokens_out"] < lt["tokens_in"]
+            assert torch.equal(lt["kept"], lh["kept"])
