@@ -204,3 +204,25 @@ def test_same_network_same_pruned_outputs(distilled, method, keep_rate):
         for lt, lh in zip(tm.ice_trace["locations"], hf.ice_trace["locations"]):
             assert lt["tokens_out"] == lh["tokens_out"] < lt["tokens_in"]
             assert torch.equal(lt["kept"], lh["kept"])
+
+
+def test_flops_and_throughput_match_timm():
+    tm, hf = pair(distilled=False)
+    assert ice_prune.count_flops(hf, (3, 32, 32)) == ice_prune.count_flops(tm, (3, 32, 32))
+    for m in (tm, hf):
+        ice_prune.patch(m, keep_rate=0.5, method="ice", locs=LOCS)
+    pruned = ice_prune.count_flops(hf, (3, 32, 32))
+    assert pruned == ice_prune.count_flops(tm, (3, 32, 32))
+    assert pruned < ice_prune.count_flops(build(ViTForImageClassification), (3, 32, 32))
+    run = ice_prune.benchmark(hf, (3, 32, 32), batch_size=2, device="cpu", reps=2, warmup=1)
+    assert len(run.times) == 2 and all(t > 0 for t in run.times)
+
+
+def test_train_mode_logits_and_gradients():
+    model = ice_prune.patch(build(DeiTForImageClassification), keep_rate=0.5, method="ice",
+                            locs=LOCS).train()
+    out = model(torch.randn(2, 3, 32, 32)).logits
+    assert len(model.ice_logits) == 2
+    (out.sum() + sum(z.sum() for z in model.ice_logits)).backward()
+    assert model.ice_head.fc.weight.grad is not None
+    assert model.deit.layers[0].attention.q_proj.weight.grad is not None
