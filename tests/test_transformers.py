@@ -226,3 +226,14 @@ def test_train_mode_logits_and_gradients():
     (out.sum() + sum(z.sum() for z in model.ice_logits)).backward()
     assert model.ice_head.fc.weight.grad is not None
     assert model.deit.layers[0].attention.q_proj.weight.grad is not None
+
+
+def test_hidden_states_and_other_resolutions():
+    model = ice_prune.patch(build(ViTForImageClassification), keep_rate=0.5, method="evit",
+                            locs=LOCS, trace=True)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32), output_hidden_states=True)
+        assert [h.shape[1] for h in out.hidden_states] == [17, 17, 10, 7, 7]
+        out = model(torch.randn(2, 3, 48, 32), interpolate_pos_encoding=True)
+    assert out.logits.shape == (2, 5) and model.ice_trace["grid"] == (6, 4)
+    assert [loc["tokens_out"] for loc in model.ice_trace["locations"]] == [14, 9]
