@@ -295,6 +295,42 @@ def patch(
         raise RuntimeError(
             "this model is already patched; change model.keep_rate / model.fuse / model.trace in "
             "place, or call ice_prune.unpatch(model) before patching with other settings")
+    locs, rates = check_patch_args(method, placement, heads, kernel, locs, keep_rate,
+                                   len(model.blocks))
+    for i in locs:
+        blk = model.blocks[i]
+        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
+            raise TypeError(
+                f"block {i} is a {type(blk).__name__} with {type(blk.attn).__name__}; ice_prune "
+                f"selects tokens in timm's pre-norm Block with timm Attention only")
+
+    selector = SELECTORS[method]()
+    head_list = attach_heads(model, selector, heads, model.num_classes if num_classes is None
+                             else num_classes, model.embed_dim, len(locs), method,
+                             given=num_classes is not None)
+    state = ICEState(selector, locs, placement, rates, bool(fuse), bool(trace), kernel,
+                     model.num_prefix_tokens, head_list)
+    return install(model, ICEVisionTransformer, model.blocks, ICEBlock, state)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: original classes, no ICE head, the original outputs. Returns the model."""
+    if not isinstance(model, ICEVisionTransformer) and _is_transformers_model(model):
+        from ice_prune.integrations import transformers as hf
+        return hf.unpatch(model)
+    if not isinstance(model, ICEVisionTransformer):
+        raise ValueError("this model is not patched by ice_prune; nothing to undo")
+    return uninstall(model, model.blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# what every integration (timm here, ice_prune.integrations.transformers) shares
+
+
+def check_patch_args(method: str, placement: str, heads: str, kernel: str, locs: Sequence[int],
+                     keep_rate: KeepRate, depth: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Validate :func:`patch`'s arguments for a model of ``depth`` blocks; returns ``(locs, one keep
+    rate per location)``."""
     if method not in SELECTORS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(SELECTORS)}")
     if placement not in PLACEMENTS:
@@ -303,7 +339,6 @@ def patch(
         raise ValueError(f"unknown heads {heads!r}; choose one of {HEADS}")
     if kernel not in KERNEL_CHOICES:
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNEL_CHOICES}")
-    depth = len(model.blocks)
     locs = tuple(locs)
     if not locs or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
                            for i in locs):
@@ -314,61 +349,56 @@ def patch(
     if list(locs) != sorted(set(locs)):
         raise ValueError(f"locs must be strictly increasing block indices, got {locs}; "
                          f"use {tuple(sorted(set(locs)))}")
-    rates = check_keep_rate(keep_rate, len(locs))
-    for i in locs:
-        blk = model.blocks[i]
-        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
-            raise TypeError(
-                f"block {i} is a {type(blk).__name__} with {type(blk.attn).__name__}; ice_prune "
-                f"selects tokens in timm's pre-norm Block with timm Attention only")
+    return locs, check_keep_rate(keep_rate, len(locs))
 
-    selector = SELECTORS[method]()
-    head_list = None
-    if selector.needs_head:
-        if num_classes is None:
-            num_classes = model.num_classes
-        if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-            raise ValueError(
-                f"the ICE head needs the number of image classes; this model has num_classes="
-                f"{model.num_classes}: pass num_classes=C to patch()")
-        ref = next(model.parameters())
 
-        def new() -> ICEHead:
-            return ICEHead(model.embed_dim, int(num_classes)).to(ref.device, ref.dtype)
+def attach_heads(model: nn.Module, selector: Selector, heads: str, num_classes, dim: int,
+                 num_locs: int, method: str, given: bool) -> Optional[list[nn.Module]]:
+    """Give ``model`` its ICE head(s) (``model.ice_head``: one shared, or a ModuleList per location)
+    when the selector needs one; returns one head per location, or None. ``given``: the caller
+    passed ``num_classes`` (refused for a selector without a head)."""
+    if not selector.needs_head:
+        if given:
+            raise ValueError(f"num_classes sets the ICE head's classes; method={method!r} has no "
+                             f"head")
+        return None
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
+            or num_classes < 1:
+        raise ValueError(f"the ICE head needs the number of image classes; {type(model).__name__} "
+                         f"has num_classes={num_classes!r}: pass num_classes=C to patch()")
+    ref = next(model.parameters())
 
-        if heads == "shared":
-            model.ice_head = new()
-            head_list = [model.ice_head] * len(locs)
-        else:
-            model.ice_head = nn.ModuleList(new() for _ in locs)
-            head_list = list(model.ice_head)
-    elif num_classes is not None:
-        raise ValueError(f"num_classes sets the ICE head's classes; method={method!r} has no head")
+    def new() -> ICEHead:
+        return ICEHead(dim, int(num_classes)).to(ref.device, ref.dtype)
 
-    state = ICEState(selector, locs, placement, rates, bool(fuse), bool(trace), kernel,
-                     model.num_prefix_tokens, head_list)
+    if heads == "shared":
+        model.ice_head = new()
+        return [model.ice_head] * num_locs
+    model.ice_head = nn.ModuleList(new() for _ in range(num_locs))
+    return list(model.ice_head)
+
+
+def install(model: nn.Module, model_mixin: type, layers: Sequence[nn.Module], layer_mixin: type,
+            state: ICEState) -> nn.Module:
+    """The class swap: ``model`` and its layers at ``state.locs`` get the integration's subclasses,
+    all sharing ``state``; an ICE head's shapes are checked when a state dict loads."""
     model._ice = state
-    _swap_class(model, ICEVisionTransformer)
-    for j, i in enumerate(locs):
-        blk = model.blocks[i]
-        blk._ice, blk._ice_loc = state, j
-        _swap_class(blk, ICEBlock)
-    if head_list is not None:
+    _swap_class(model, model_mixin)
+    for j, i in enumerate(state.locs):
+        layer = layers[i]
+        layer._ice, layer._ice_loc = state, j
+        _swap_class(layer, layer_mixin)
+    if state.heads is not None:
         model._ice_hook = model.register_load_state_dict_pre_hook(_check_ice_head_shapes)
     return model
 
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: original classes, no ICE head, the original outputs. Returns the model."""
-    if not isinstance(model, ICEVisionTransformer) and _is_transformers_model(model):
-        from ice_prune.integrations import transformers as hf
-        return hf.unpatch(model)
-    if not isinstance(model, ICEVisionTransformer):
-        raise ValueError("this model is not patched by ice_prune; nothing to undo")
+def uninstall(model: nn.Module, layers: Sequence[nn.Module]) -> nn.Module:
+    """Undo :func:`install`: original classes, no ICE head or state. Returns the model."""
     for i in model._ice.locs:
-        blk = model.blocks[i]
-        blk.__class__ = type(blk)._ice_base
-        del blk._ice, blk._ice_loc
+        layer = layers[i]
+        layer.__class__ = type(layer)._ice_base
+        del layer._ice, layer._ice_loc
     if hasattr(model, "_ice_hook"):
         model._ice_hook.remove()
         del model._ice_hook

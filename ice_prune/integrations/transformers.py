@@ -24,11 +24,9 @@ except ImportError as err:  # pragma: no cover - exercised by a test that hides 
         "patching a Hugging Face transformers model needs the transformers package: "
         "pip install 'ice_prune[transformers]'") from err
 
-from ice_prune.head import ICEHead
-from ice_prune.kernels.ops import KERNEL_CHOICES
-from ice_prune.patching import (HEADS, PLACEMENTS, ICEState, ICEVisionTransformer,
-                                _check_ice_head_shapes, _swap_class)
-from ice_prune.select import SELECTORS, KeepRate, check_keep_rate, keep_count
+from ice_prune.patching import (ICEState, ICEVisionTransformer, attach_heads, check_patch_args,
+                                install, uninstall)
+from ice_prune.select import SELECTORS, KeepRate, keep_count
 
 #: backbone attribute of each supported class (``None``: the model is the backbone) and its prefix
 #: token count ([CLS], plus DeiT's distillation token)
@@ -168,27 +166,8 @@ def patch(
             "this model is already patched; change model.keep_rate / model.fuse / model.trace in "
             "place, or call ice_prune.unpatch(model) before patching with other settings")
     backbone, num_prefix = _backbone(model)
-    if method not in SELECTORS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(SELECTORS)}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"unknown placement {placement!r}; choose one of {PLACEMENTS}")
-    if heads not in HEADS:
-        raise ValueError(f"unknown heads {heads!r}; choose one of {HEADS}")
-    if kernel not in KERNEL_CHOICES:
-        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNEL_CHOICES}")
     layers = backbone.layers
-    depth = len(layers)
-    locs = tuple(locs)
-    if not locs or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
-                           for i in locs):
-        raise ValueError(f"locs must be a non-empty sequence of block indices, got {locs!r}")
-    if any(i < 0 or i >= depth for i in locs):
-        raise ValueError(
-            f"locs {locs} out of range: this model has {depth} blocks, indices 0..{depth - 1}")
-    if list(locs) != sorted(set(locs)):
-        raise ValueError(f"locs must be strictly increasing block indices, got {locs}; "
-                         f"use {tuple(sorted(set(locs)))}")
-    rates = check_keep_rate(keep_rate, len(locs))
+    locs, rates = check_patch_args(method, placement, heads, kernel, locs, keep_rate, len(layers))
     for i in locs:
         attn = getattr(layers[i], "attention", None)
         if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
@@ -197,55 +176,20 @@ def patch(
                 f"the transformers 5 layout of ViT and DeiT (pip install 'ice_prune[transformers]')")
 
     selector = SELECTORS[method]()
-    head_list = None
-    if selector.needs_head:
-        if num_classes is None and backbone is not model:
-            num_classes = model.config.num_labels
-        if not isinstance(num_classes, numbers.Integral) or num_classes < 1:
-            raise ValueError(
-                f"the ICE head needs the number of image classes; {type(model).__name__} has none "
-                f"(num_classes={num_classes!r}): pass num_classes=C to patch()")
-        ref = next(model.parameters())
-
-        def new() -> ICEHead:
-            return ICEHead(model.config.hidden_size, int(num_classes)).to(ref.device, ref.dtype)
-
-        if heads == "shared":
-            model.ice_head = new()
-            head_list = [model.ice_head] * len(locs)
-        else:
-            model.ice_head = nn.ModuleList(new() for _ in locs)
-            head_list = list(model.ice_head)
-    elif num_classes is not None:
-        raise ValueError(f"num_classes sets the ICE head's classes; method={method!r} has no head")
-
+    if num_classes is None and selector.needs_head and backbone is not model:
+        num_classes_for_head = model.config.num_labels
+    else:
+        num_classes_for_head = num_classes
+    head_list = attach_heads(model, selector, heads, num_classes_for_head,
+                             model.config.hidden_size, len(locs), method,
+                             given=num_classes is not None)
     state = TransformersICEState(selector, locs, placement, rates, bool(fuse), bool(trace),
                                  kernel, num_prefix, head_list)
-    model._ice = state
-    _swap_class(model, ICETransformersModel)
-    for j, i in enumerate(locs):
-        layer = layers[i]
-        layer._ice, layer._ice_loc = state, j
-        _swap_class(layer, ICETransformersLayer)
-    if head_list is not None:
-        model._ice_hook = model.register_load_state_dict_pre_hook(_check_ice_head_shapes)
-    return model
+    return install(model, ICETransformersModel, layers, ICETransformersLayer, state)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original classes, no ICE head, the original outputs. Returns the model."""
     if not isinstance(model, ICETransformersModel):
         raise ValueError("this model is not patched by ice_prune; nothing to undo")
-    layers = _backbone(model)[0].layers
-    for i in model._ice.locs:
-        layer = layers[i]
-        layer.__class__ = type(layer)._ice_base
-        del layer._ice, layer._ice_loc
-    if hasattr(model, "_ice_hook"):
-        model._ice_hook.remove()
-        del model._ice_hook
-    if hasattr(model, "ice_head"):
-        del model.ice_head
-    del model._ice
-    model.__class__ = type(model)._ice_base
-    return model
+    return uninstall(model, _backbone(model)[0].layers)
