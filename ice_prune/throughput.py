@@ -71,11 +71,11 @@ class Measurement:
 
 
 @dataclass
-class BenchmarkRun:
-    """The result of :func:`benchmark_models`: one :class:`Measurement` per model, in the given order,
-    the run's settings, and the order the forwards actually ran in (``schedule``)."""
+class _Run:
+    """What a timed run holds: one measurement per model in the given order, the run's settings,
+    and the order the forwards actually ran in (``schedule``)."""
 
-    measurements: dict[str, Measurement]
+    measurements: dict
     baseline: str
     device: str
     dtype: str
@@ -83,8 +83,13 @@ class BenchmarkRun:
     warmup: int
     schedule: list[str] = field(default_factory=list)
 
-    def __getitem__(self, name: str) -> Measurement:
+    def __getitem__(self, name: str):
         return self.measurements[name]
+
+
+@dataclass
+class BenchmarkRun(_Run):
+    """The result of :func:`benchmark_models`: one :class:`Measurement` per model."""
 
     def speedup(self, name: str, baseline: Optional[str] = None) -> float:
         """Median images/s of ``name`` over the baseline's median, both from this run; ``baseline``:
@@ -338,19 +343,8 @@ class LatencyMeasurement:
 
 
 @dataclass
-class LatencyRun:
+class LatencyRun(_Run):
     """The result of :func:`latency`: one :class:`LatencyMeasurement` per model, in the given order."""
-
-    measurements: dict[str, LatencyMeasurement]
-    baseline: str
-    device: str
-    dtype: str
-    input_size: tuple[int, ...]
-    warmup: int
-    schedule: list[str] = field(default_factory=list)
-
-    def __getitem__(self, name: str) -> LatencyMeasurement:
-        return self.measurements[name]
 
     def speedup(self, name: str) -> float:
         """The baseline's median latency over ``name``'s, both from this run: above 1, ``name`` answers
