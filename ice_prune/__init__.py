@@ -6,8 +6,8 @@
 >>> model.keep_rate = 0.5                                 # takes effect on the next forward
 >>> maps = ice_prune.explain(model, images, "ice")        # or "rollout", "gradcam", "generic", ...
 
-Modules: ``patching`` (patch / unpatch; transformers' ViT / DeiT go to
-``integrations.transformers``, behind the ``transformers`` extra), ``select`` (selectors), ``head``, ``loss``, ``maps``
+Modules: ``patching`` (patch / unpatch, dispatching to ``integrations.timm`` or, behind the
+``transformers`` extra, ``integrations.transformers``), ``select`` (selectors), ``head``, ``loss``, ``maps``
 (explanation maps), ``evaluation`` (map and accuracy protocols), ``metrics``, ``data``, ``flops``,
 ``throughput``, ``checkpoint`` (safe loading: weights only unless trusted), ``engine`` (training
 loops), ``tasks`` (per-batch training steps, keep-rate schedule), ``cli`` (the training scripts'

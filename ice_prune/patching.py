@@ -1,11 +1,13 @@
-"""``patch()`` / ``unpatch()``: token selection inside a timm ``VisionTransformer`` by class swap.
+"""``patch()`` / ``unpatch()``, and what every integration shares.
 
-The whole integration is ToMe's pattern: the model and the blocks at the selection points get a
-subclass of their own class that overrides ``forward``; one :class:`ICEState` object is shared by all
-of them and carries the knobs (``model.keep_rate = 0.5`` takes effect on the next forward). Nothing
-else in the model changes, so timm's state-dict keys stay, LayerScale, q/k norm, register and
-distillation tokens, and fused attention all keep working, and ``unpatch`` gives the original model
-back.
+``patch`` dispatches on the model's type to an integration, ToMe-style:
+:mod:`ice_prune.integrations.timm` (timm's ``VisionTransformer``) or
+:mod:`ice_prune.integrations.transformers` (Hugging Face ViT / DeiT). Each swaps the class of the
+model and of the blocks at the selection points for a subclass of its own class; one
+:class:`ICEState` shared by all of them carries the knobs and runs the selection (selector, ICE
+head, the ``ice_prune::reorganize`` op), so the integrations share everything but their blocks'
+forward. Nothing else in the model changes: its state-dict keys stay (plus ``ice_head.*``) and
+``unpatch`` gives the original model back.
 """
 from __future__ import annotations
 
@@ -13,15 +15,12 @@ import numbers
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
 
 from ice_prune.head import ICEHead
 from ice_prune.kernels import reorganize
 from ice_prune.kernels.ops import KERNEL_CHOICES
-from ice_prune.select import SELECTORS, KeepRate, Selector, check_keep_rate, keep_count
+from ice_prune.select import SELECTORS, KeepRate, Selector, check_keep_rate
 
 PLACEMENTS = ("attn", "block")
 HEADS = ("shared", "per_location")
@@ -47,15 +46,15 @@ class ICEState:
         self.trace_out: Optional[dict] = None
         self._positions: Optional[Tensor] = None
 
-    def begin(self, model: "VisionTransformer", images: Tensor) -> None:
-        """Reset the per-forward record; called at the start of ``forward_features``."""
-        self.record_logits = model.training or self.trace
+    def begin(self, training: bool, grid: tuple[int, int], patch_size: tuple[int, int]) -> None:
+        """Reset the per-forward record; an integration calls it at the start of the model's forward
+        with the images' patch ``grid`` (rows, columns) and ``patch_size``."""
+        self.record_logits = training or self.trace
         self.logits = []
         self._positions = None
         if self.trace:
-            grid = model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
             self.trace_out = {"grid": tuple(grid), "num_prefix": self.num_prefix,
-                              "patch_size": tuple(model.patch_embed.patch_size), "locations": []}
+                              "patch_size": tuple(patch_size), "locations": []}
 
     def select(self, x: Tensor, h: Optional[Tensor], cls_attn: Optional[Tensor], keep: int,
                loc: int) -> Tensor:
@@ -92,8 +91,8 @@ class ICEState:
         self._positions = kept
 
 
-class ICEVisionTransformer:
-    """Mixin put in front of the model's own class by :func:`patch`."""
+class ICEModel:
+    """The knobs of a patched model, shared by every integration's model mixin."""
 
     _ice: ICEState
 
@@ -136,77 +135,8 @@ class ICEVisionTransformer:
         :func:`ice_prune.restore` composes)."""
         return self._ice.trace_out
 
-    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None,
-                         is_causal: bool = False) -> Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError(
-                "a token-pruned ViT changes its sequence inside the blocks, so attention masks and "
-                "causal attention do not apply; call ice_prune.unpatch(model) to use them")
-        self._ice.begin(self, x)
-        return super().forward_features(x)
-
-
-class ICEBlock:
-    """Mixin for the blocks at selection points: select after attention ("attn") or the block."""
-
-    _ice: ICEState
-    _ice_loc: int
-
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
-                is_causal: bool = False) -> Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("attention masks are not supported on a token-pruned ViT")
-        state, loc = self._ice, self._ice_loc
-        n = x.shape[1] - state.num_prefix
-        keep = keep_count(state.keep_rate[loc], n)
-        if keep >= n:  # nothing to drop: exactly the original block
-            return super().forward(x)
-        if state.selector.needs_cls_attn:
-            y, cls_attn = attention_with_cls_row(self.attn, self.norm1(x))
-        else:
-            y, cls_attn = self.attn(self.norm1(x)), None
-        x = x + self.drop_path1(self.ls1(y))
-        if state.placement == "attn":  # EViT: the MLP already runs on the reduced sequence
-            h = self.norm2(x) if state.selector.needs_head else None
-            x = state.select(x, h, cls_attn, keep, loc)
-            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        h = self.norm2(x)
-        x = x + self.drop_path2(self.ls2(self.mlp(h)))
-        return state.select(x, h, cls_attn, keep, loc)
-
 
 _CLASSES: dict[tuple[type, type], type] = {}
-
-
-def attention_with_cls_row(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """timm ``Attention.forward`` that also returns the head-mean [CLS] attention row ``[B, N]``.
-
-    A modified copy of timm 1.0's ``Attention.forward`` (as ToMe copies it for its merging): keep it
-    in step with timm's when timm's changes.
-
-    The block keeps timm's fused scaled-dot-product attention; the [CLS] row is one extra
-    ``softmax(q_cls k^T / sqrt(d))``, ``B * H * N * d`` multiply-adds, instead of the full matrix.
-    Mirrors timm 1.0 ``Attention`` (q/k norm, scale norm, gate, dropout) so outputs are unchanged.
-    """
-    B, N, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    cls_logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
-    # fp32 scores: in bf16 many near-equal attention values tie and the ranking degrades
-    cls_attn = cls_logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
-    if attn.fused_attn:
-        out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        out = attn.attn_drop(a) @ v
-    out = out.transpose(1, 2).reshape(B, N, attn.attn_dim)
-    out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out)), cls_attn
 
 
 def _swap_class(obj: nn.Module, mixin: type) -> None:
@@ -243,13 +173,18 @@ def _check_ice_head_shapes(module: nn.Module, state_dict: dict, prefix: str, *ar
             f"type); patch the matching architecture")
 
 
-def _is_transformers_model(model: nn.Module) -> bool:
-    """A Hugging Face transformers model: :mod:`ice_prune.integrations.transformers` patches it."""
-    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+def _integration(model: nn.Module):
+    """The integration module that patches ``model``: transformers' for a Hugging Face model, else
+    timm's (which names what it supports when ``model`` is neither)."""
+    if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+        from ice_prune.integrations import transformers as integration
+    else:
+        from ice_prune.integrations import timm as integration
+    return integration
 
 
 def patch(
-    model: VisionTransformer,
+    model: nn.Module,
     keep_rate: KeepRate = 0.7,
     method: str = "ice",
     locs: Sequence[int] = (3, 6, 9),
@@ -259,13 +194,13 @@ def patch(
     num_classes: Optional[int] = None,
     trace: bool = False,
     kernel: str = "auto",
-) -> VisionTransformer:
-    """Insert token selection into a timm ``VisionTransformer``, in place; returns the model.
+) -> nn.Module:
+    """Insert token selection into a Vision Transformer, in place; returns the model.
 
     Args:
-        model: a model from ``timm.create_model`` (DeiT, ViT, DeiT III, register and distilled ViTs),
-            or a transformers ViT / DeiT (:mod:`ice_prune.integrations.transformers`; needs the
-            ``transformers`` extra).
+        model: a timm ``VisionTransformer`` from ``timm.create_model`` (DeiT, ViT, DeiT III,
+            register and distilled ViTs; :mod:`ice_prune.integrations.timm`), or a transformers ViT /
+            DeiT (:mod:`ice_prune.integrations.transformers`; needs the ``transformers`` extra).
         keep_rate: fraction of non-prefix tokens kept at each selection point, ``ceil(rate * n)``
             (EViT's rule): one float for all points or one per point. Change it later with
             ``model.keep_rate = ...``.
@@ -282,49 +217,29 @@ def patch(
             trace): ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or
             ``"torch"``.
     """
-    if not isinstance(model, VisionTransformer) and _is_transformers_model(model):
-        from ice_prune.integrations import transformers as hf
-        return hf.patch(model, keep_rate, method, locs, placement, fuse, heads, num_classes,
-                        trace, kernel)
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(
-            f"ice_prune.patch needs a timm VisionTransformer (e.g. timm.create_model("
-            f"'deit_small_patch16_224')), got {type(model).__name__}; other architectures have no "
-            f"single token sequence to prune")
-    if isinstance(model, ICEVisionTransformer):
-        raise RuntimeError(
-            "this model is already patched; change model.keep_rate / model.fuse / model.trace in "
-            "place, or call ice_prune.unpatch(model) before patching with other settings")
-    locs, rates = check_patch_args(method, placement, heads, kernel, locs, keep_rate,
-                                   len(model.blocks))
-    for i in locs:
-        blk = model.blocks[i]
-        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
-            raise TypeError(
-                f"block {i} is a {type(blk).__name__} with {type(blk.attn).__name__}; ice_prune "
-                f"selects tokens in timm's pre-norm Block with timm Attention only")
-
-    selector = SELECTORS[method]()
-    head_list = attach_heads(model, selector, heads, model.num_classes if num_classes is None
-                             else num_classes, model.embed_dim, len(locs), method,
-                             given=num_classes is not None)
-    state = ICEState(selector, locs, placement, rates, bool(fuse), bool(trace), kernel,
-                     model.num_prefix_tokens, head_list)
-    return install(model, ICEVisionTransformer, model.blocks, ICEBlock, state)
+    return _integration(model).patch(model, keep_rate, method, locs, placement, fuse, heads,
+                                     num_classes, trace, kernel)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original classes, no ICE head, the original outputs. Returns the model."""
-    if not isinstance(model, ICEVisionTransformer) and _is_transformers_model(model):
-        from ice_prune.integrations import transformers as hf
-        return hf.unpatch(model)
-    if not isinstance(model, ICEVisionTransformer):
-        raise ValueError("this model is not patched by ice_prune; nothing to undo")
-    return uninstall(model, model.blocks)
+    return _integration(model).unpatch(model)
+
+
+#: the timm integration's names, still importable from here (they lived here before the
+#: integrations had their own modules)
+_TIMM_NAMES = ("ICEVisionTransformer", "ICEBlock", "attention_with_cls_row")
+
+
+def __getattr__(name: str):
+    if name in _TIMM_NAMES:
+        from ice_prune.integrations import timm
+        return getattr(timm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
-# what every integration (timm here, ice_prune.integrations.transformers) shares
+# what every integration (ice_prune.integrations.timm, .transformers) shares
 
 
 def check_patch_args(method: str, placement: str, heads: str, kernel: str, locs: Sequence[int],

@@ -10,7 +10,7 @@ import timm
 import torch
 
 import ice_prune
-from ice_prune.patching import ICEVisionTransformer
+from ice_prune.integrations.timm import ICEVisionTransformer
 
 # (timm name, kwargs): small image sizes keep the suite fast; every family the issue names.
 FAMILIES = {
@@ -407,3 +407,18 @@ def test_checkpoint_with_other_class_count_is_named():
     model = ice_prune.patch(make("deit_tiny"))
     with pytest.raises(ValueError, match="predicts 10 classes .* patch with num_classes=10"):
         model.load_state_dict(donor.state_dict())
+
+
+def test_timm_integration_names_still_import_from_patching():
+    """The timm integration moved to ice_prune.integrations.timm; code importing its classes from
+    ice_prune.patching keeps working, and patch() dispatches to it."""
+    import ice_prune.integrations.timm as timm_integration
+    import ice_prune.patching as patching
+    for name in ("ICEVisionTransformer", "ICEBlock", "attention_with_cls_row"):
+        assert getattr(patching, name) is getattr(timm_integration, name)
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        patching.nothing_here
+    model = ice_prune.patch(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8,
+                                              num_classes=4), keep_rate=0.5, method="evit")
+    assert isinstance(model, timm_integration.ICEVisionTransformer)
+    assert isinstance(model.blocks[3], timm_integration.ICEBlock)

@@ -1,3 +1,5 @@
-"""Integrations of token selection per model family, ToMe-style: ``transformers`` (Hugging Face ViT
-and DeiT). The timm integration is :mod:`ice_prune.patching`; ``ice_prune.patch`` dispatches on the
-model's type. Each integration reuses the selectors, ICE heads, reorganize op and knobs."""
+"""Integrations of token selection per model family, ToMe-style: :mod:`.timm` (timm's
+``VisionTransformer``) and :mod:`.transformers` (Hugging Face ViT and DeiT, behind the
+``transformers`` extra). ``ice_prune.patch`` dispatches on the model's type; every integration
+shares :class:`ice_prune.patching.ICEState` (selectors, ICE heads, the reorganize op) and the knobs
+of :class:`ice_prune.patching.ICEModel`."""
