@@ -237,3 +237,55 @@ def test_hidden_states_and_other_resolutions():
         out = model(torch.randn(2, 3, 48, 32), interpolate_pos_encoding=True)
     assert out.logits.shape == (2, 5) and model.ice_trace["grid"] == (6, 4)
     assert [loc["tokens_out"] for loc in model.ice_trace["locations"]] == [14, 9]
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    """save_pretrained on a patched model writes the backbone (in transformers' saved layout) and the
+    ICE head; from_pretrained gives the plain model (the head is an unexpected key there), and
+    patching it and loading the saved head gives the patched model's outputs back."""
+    model = ice_prune.patch(build(ViTForImageClassification), keep_rate=0.5, method="ice",
+                            locs=LOCS)
+    with torch.no_grad():
+        model.ice_head.fc.weight.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x).logits
+    model.save_pretrained(tmp_path)
+    saved = ice_prune.checkpoint.read_state_dict(tmp_path / "model.safetensors")
+    _, head = ice_prune.checkpoint.split_ice_head(saved)
+    assert set(head) == {"fc.weight"} and torch.equal(head["fc.weight"], model.ice_head.fc.weight)
+    assert "ice" not in (tmp_path / "config.json").read_text()  # the config is the model's own
+
+    loaded = ViTForImageClassification.from_pretrained(tmp_path).eval()
+    assert type(loaded) is ViTForImageClassification and not hasattr(loaded, "ice_head")
+    ice_prune.patch(loaded, keep_rate=0.5, method="ice", locs=LOCS)
+    with torch.no_grad():
+        assert not torch.allclose(loaded(x).logits, ref)  # a fresh head selects other tokens
+        loaded.ice_head.load_state_dict(head)
+        torch.testing.assert_close(loaded(x).logits, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["evit", "ice"])
+def test_fullgraph_compile(method):
+    """torch.compile(fullgraph=True) captures a patched transformers model in one graph (the
+    reorganize and ICE-score ops traced through their fake implementations)."""
+    torch._dynamo.reset()
+    model = ice_prune.patch(build(DeiTForImageClassificationWithTeacher), keep_rate=0.5,
+                            method=method, locs=LOCS)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x).logits
+        out = torch.compile(model, fullgraph=True, backend="aot_eager")(x).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_flex_attention_is_refused_with_the_fix():
+    model = build(ViTForImageClassification, impl="flex_attention")
+    with pytest.raises(ValueError, match="flex_attention.*use 'sdpa' or 'eager'"):
+        ice_prune.patch(model, keep_rate=0.5, method="evit", locs=LOCS)
+    assert type(model) is ViTForImageClassification  # left as it was
+    model = ice_prune.patch(build(ViTForImageClassification), keep_rate=0.5, method="evit",
+                            locs=LOCS)
+    model.set_attn_implementation("flex_attention")  # switched after patching: refused at forward
+    with pytest.raises(ValueError, match="flex_attention"):
+        model(torch.randn(1, 3, 32, 32))

@@ -6,8 +6,10 @@ Supported: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
 The same pattern as the timm integration: the model and the layers at the selection points get a
 subclass of their own class, one :class:`~ice_prune.patching.ICEState` is shared, and the selectors,
 ICE heads and the ``ice_prune::reorganize`` op are the timm path's. The attention itself stays
-transformers' (eager or SDPA, ``config._attn_implementation``); EViT's [CLS] row is one extra softmax
-row beside it. State-dict keys are unchanged, plus ``ice_head.*``.
+transformers' (``config._attn_implementation``: eager and SDPA tested, flash attention untested,
+flex attention refused); EViT's [CLS] row is one extra softmax row beside it. State-dict keys are
+unchanged, plus ``ice_head.*``: ``save_pretrained`` writes them, and after ``from_pretrained`` and
+``patch`` the ICE head loads from the saved file with :func:`ice_prune.load_checkpoint`.
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ except ImportError as err:  # pragma: no cover - exercised by a test that hides 
         "patching a Hugging Face transformers model needs the transformers package: "
         "pip install 'ice_prune[transformers]'") from err
 
-from ice_prune.patching import (ICEState, ICEVisionTransformer, attach_heads, check_patch_args,
-                                install, uninstall)
+from ice_prune.patching import (ICEModel, ICEState, attach_heads, check_patch_args, install,
+                                uninstall)
 from ice_prune.select import SELECTORS, KeepRate, keep_count
 
 #: backbone attribute of each supported class (``None``: the model is the backbone) and its prefix
@@ -39,30 +41,8 @@ SUPPORTED: dict[str, tuple[Optional[str], int]] = {
 }
 
 
-class TransformersICEState(ICEState):
-    """:class:`ICEState` whose per-forward reset reads the patch grid from a transformers config."""
-
-    def begin(self, model: nn.Module, images: Tensor) -> None:
-        self.record_logits = model.training or self.trace
-        self.logits = []
-        self._positions = None
-        if self.trace:
-            p = model.config.patch_size
-            p = (p, p) if isinstance(p, numbers.Integral) else tuple(p)
-            grid = (images.shape[-2] // p[0], images.shape[-1] // p[1])
-            self.trace_out = {"grid": grid, "num_prefix": self.num_prefix, "patch_size": p,
-                              "locations": []}
-
-
-class ICETransformersModel:
+class ICETransformersModel(ICEModel):
     """Mixin put in front of the transformers model's class: the knobs of the timm path."""
-
-    _ice: TransformersICEState
-    keep_rate = ICEVisionTransformer.keep_rate
-    fuse = ICEVisionTransformer.fuse
-    trace = ICEVisionTransformer.trace
-    ice_logits = ICEVisionTransformer.ice_logits
-    ice_trace = ICEVisionTransformer.ice_trace
 
     def forward(self, pixel_values: Optional[Tensor] = None, *args, **kwargs):
         if kwargs.get("attention_mask") is not None:
@@ -73,14 +53,18 @@ class ICETransformersModel:
             raise ValueError(
                 "output_attentions is not available on a token-pruned ViT (the selection layers "
                 "compute only EViT's [CLS] row); call ice_prune.unpatch(model) to get attentions")
-        self._ice.begin(self, pixel_values)
+        _check_attn_implementation(self.config)
+        p = self.config.patch_size
+        p = (p, p) if isinstance(p, numbers.Integral) else tuple(p)
+        grid = (pixel_values.shape[-2] // p[0], pixel_values.shape[-1] // p[1])
+        self._ice.begin(self.training, grid, p)
         return super().forward(pixel_values, *args, **kwargs)
 
 
 class ICETransformersLayer:
     """Mixin for ``ViTLayer`` / ``DeiTLayer`` at selection points."""
 
-    _ice: TransformersICEState
+    _ice: ICEState
     _ice_loc: int
 
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
@@ -134,6 +118,16 @@ def attention_with_cls_row(attn: nn.Module, x: Tensor, cls_row: bool = True,
     return attn.o_proj(out), cls_attn
 
 
+def _check_attn_implementation(config) -> None:
+    """Flex attention gets a ``BlockMask`` built for the full sequence by the model, which no longer
+    fits the layers after a selection point."""
+    if config._attn_implementation == "flex_attention":
+        raise ValueError(
+            "attn_implementation='flex_attention' builds one BlockMask for the full token sequence, "
+            "which the shorter sequences after a selection point do not fit; use 'sdpa' or 'eager' "
+            "(model.set_attn_implementation('sdpa'))")
+
+
 def _backbone(model: nn.Module) -> tuple[nn.Module, int]:
     for cls in type(model).__mro__:
         if cls.__name__ in SUPPORTED and cls.__module__.startswith("transformers."):
@@ -166,6 +160,7 @@ def patch(
             "this model is already patched; change model.keep_rate / model.fuse / model.trace in "
             "place, or call ice_prune.unpatch(model) before patching with other settings")
     backbone, num_prefix = _backbone(model)
+    _check_attn_implementation(model.config)
     layers = backbone.layers
     locs, rates = check_patch_args(method, placement, heads, kernel, locs, keep_rate, len(layers))
     for i in locs:
@@ -183,8 +178,8 @@ def patch(
     head_list = attach_heads(model, selector, heads, num_classes_for_head,
                              model.config.hidden_size, len(locs), method,
                              given=num_classes is not None)
-    state = TransformersICEState(selector, locs, placement, rates, bool(fuse), bool(trace),
-                                 kernel, num_prefix, head_list)
+    state = ICEState(selector, locs, placement, rates, bool(fuse), bool(trace),
+                     kernel, num_prefix, head_list)
     return install(model, ICETransformersModel, layers, ICETransformersLayer, state)
 
 
