@@ -1,176 +1,24 @@
-"""``patch()`` / ``unpatch()``, and what every integration shares.
+"""``patch()`` / ``unpatch()``: token selection inside a Vision Transformer, by class swap.
 
 ``patch`` dispatches on the model's type to an integration, ToMe-style:
 :mod:`ice_prune.integrations.timm` (timm's ``VisionTransformer``) or
-:mod:`ice_prune.integrations.transformers` (Hugging Face ViT / DeiT). Each swaps the class of the
-model and of the blocks at the selection points for a subclass of its own class; one
-:class:`ICEState` shared by all of them carries the knobs and runs the selection (selector, ICE
-head, the ``ice_prune::reorganize`` op), so the integrations share everything but their blocks'
-forward. Nothing else in the model changes: its state-dict keys stay (plus ``ice_head.*``) and
-``unpatch`` gives the original model back.
+:mod:`ice_prune.integrations.transformers` (Hugging Face ViT / DeiT, imported only for such a model:
+it needs the ``transformers`` extra). Both share :mod:`ice_prune.integrations.common`: the state
+that runs the selection, the knobs, the ICE heads. Nothing else in the model changes: its state-dict
+keys stay (plus ``ice_head.*``) and ``unpatch`` gives the original model back.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ice_prune.head import ICEHead
-from ice_prune.kernels import reorganize
-from ice_prune.kernels.ops import KERNEL_CHOICES
-from ice_prune.select import SELECTORS, KeepRate, Selector, check_keep_rate
+from ice_prune.integrations import common
+from ice_prune.integrations import timm as timm_integration
+from ice_prune.integrations.timm import ICEBlock, ICEVisionTransformer, attention_with_cls_row
+from ice_prune.select import KeepRate
 
-PLACEMENTS = ("attn", "block")
-HEADS = ("shared", "per_location")
-
-class ICEState:
-    """Configuration and per-forward record shared by a patched model and its selection blocks."""
-
-    def __init__(self, selector: Selector, locs: tuple[int, ...], placement: str,
-                 keep_rate: tuple[float, ...], fuse: bool, trace: bool, kernel: str,
-                 num_prefix: int, heads: Optional[list[nn.Module]]) -> None:
-        self.selector = selector
-        self.locs = locs
-        self.placement = placement
-        self.keep_rate = keep_rate
-        self.fuse = fuse
-        self.trace = trace
-        self.kernel = kernel
-        self.num_prefix = num_prefix
-        self.heads = heads  # one (shared) head repeated per location, or one each; owned by the model
-        # what the last forward recorded
-        self.record_logits = False
-        self.logits: list[Tensor] = []
-        self.trace_out: Optional[dict] = None
-        self._positions: Optional[Tensor] = None
-
-    def begin(self, training: bool, grid: tuple[int, int], patch_size: tuple[int, int]) -> None:
-        """Reset the per-forward record; an integration calls it at the start of the model's forward
-        with the images' patch ``grid`` (rows, columns) and ``patch_size``."""
-        self.record_logits = training or self.trace
-        self.logits = []
-        self._positions = None
-        if self.trace:
-            self.trace_out = {"grid": tuple(grid), "num_prefix": self.num_prefix,
-                              "patch_size": tuple(patch_size), "locations": []}
-
-    def select(self, x: Tensor, h: Optional[Tensor], cls_attn: Optional[Tensor], keep: int,
-               loc: int) -> Tensor:
-        head = self.heads[loc] if self.heads is not None else None
-        scores, logits = self.selector.scores(cls_attn, h, head, self.num_prefix,
-                                              logits_needed=self.record_logits, kernel=self.kernel)
-        if logits is not None and self.record_logits:
-            self.logits.append(logits)
-        out, order = reorganize(x, scores, keep, self.num_prefix, self.fuse,
-                                self.selector.normalize, self.kernel)
-        if self.trace:
-            self._record(loc, x.shape[1], out.shape[1], keep, order, scores)
-        return out
-
-    def _record(self, loc: int, tokens_in: int, tokens_out: int, keep: int, order: Tensor,
-                scores: Tensor) -> None:
-        B, n = order.shape
-        if self._positions is None:  # first selection: tokens are still the image's patches
-            self._positions = torch.arange(n, device=order.device).expand(B, n)
-            self.trace_out["num_patches"] = n
-        num_patches = self.trace_out["num_patches"]
-        kept = self._positions.gather(1, order[:, :keep])
-        # patches that still stand as themselves; -1 marks a fused token, scattered to a spare column
-        mask = torch.zeros(B, num_patches + 1, dtype=torch.bool, device=order.device)
-        mask.scatter_(1, torch.where(kept >= 0, kept, num_patches), True)
-        fused = self._positions.gather(1, order[:, keep:])
-        self.trace_out["locations"].append({
-            "block": self.locs[loc], "tokens_in": tokens_in, "tokens_out": tokens_out, "keep": keep,
-            "kept": kept, "fused": fused if self.fuse else None,
-            "dropped": None if self.fuse else fused, "mask": mask[:, :num_patches],
-            "scores": scores.detach(), "order": order})
-        if self.fuse:
-            kept = torch.cat([kept, kept.new_full((B, 1), -1)], dim=1)
-        self._positions = kept
-
-
-class ICEModel:
-    """The knobs of a patched model, shared by every integration's model mixin."""
-
-    _ice: ICEState
-
-    @property
-    def keep_rate(self) -> KeepRate:
-        rates = self._ice.keep_rate
-        return rates[0] if len(set(rates)) == 1 else rates
-
-    @keep_rate.setter
-    def keep_rate(self, value: KeepRate) -> None:
-        self._ice.keep_rate = check_keep_rate(value, len(self._ice.locs))
-
-    @property
-    def fuse(self) -> bool:
-        return self._ice.fuse
-
-    @fuse.setter
-    def fuse(self, value: bool) -> None:
-        self._ice.fuse = bool(value)
-
-    @property
-    def trace(self) -> bool:
-        return self._ice.trace
-
-    @trace.setter
-    def trace(self, value: bool) -> None:
-        self._ice.trace = bool(value)
-
-    @property
-    def ice_logits(self) -> list[Tensor]:
-        """ICE head logits ``[B, n, C+1]`` per selection point of the last forward (train mode or
-        ``trace=True``; ``[]`` otherwise)."""
-        return self._ice.logits
-
-    @property
-    def ice_trace(self) -> Optional[dict]:
-        """What the last forward with ``trace=True`` kept and fused, per selection point: ``kept`` /
-        ``fused`` (or ``dropped``) original patch positions (-1 for a fused token), ``mask``,
-        ``scores`` and ``order`` (the reorganize step's ranking of the incoming tokens, which
-        :func:`ice_prune.restore` composes)."""
-        return self._ice.trace_out
-
-
-_CLASSES: dict[tuple[type, type], type] = {}
-
-
-def _swap_class(obj: nn.Module, mixin: type) -> None:
-    """Give ``obj`` the class ``mixin + type(obj)``, made once per pair and kept at module level so
-    that pickling a patched model works."""
-    base = type(obj)
-    cls = _CLASSES.get((mixin, base))
-    if cls is None:
-        name = f"{mixin.__name__}_{base.__name__}"
-        while name in globals():
-            name += "_"
-        cls = type(name, (mixin, base), {"__module__": __name__, "_ice_base": base})
-        globals()[name] = _CLASSES[(mixin, base)] = cls
-    obj.__class__ = cls
-
-
-def _check_ice_head_shapes(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """A load_state_dict pre-hook: an ICE head of another class count gets an error naming the fix.
-    Module-level, so a patched model still pickles."""
-    own = {f"{prefix}ice_head.{k}": v for k, v in module.ice_head.state_dict().items()}
-    for key, value in own.items():
-        theirs = state_dict.get(key)
-        if theirs is None or theirs.shape == value.shape:
-            continue
-        if theirs.shape[1:] == value.shape[1:]:
-            raise ValueError(
-                f"the checkpoint's ICE head predicts {theirs.shape[0] - 1} classes + background "
-                f"but this model's predicts {value.shape[0] - 1} + background ({key}: "
-                f"{tuple(theirs.shape)} vs {tuple(value.shape)}); patch with "
-                f"num_classes={theirs.shape[0] - 1}")
-        raise ValueError(
-            f"the checkpoint's ICE head does not fit this model: {key} is {tuple(theirs.shape)} "
-            f"in the checkpoint and {tuple(value.shape)} here (another embedding width or head "
-            f"type); patch the matching architecture")
+__all__ = ["patch", "unpatch", "ICEVisionTransformer", "ICEBlock", "attention_with_cls_row"]
 
 
 def _integration(model: nn.Module):
@@ -178,9 +26,8 @@ def _integration(model: nn.Module):
     timm's (which names what it supports when ``model`` is neither)."""
     if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
         from ice_prune.integrations import transformers as integration
-    else:
-        from ice_prune.integrations import timm as integration
-    return integration
+        return integration
+    return timm_integration
 
 
 def patch(
@@ -226,99 +73,10 @@ def unpatch(model: nn.Module) -> nn.Module:
     return _integration(model).unpatch(model)
 
 
-#: the timm integration's names, still importable from here (they lived here before the
-#: integrations had their own modules)
-_TIMM_NAMES = ("ICEVisionTransformer", "ICEBlock", "attention_with_cls_row")
-
-
 def __getattr__(name: str):
-    if name in _TIMM_NAMES:
-        from ice_prune.integrations import timm
-        return getattr(timm, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# what every integration (ice_prune.integrations.timm, .transformers) shares
-
-
-def check_patch_args(method: str, placement: str, heads: str, kernel: str, locs: Sequence[int],
-                     keep_rate: KeepRate, depth: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """Validate :func:`patch`'s arguments for a model of ``depth`` blocks; returns ``(locs, one keep
-    rate per location)``."""
-    if method not in SELECTORS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(SELECTORS)}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"unknown placement {placement!r}; choose one of {PLACEMENTS}")
-    if heads not in HEADS:
-        raise ValueError(f"unknown heads {heads!r}; choose one of {HEADS}")
-    if kernel not in KERNEL_CHOICES:
-        raise ValueError(f"unknown kernel {kernel!r}; choose one of {KERNEL_CHOICES}")
-    locs = tuple(locs)
-    if not locs or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
-                           for i in locs):
-        raise ValueError(f"locs must be a non-empty sequence of block indices, got {locs!r}")
-    if any(i < 0 or i >= depth for i in locs):
-        raise ValueError(
-            f"locs {locs} out of range: this model has {depth} blocks, indices 0..{depth - 1}")
-    if list(locs) != sorted(set(locs)):
-        raise ValueError(f"locs must be strictly increasing block indices, got {locs}; "
-                         f"use {tuple(sorted(set(locs)))}")
-    return locs, check_keep_rate(keep_rate, len(locs))
-
-
-def attach_heads(model: nn.Module, selector: Selector, heads: str, num_classes, dim: int,
-                 num_locs: int, method: str, given: bool) -> Optional[list[nn.Module]]:
-    """Give ``model`` its ICE head(s) (``model.ice_head``: one shared, or a ModuleList per location)
-    when the selector needs one; returns one head per location, or None. ``given``: the caller
-    passed ``num_classes`` (refused for a selector without a head)."""
-    if not selector.needs_head:
-        if given:
-            raise ValueError(f"num_classes sets the ICE head's classes; method={method!r} has no "
-                             f"head")
-        return None
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
-            or num_classes < 1:
-        raise ValueError(f"the ICE head needs the number of image classes; {type(model).__name__} "
-                         f"has num_classes={num_classes!r}: pass num_classes=C to patch()")
-    ref = next(model.parameters())
-
-    def new() -> ICEHead:
-        return ICEHead(dim, int(num_classes)).to(ref.device, ref.dtype)
-
-    if heads == "shared":
-        model.ice_head = new()
-        return [model.ice_head] * num_locs
-    model.ice_head = nn.ModuleList(new() for _ in range(num_locs))
-    return list(model.ice_head)
-
-
-def install(model: nn.Module, model_mixin: type, layers: Sequence[nn.Module], layer_mixin: type,
-            state: ICEState) -> nn.Module:
-    """The class swap: ``model`` and its layers at ``state.locs`` get the integration's subclasses,
-    all sharing ``state``; an ICE head's shapes are checked when a state dict loads."""
-    model._ice = state
-    _swap_class(model, model_mixin)
-    for j, i in enumerate(state.locs):
-        layer = layers[i]
-        layer._ice, layer._ice_loc = state, j
-        _swap_class(layer, layer_mixin)
-    if state.heads is not None:
-        model._ice_hook = model.register_load_state_dict_pre_hook(_check_ice_head_shapes)
-    return model
-
-
-def uninstall(model: nn.Module, layers: Sequence[nn.Module]) -> nn.Module:
-    """Undo :func:`install`: original classes, no ICE head or state. Returns the model."""
-    for i in model._ice.locs:
-        layer = layers[i]
-        layer.__class__ = type(layer)._ice_base
-        del layer._ice, layer._ice_loc
-    if hasattr(model, "_ice_hook"):
-        model._ice_hook.remove()
-        del model._ice_hook
-    if hasattr(model, "ice_head"):
-        del model.ice_head
-    del model._ice
-    model.__class__ = type(model)._ice_base
-    return model
+    """The classes a patch made (``ICEVisionTransformer_VisionTransformer``, ...) live in
+    :mod:`ice_prune.integrations.common`; models pickled when they lived here still load."""
+    try:
+        return getattr(common, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -285,7 +285,7 @@ def _model(kernel, **kw):
 def spies(monkeypatch):
     """Counts the fused-score calls and records the kept positions of every reorganize step."""
     calls, kept = [], []
-    score, reorganize = ice_prune.select.ice_score, ice_prune.patching.reorganize
+    score, reorganize = ice_prune.select.ice_score, ice_prune.integrations.common.reorganize
 
     def spy_score(*args, **kwargs):
         calls.append(1)
@@ -297,7 +297,7 @@ def spies(monkeypatch):
         return out, order
 
     monkeypatch.setattr(ice_prune.select, "ice_score", spy_score)
-    monkeypatch.setattr(ice_prune.patching, "reorganize", spy_reorganize)
+    monkeypatch.setattr(ice_prune.integrations.common, "reorganize", spy_reorganize)
     return calls, kept
 
 

@@ -412,10 +412,13 @@ def test_checkpoint_with_other_class_count_is_named():
 def test_timm_integration_names_still_import_from_patching():
     """The timm integration moved to ice_prune.integrations.timm; code importing its classes from
     ice_prune.patching keeps working, and patch() dispatches to it."""
+    import ice_prune.integrations.common as common
     import ice_prune.integrations.timm as timm_integration
     import ice_prune.patching as patching
     for name in ("ICEVisionTransformer", "ICEBlock", "attention_with_cls_row"):
         assert getattr(patching, name) is getattr(timm_integration, name)
+    for name in ("ICEState", "check_patch_args", "install"):  # the shared core moved to common
+        assert getattr(patching, name) is getattr(common, name)
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         patching.nothing_here
     model = ice_prune.patch(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8,

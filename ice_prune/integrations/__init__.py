@@ -1,5 +1,5 @@
 """Integrations of token selection per model family, ToMe-style: :mod:`.timm` (timm's
 ``VisionTransformer``) and :mod:`.transformers` (Hugging Face ViT and DeiT, behind the
 ``transformers`` extra). ``ice_prune.patch`` dispatches on the model's type; every integration
-shares :class:`ice_prune.patching.ICEState` (selectors, ICE heads, the reorganize op) and the knobs
-of :class:`ice_prune.patching.ICEModel`."""
+shares :class:`.common.ICEState` (selectors, ICE heads, the reorganize op) and the knobs
+of :class:`.common.ICEModel`."""

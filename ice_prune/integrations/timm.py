@@ -1,7 +1,7 @@
 """``patch()`` / ``unpatch()`` for timm's ``VisionTransformer``, by class swap.
 
 ToMe's pattern: the model and the blocks at the selection points get a subclass of their own class
-that overrides ``forward``; one :class:`~ice_prune.patching.ICEState` is shared by all of them and
+that overrides ``forward``; one :class:`~ice_prune.integrations.common.ICEState` is shared by all of them and
 carries the knobs (``model.keep_rate = 0.5`` takes effect on the next forward). Nothing else in the
 model changes, so timm's state-dict keys stay, LayerScale, q/k norm, register and distillation
 tokens, and fused attention all keep working, and ``unpatch`` gives the original model back.
@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ice_prune.patching import (ICEModel, ICEState, attach_heads, check_patch_args, install,
-                                uninstall)
+from ice_prune.integrations.common import (ICEModel, ICEState, attach_heads, check_patch_args,
+                                          install, uninstall)
 from ice_prune.select import SELECTORS, KeepRate, keep_count
 
 

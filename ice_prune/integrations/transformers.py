@@ -4,7 +4,7 @@ Supported: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
 ``DeiTForImageClassification`` and ``DeiTForImageClassificationWithTeacher`` (transformers 5:
 ``model.layers`` of pre-norm layers with ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``).
 The same pattern as the timm integration: the model and the layers at the selection points get a
-subclass of their own class, one :class:`~ice_prune.patching.ICEState` is shared, and the selectors,
+subclass of their own class, one :class:`~ice_prune.integrations.common.ICEState` is shared, and the selectors,
 ICE heads and the ``ice_prune::reorganize`` op are the timm path's. The attention itself stays
 transformers' (``config._attn_implementation``: eager and SDPA tested, flash attention untested,
 flex attention refused); EViT's [CLS] row is one extra softmax row beside it. State-dict keys are
@@ -26,8 +26,8 @@ except ImportError as err:  # pragma: no cover - exercised by a test that hides 
         "patching a Hugging Face transformers model needs the transformers package: "
         "pip install 'ice_prune[transformers]'") from err
 
-from ice_prune.patching import (ICEModel, ICEState, attach_heads, check_patch_args, install,
-                                uninstall)
+from ice_prune.integrations.common import (ICEModel, ICEState, attach_heads, check_patch_args,
+                                          install, uninstall)
 from ice_prune.select import SELECTORS, KeepRate, keep_count
 
 #: backbone attribute of each supported class (``None``: the model is the backbone) and its prefix
