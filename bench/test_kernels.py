@@ -2,12 +2,17 @@
 
     .venv/bin/python -m pytest bench/test_kernels.py --benchmark-only --benchmark-columns=median,min,rounds
 
-Three implementations of one selection point (keep the top ``k`` of ``n`` tokens by score, fuse the
-rest as EViT's attention-weighted sum): the Triton kernels, the plain-torch reference, and EViT-style
+Implementations of one selection point (keep the top ``k`` of ``n`` tokens by score, fuse the rest
+as EViT's attention-weighted sum): the op with its Triton kernel (one launch: ranking, copies and the
+fused row in ``_reorganize_kernel``), the former two-launch Triton path (``_order_kernel`` then
+``_gather_fuse_kernel``, called directly, for comparison), the plain-torch reference, and EViT-style
 eager code (topk, gather, complement, gather, weighted sum, cat). ``extra_info`` holds the median time
 per step and the effective bandwidth over the minimal bytes: every input row read once, ``P + k + 1``
-rows written, the scores read and the int64 order written. The Triton cases need a CUDA GPU and are
-skipped without one; the torch cases run on CPU too (fp32, as a CPU has no fast bf16).
+rows written, the scores read and the int64 order written. On a GPU it also holds the time and
+bandwidth of ``STEPS`` steps captured in one CUDA graph (``graph_step_us``, ``graph_GBps``): the
+device time without the host's launch overhead, what the bandwidth goal (at least 70% of a device
+copy's, ``test_device_copy``) is measured on. The Triton cases need a CUDA GPU and are skipped without
+one; the torch cases run on CPU too (fp32, as a CPU has no fast bf16).
 
 The ICE score (``test_ice_score``) at the same selection point, DeiT-S's 1001-way head, as the patched
 model runs it: under autocast on a GPU (fp32 norm2 output and weight, bf16 arithmetic), fp32 on CPU.
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 
 import ice_prune
 from ice_prune.kernels import ice_score, reorganize, reorganize_reference
+from ice_prune.kernels.ops import triton_reorganize
 from ice_prune.select import foreground_score, keep_count, token_schedule
 
 CUDA = torch.cuda.is_available()
@@ -55,6 +61,8 @@ def evit_eager(x, scores, keep, num_prefix):
 
 IMPLS = {
     "triton": lambda x, s, k, p: reorganize(x, s, k, p, True, False, "triton"),
+    "triton_two_launch": lambda x, s, k, p: triton_reorganize.reorganize_triton_two_launch(
+        x, s, k, p, True, False),
     "torch": lambda x, s, k, p: reorganize_reference(x, s, k, p, True, False),
     "evit_eager": evit_eager,
 }
@@ -74,6 +82,30 @@ def _timed(fn, *args):
     return run
 
 
+def _graph_step_seconds(fn, *args, replays=20):
+    """Median device time of one call of ``fn``: ``STEPS`` calls captured in one CUDA graph (warm
+    already: compiled, autotuned), replayed and timed with CUDA events."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(STEPS):
+            fn(*args)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / STEPS)
+    return statistics.median(times)
+
+
 def _minimal_bytes(B, N, D, keep, num_prefix, esize):
     n = N - num_prefix
     rows = B * (N + num_prefix + keep + 1) * D * esize  # read every row once, write the output
@@ -83,13 +115,13 @@ def _minimal_bytes(B, N, D, keep, num_prefix, esize):
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("B", BATCHES)
 def test_reorganize_step(benchmark, impl, B):
-    if impl == "triton" and not CUDA:
+    if impl.startswith("triton") and not CUDA:
         pytest.skip("the Triton kernels are benchmarked on a CUDA GPU only")
     N, keep = NUM_PREFIX + NUM_PATCHES, keep_count(KEEP_RATE, NUM_PATCHES)
     x = torch.randn(B, N, DIM, device=DEVICE, dtype=DTYPE)
     scores = torch.rand(B, NUM_PATCHES, device=DEVICE).softmax(dim=1)
     fn = IMPLS[impl]
-    for _ in range(3):  # warm-up: Triton compile, allocator
+    for _ in range(3):  # warm-up: Triton compile and autotune, allocator
         fn(x, scores, keep, NUM_PREFIX)
     _sync()
     benchmark.pedantic(_timed(fn, x, scores, keep, NUM_PREFIX), rounds=30 if CUDA else 20,
@@ -100,6 +132,13 @@ def test_reorganize_step(benchmark, impl, B):
         "device": torch.cuda.get_device_name() if CUDA else "cpu",
         "dtype": str(DTYPE), "B": B, "N": N, "D": DIM, "keep": keep,
         "median_step_us": step * 1e6, "effective_GBps": nbytes / step / 1e9})
+    if CUDA:
+        graph_step = _graph_step_seconds(fn, x, scores, keep, NUM_PREFIX)
+        benchmark.extra_info.update({"graph_step_us": graph_step * 1e6,
+                                     "graph_GBps": nbytes / graph_step / 1e9})
+        if impl == "triton" and not triton_reorganize.INTERPRETED:
+            best = triton_reorganize._reorganize_launch.best_config
+            benchmark.extra_info["config"] = {**best.kwargs, "num_warps": best.num_warps}
 
 
 @pytest.mark.parametrize("B", BATCHES)
@@ -109,9 +148,14 @@ def test_device_copy(benchmark, B):
     dst = torch.empty_like(src)
     benchmark.pedantic(_timed(dst.copy_, src), rounds=30 if CUDA else 20, warmup_rounds=2)
     step = benchmark.stats.stats.median / STEPS
+    nbytes = 2 * src.numel() * src.element_size()
     benchmark.extra_info.update({
         "device": torch.cuda.get_device_name() if CUDA else "cpu", "dtype": str(DTYPE), "B": B,
-        "median_step_us": step * 1e6, "copy_GBps": 2 * src.numel() * src.element_size() / step / 1e9})
+        "median_step_us": step * 1e6, "copy_GBps": nbytes / step / 1e9})
+    if CUDA:
+        graph_step = _graph_step_seconds(dst.copy_, src)
+        benchmark.extra_info.update({"graph_step_us": graph_step * 1e6,
+                                     "graph_copy_GBps": nbytes / graph_step / 1e9})
 
 
 @pytest.mark.parametrize("B", (256,) if CUDA else (8,))

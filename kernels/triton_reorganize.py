@@ -1,17 +1,35 @@
-"""Triton kernels for the reorganize step: two launches forward, one backward, no host sync.
+"""Triton kernels for the reorganize step: one launch forward, one backward, no host sync.
 
-1. ``_order_kernel`` (one program per batch row): every score's rank among the row's scores by a
-   tiled pairwise comparison, ``r_i = #{j : s_j > s_i or (s_j == s_i and j < i)}`` (NaN above all,
-   as ``torch.sort``), which is the stable descending ``argsort``; stored as ``order[b, r_i] = i``.
-   n is at most a few thousand tokens, so the n^2 comparisons are cheap next to moving the rows, and
-   there is no ``topk``, ``.item()`` or ``nonzero``: the step captures into a CUDA graph.
-2. ``_gather_fuse_kernel`` (one program per batch row and block of channels): copies the prefix rows
-   and the kept rows ``x[P + order[r]]`` into the preallocated output and accumulates the dropped
-   rows, weighted by their scores, into the fused row in fp32 (divided by the sum of the dropped
-   scores for ICE's mean). Every input row is read once, every output row written once.
+Forward, ``_reorganize_kernel`` (the op's Triton forward, :func:`reorganize_triton`), one program
+per batch row and block of ``BLOCK_D`` channels:
 
-The backward kernel scatters through the same ``order``: each input row is written once, with its
-output row's gradient or ``w_i`` times the fused row's gradient, so no atomics are needed. The score
+* it ranks its row's scores itself, ``BLOCK_I`` tokens at a time by tiled pairwise comparison:
+  ``r_i = #{j : s_j > s_i or (s_j == s_i and j < i)}`` (NaN above all, ``-0.0 == 0.0``, as
+  ``torch.sort``), the position of ``i`` in the stable descending ``argsort``. The comparisons are
+  on integer keys built from the scores' bits (``_sort_keys``): for fp32 / fp16 / bf16 scores one
+  int64 compare per pair, the position folded into the key; fp64 scores compare the position apart.
+  Every channel block recomputes the ranks (n^2 comparisons, n ~ 200: cheap next to moving the
+  rows); the block of channel 0 writes ``order[b, r_i] = i``;
+* it copies the prefix rows, stores each kept row (``r_i < keep``) straight to output row
+  ``P + r_i`` (a scatter: ``order`` is not read back), and accumulates the dropped rows, weighted by
+  their scores, into the fused row in fp32 (in token order; divided by the sum of the dropped
+  scores for ICE's mean). Every input row is read once, every output element written once.
+
+There is no ``topk``, ``.item()`` or ``nonzero``: the step captures into a CUDA graph. The former
+two-launch forward (``_order_kernel`` writing ``order``, then ``_gather_fuse_kernel`` gathering
+through it) stays as :func:`reorganize_triton_two_launch`, for the benchmark's comparison;
+``_order_kernel`` is also :func:`argsort_descending`.
+
+Tuning: on a GPU ``_reorganize_kernel`` is wrapped in ``triton.autotune`` over ``AUTOTUNE_CONFIGS``
+(``BLOCK_D`` 64 / 128 / 256, ``BLOCK_I`` 32 / 64, 2 / 4 / 8 warps; tiles wider than the row or over
+128 elements a thread pruned), keyed on n, D, keep, the flags and the dtypes. The first call per key
+compiles and benchmarks the configs (seconds), so it must happen before a CUDA graph capture: warm
+up first (``ice_prune.throughput``'s capture runs the model three times on a side stream first,
+which does it). The autotuner reruns the kernel on the real buffers, which is harmless: nothing is
+accumulated in global memory. The interpreter runs one fixed config (``INTERPRETER_CONFIG``).
+
+The backward kernel scatters through ``order``: each input row is written once, with its output
+row's gradient or ``w_i`` times the fused row's gradient, so no atomics are needed. The score
 gradient's dot products ``<g_F, x_i>`` are written per channel block and summed in torch.
 
 Values are cast to fp32 right after loading: arithmetic on bf16 is wrong in the Triton interpreter,
@@ -26,10 +44,53 @@ from torch import Tensor
 
 from .reference import EPS
 
-# A [BLOCK_R rows x BLOCK_D channels] tile per step, one program per batch row and 128 channels
-# (B * 3 programs at D = 384). Not yet tuned on a GPU.
+# The backward's and the two-launch forward's tiles: [BLOCK_R rows x BLOCK_D channels] per step, one
+# program per batch row and 128 channels (B * 3 programs at D = 384). Not tuned.
 _BLOCK_D = 128
 _BLOCK_R = 32
+
+
+@triton.jit
+def _sort_keys(s, idx, mask, KEY_FP64: tl.constexpr):
+    """int64 keys of scores ``s`` (at positions ``idx``) whose descending order is ``torch.sort``'s:
+    NaN above everything, ``-0.0 == 0.0``. Integer arithmetic on the float's bits only (no float
+    compare that could flush subnormals): the signed magnitude ``+-(bits & 0x7F..F)`` is in the
+    float's order and maps both zeros to 0; NaN (magnitude above inf's) gets the largest key. An fp32 key
+    also folds in the position, ``key * 2^32 - idx``, so keys are distinct and a larger key ranks
+    first (the stable tie rule: the lower position first); fp64 keys need the position compared
+    separately. Lanes outside ``mask`` get the smallest int64, below every valid key."""
+    if KEY_FP64:
+        bits = s.to(tl.float64).to(tl.int64, bitcast=True)
+        mag = bits & 0x7FFFFFFFFFFFFFFF
+        key = tl.where(bits < 0, -mag, mag)
+        key = tl.where(mag > 0x7FF0000000000000, 0x7FFFFFFFFFFFFFFF, key)
+    else:
+        if s.dtype == tl.bfloat16:  # bf16's bits are fp32's top half
+            bits = s.to(tl.int16, bitcast=True).to(tl.int32) << 16
+        else:  # fp16 widens exactly
+            bits = s.to(tl.float32).to(tl.int32, bitcast=True)
+        mag = bits & 0x7FFFFFFF
+        key32 = tl.where(bits < 0, -mag, mag)
+        key32 = tl.where(mag > 0x7F800000, 0x7FFFFFFF, key32)
+        key = (key32.to(tl.int64) << 32) - idx.to(tl.int64)
+    return tl.where(mask, key, -9223372036854775808)
+
+
+@triton.jit
+def _ranks(s_row, stride_sn, n, i, ki, KEY_FP64: tl.constexpr, BLOCK_I: tl.constexpr,
+           BLOCK_J: tl.constexpr):
+    """``r_i = #{j : s_j > s_i or (s_j == s_i and j < i)}`` (NaN above all) for the tile ``i`` of
+    positions with keys ``ki``: the position of ``i`` in the stable descending ``argsort``."""
+    rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+    for j0 in range(0, n, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        mj = j < n
+        kj = _sort_keys(tl.load(s_row + j * stride_sn, mask=mj, other=0.0), j, mj, KEY_FP64)
+        before = kj[None, :] > ki[:, None]
+        if KEY_FP64:
+            before = before | ((kj[None, :] == ki[:, None]) & (j[None, :] < i[:, None]))
+        rank += tl.sum(before.to(tl.int32), axis=1)
+    return rank
 
 
 @triton.jit
@@ -42,23 +103,58 @@ def _order_kernel(
     for i0 in range(0, n, BLOCK_I):
         i = i0 + tl.arange(0, BLOCK_I)
         mi = i < n
-        si = tl.load(s_row + i * stride_sn, mask=mi, other=0.0)
-        if not KEY_FP64:
-            si = si.to(tl.float32)
-        nan_i = si != si
-        rank = tl.zeros([BLOCK_I], dtype=tl.int32)
-        for j0 in range(0, n, BLOCK_J):
-            j = j0 + tl.arange(0, BLOCK_J)
-            mj = j < n
-            sj = tl.load(s_row + j * stride_sn, mask=mj, other=0.0)
-            if not KEY_FP64:
-                sj = sj.to(tl.float32)
-            nan_j = sj != sj
-            greater = (sj[None, :] > si[:, None]) | (nan_j[None, :] & ~nan_i[:, None])
-            equal = (sj[None, :] == si[:, None]) | (nan_j[None, :] & nan_i[:, None])
-            before = greater | (equal & (j[None, :] < i[:, None]))
-            rank += tl.sum((before & mj[None, :]).to(tl.int32), axis=1)
+        ki = _sort_keys(tl.load(s_row + i * stride_sn, mask=mi, other=0.0), i, mi, KEY_FP64)
+        rank = _ranks(s_row, stride_sn, n, i, ki, KEY_FP64, BLOCK_I, BLOCK_J)
         tl.store(order_ptr + b * n + rank, i.to(tl.int64), mask=mi)
+
+
+@triton.jit
+def _reorganize_kernel(
+    x_ptr, s_ptr, order_ptr, out_ptr,
+    P, n, keep, D,
+    stride_xb, stride_xn, stride_xd, stride_sb, stride_sn, stride_ob, stride_on,
+    FUSE: tl.constexpr, NORMALIZE: tl.constexpr, KEY_FP64: tl.constexpr, EPS_: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The forward step in one launch; program ``(b, c)``: batch row ``b``, channels
+    ``[c * BLOCK_D, (c + 1) * BLOCK_D)``. Every output element is written exactly once and nothing
+    is accumulated in global memory, so a rerun (the autotuner's) is harmless."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = d < D
+    x_row = x_ptr + b * stride_xb + d[None, :] * stride_xd
+    out_row = out_ptr + b * stride_ob + d[None, :]
+    s_row = s_ptr + b * stride_sb
+    for r0 in range(0, P, BLOCK_I):
+        r = r0 + tl.arange(0, BLOCK_I)
+        m = (r < P)[:, None] & md[None, :]
+        tl.store(out_row + r[:, None] * stride_on, tl.load(x_row + r[:, None] * stride_xn, mask=m),
+                 mask=m)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    total = tl.zeros([BLOCK_I], dtype=tl.float32)
+    for i0 in range(0, n, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        mi = i < n
+        si = tl.load(s_row + i * stride_sn, mask=mi, other=0.0)
+        rank = _ranks(s_row, stride_sn, n, i, _sort_keys(si, i, mi, KEY_FP64), KEY_FP64, BLOCK_I,
+                      BLOCK_J)
+        tl.store(order_ptr + b * n + rank, i.to(tl.int64), mask=mi & (c == 0))
+        m = mi[:, None] & md[None, :]
+        v = tl.load(x_row + (P + i)[:, None] * stride_xn, mask=m, other=0.0)
+        # the kept rows go straight to their output row (a scatter: order is not read back)
+        tl.store(out_row + (P + rank)[:, None] * stride_on, v, mask=m & (rank < keep)[:, None])
+        if FUSE:
+            dropped = mi & (rank >= keep)
+            w = tl.where(dropped, si.to(tl.float32), 0.0)
+            # where, not only w = 0: a kept row may hold inf, and 0 * inf is NaN
+            acc += tl.sum(tl.where(dropped[:, None], w[:, None] * v.to(tl.float32), 0.0), axis=0)
+            total += w
+    if FUSE:
+        if NORMALIZE:
+            acc = acc / tl.maximum(tl.sum(total, axis=0), EPS_)
+        tl.store(out_ptr + b * stride_ob + (P + keep) * stride_on + d,
+                 acc.to(out_ptr.dtype.element_ty), mask=md)
 
 
 @triton.jit
@@ -190,9 +286,69 @@ def argsort_descending(scores: Tensor) -> Tensor:
     return order
 
 
+# The one-launch forward's tiles: BLOCK_I tokens by BLOCK_D channels moved per step, the ranking in
+# BLOCK_I x BLOCK_J comparisons. On a GPU the autotuner picks among these (per n, D, keep, flags and
+# dtypes); configs whose tile is much wider than the row, or over 128 elements a thread, are pruned.
+_BLOCK_J = 32
+AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_D": bd, "BLOCK_I": bi, "BLOCK_J": _BLOCK_J}, num_warps=w)
+    for bd in (64, 128, 256) for bi in (32, 64) for w in (2, 4, 8)
+]
+#: the config the interpreter runs (autotuning does not work there)
+INTERPRETER_CONFIG = {"BLOCK_D": 128, "BLOCK_I": 32, "BLOCK_J": _BLOCK_J}
+AUTOTUNE_KEY = ["n", "D", "keep", "FUSE", "NORMALIZE", "KEY_FP64"]  # + every tensor's dtype
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    n, D = named_args["n"], named_args["D"]
+    d_cap = max(64, triton.next_power_of_2(D))
+    i_cap = max(32, triton.next_power_of_2(n))
+    pruned = [c for c in configs
+              if c.kwargs["BLOCK_D"] <= d_cap and c.kwargs["BLOCK_I"] <= i_cap
+              and c.kwargs["BLOCK_I"] * c.kwargs["BLOCK_D"] <= 128 * 32 * c.num_warps]
+    return pruned or configs[:1]
+
+
+if INTERPRETED:
+    _reorganize_launch = _reorganize_kernel
+else:
+    _reorganize_launch = triton.autotune(
+        AUTOTUNE_CONFIGS, key=AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": _prune_configs})(_reorganize_kernel)
+
+
 def reorganize_triton(x: Tensor, scores: Tensor, keep: int, num_prefix: int, fuse: bool,
                       normalize: bool) -> tuple[Tensor, Tensor]:
-    """The forward step: ``order`` by :func:`argsort_descending`, then one gather/fuse launch."""
+    """The forward step in one launch of ``_reorganize_kernel`` (the op's Triton forward). On a GPU
+    the first call per (n, D, keep, flags, dtypes) autotunes the blocks: make it before a CUDA graph
+    capture."""
+    B, N, D = x.shape
+    n = N - num_prefix
+    out = torch.empty(B, num_prefix + keep + int(fuse), D, dtype=x.dtype, device=x.device)
+    if not out.numel():  # no channels (or no rows): no program to write the order
+        return out, argsort_descending(scores)
+    order = torch.empty(B, n, dtype=torch.int64, device=x.device)
+    launch_reorganize(x, scores, order, out, keep, num_prefix, fuse, normalize)
+    return out, order
+
+
+def launch_reorganize(x: Tensor, scores: Tensor, order: Tensor, out: Tensor, keep: int,
+                      num_prefix: int, fuse: bool, normalize: bool) -> None:
+    """One launch of ``_reorganize_kernel`` into preallocated, contiguous ``order [B, n]`` int64 and
+    ``out [B, P + keep (+1), D]`` (x's dtype), both fully overwritten; ``B * D > 0``."""
+    B, N, D = x.shape
+    extra = INTERPRETER_CONFIG if INTERPRETED else {}
+    _reorganize_launch[lambda meta: (B, triton.cdiv(D, meta["BLOCK_D"]))](
+        x, scores, order, out, num_prefix, N - num_prefix, keep, D,
+        *x.stride(), *scores.stride(), out.stride(0), out.stride(1),
+        FUSE=fuse, NORMALIZE=normalize, KEY_FP64=scores.dtype == torch.float64, EPS_=EPS,
+        **extra)
+
+
+def reorganize_triton_two_launch(x: Tensor, scores: Tensor, keep: int, num_prefix: int, fuse: bool,
+                                 normalize: bool) -> tuple[Tensor, Tensor]:
+    """The former forward, for comparison (bench/test_kernels.py): ``order`` by
+    :func:`argsort_descending`, then one gather/fuse launch reading it back."""
     B, N, D = x.shape
     n = N - num_prefix
     order = argsort_descending(scores)

@@ -366,3 +366,120 @@ def test_patched_vit_trains_through_the_triton_kernel(method):
         assert grads[0]["ice_head.fc.weight"].abs().sum() > 0
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+# The one-launch forward (``_reorganize_kernel``, the op's Triton forward) called directly, against
+# the reference and the two-launch path it replaced: ragged n and D (several channel blocks, the last
+# partial), 0-2 prefix tokens, keep = 1, n and in between, ties, NaN and signed zeros.
+ONE_LAUNCH_CASES = ((0, 37, 72, 1), (1, 37, 200, 20), (2, 37, 72, 37))  # (P, n, D, keep)
+
+
+def _tied_scores(B, n, dtype=torch.float32):
+    """Scores with many ties (the stable order decides), two NaNs in row 0 (ranked first; with
+    keep = 1 one of them is fused) and signed zeros in the last row (equal to torch)."""
+    scores = (torch.rand(B, n, device=DEVICE) * 4).floor()
+    scores[0, 3], scores[0, 30] = float("nan"), float("nan")
+    scores[-1, 4], scores[-1, 9], scores[-1, 12] = -0.0, 0.0, -0.0
+    return scores.to(dtype)
+
+
+def _assert_fused_close(fused, ref, x, scores, order, keep, P, normalize):
+    """The fused rows within the dtype's tolerance of ``sum_i |w_i| |x_i|`` (the summation order
+    differs); NaN exactly where the reference has NaN."""
+    w = scores.gather(1, order[:, keep:]).double()
+    if normalize:
+        w = w / w.sum(dim=1, keepdim=True).clamp_min(EPS)
+    dropped = x[:, P:].gather(1, order[:, keep:, None].expand(-1, -1, x.shape[-1])).double()
+    scale = torch.einsum("bn,bnd->bd", w.abs(), dropped.abs())
+    nan = ref.isnan()
+    assert torch.equal(fused.isnan(), nan)
+    err = (fused.double() - ref.double()).abs()[~nan]
+    tol = max(TOL[x.dtype], TOL[scores.dtype])
+    assert (err <= tol * scale[~nan] + 1e-6).all(), f"fused row off by {err.max().item()}"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fuse,normalize", [(True, False), (True, True), (False, False)])
+def test_one_launch_forward_matches_reference_and_two_launch(dtype, fuse, normalize):
+    T = ops.triton_reorganize
+    for P, n, D, keep in ONE_LAUNCH_CASES:
+        x, _ = _inputs(3, P + n, D, P, dtype)
+        scores = _tied_scores(3, n)
+        ref, ref_order = reorganize_reference(x, scores, keep, P, fuse, normalize)
+        assert torch.equal(ref_order, torch.argsort(scores, dim=1, descending=True, stable=True))
+        paths = [("one launch", T.reorganize_triton)]
+        if D == 200:  # the two-launch path (kept for the benchmark) on the widest case only
+            paths.append(("two launches", T.reorganize_triton_two_launch))
+        for name, fn in paths:
+            out, order = fn(x, scores, keep, P, fuse, normalize)
+            assert out.shape == ref.shape and out.dtype == dtype, name
+            assert torch.equal(order, ref_order), (name, P, n, D, keep)
+            assert torch.equal(out[:, :P + keep], ref[:, :P + keep]), (name, P, n, D, keep)
+            if fuse:
+                _assert_fused_close(out[:, -1], ref[:, -1], x, scores, ref_order, keep, P,
+                                    normalize)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("score_dtype", (torch.float64, torch.float16, torch.bfloat16))
+def test_one_launch_order_for_low_and_high_precision_scores(score_dtype):
+    # fp64 scores take the kernel's fp64 keys; fp16 / bf16 ones are widened to fp32 (exactly). The
+    # values differ below fp32's precision (fp64) and at the dtype's extremes (subnormals, inf).
+    T = ops.triton_reorganize
+    n, P, keep = 40, 1, 13
+    x, _ = _inputs(2, P + n, 24, P)
+    scores = _tied_scores(2, n, torch.float64)
+    tiny = torch.finfo(score_dtype).tiny
+    scores[0, 6:10] = torch.tensor([1 + 1e-12, 1 + 2e-12, 1.0, tiny / 4], dtype=torch.float64)
+    scores[1, 0], scores[1, 1], scores[1, 2] = float("inf"), float("-inf"), -tiny / 4
+    scores = scores.to(score_dtype)
+    expected = torch.argsort(scores, dim=1, descending=True, stable=True)
+    for fuse in (False, True):
+        out, order = T.reorganize_triton(x, scores, keep, P, fuse, False)
+        assert torch.equal(order, expected)
+        ref = reorganize_reference(x, scores, keep, P, fuse)[0]
+        assert torch.equal(out[:, :P + keep], ref[:, :P + keep])
+    assert torch.equal(T.argsort_descending(scores), expected)
+
+
+def test_one_launch_overwrites_every_output_element_and_reruns_harmlessly():
+    # the autotuner runs the kernel several times on the same buffers: outputs prefilled with NaN /
+    # -1 must come out fully written, and a second launch must not accumulate
+    T = ops.triton_reorganize
+    P, n, D, keep = 2, 37, 200, 20
+    x, _ = _inputs(2, P + n, D, P)
+    scores = _tied_scores(2, n)
+    ref, ref_order = reorganize_reference(x, scores, keep, P, True, True)
+    out = torch.full_like(ref, float("nan"))
+    order = torch.full_like(ref_order, -1)
+    for _ in range(2):
+        T.launch_reorganize(x, scores, order, out, keep, P, True, True)
+        assert torch.equal(order, ref_order)
+        assert torch.equal(out[:, :P + keep], ref[:, :P + keep])
+        _assert_fused_close(out[:, -1], ref[:, -1], x, scores, ref_order, keep, P, True)
+
+
+def test_one_launch_autotune_configs_and_pruning():
+    T = ops.triton_reorganize
+    configs = T.AUTOTUNE_CONFIGS
+    assert {c.kwargs["BLOCK_D"] for c in configs} == {64, 128, 256}
+    assert {c.kwargs["BLOCK_I"] for c in configs} == {32, 64}
+    assert {c.num_warps for c in configs} == {2, 4, 8}
+    deit = T._prune_configs(configs, {"n": 196, "D": 384})
+    assert any(c.kwargs["BLOCK_D"] == 256 for c in deit)
+    narrow = T._prune_configs(configs, {"n": 10, "D": 72})  # tiles at most one row / block wide
+    assert narrow and all(c.kwargs["BLOCK_D"] <= 128 and c.kwargs["BLOCK_I"] == 32 for c in narrow)
+    assert T._prune_configs(configs, {"n": 1, "D": 1})
+    # the key separates what changes the compiled kernel or the best blocks
+    assert set(T.AUTOTUNE_KEY) >= {"n", "D", "keep", "FUSE", "NORMALIZE"}
+    assert set(T.INTERPRETER_CONFIG) == {"BLOCK_D", "BLOCK_I", "BLOCK_J"}
+
+
+def test_one_launch_without_channels_still_orders():
+    T = ops.triton_reorganize
+    x = torch.empty(2, 1 + 37, 0, device=DEVICE)
+    scores = _tied_scores(2, 37)
+    out, order = T.reorganize_triton(x, scores, 4, 1, True, False)
+    assert out.shape == (2, 1 + 4 + 1, 0)
+    assert torch.equal(order, torch.argsort(scores, dim=1, descending=True, stable=True))

@@ -65,6 +65,75 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     assert "compiled 26" in res.stdout
 
 
+ONE_LAUNCH_SCRIPT = textwrap.dedent('''
+    import itertools
+    import re
+    import subprocess
+    import tempfile
+    import os
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from ice_prune.kernels import triton_reorganize as T
+
+    target = GPUTarget("cuda", 90, 32)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                             "cuobjdump")
+    ints = ("P", "n", "keep", "D", "stride_xb", "stride_xn", "stride_xd", "stride_sb", "stride_sn",
+            "stride_ob", "stride_on")
+    flags = ("FUSE", "NORMALIZE", "KEY_FP64", "EPS_", "BLOCK_I", "BLOCK_J", "BLOCK_D")
+    compiled = 0
+
+    def build(dt, fuse, norm, score_dt, blocks, num_warps, unit_strides=False):
+        global compiled
+        key_fp64 = score_dt == "fp64"
+        sig = {"x_ptr": f"*{dt}", "s_ptr": f"*{score_dt}", "order_ptr": "*i64",
+               "out_ptr": f"*{dt}", **{k: "i32" for k in ints}, **{f: "constexpr" for f in flags}}
+        consts = {"FUSE": fuse, "NORMALIZE": norm, "KEY_FP64": key_fp64, "EPS_": T.EPS, **blocks}
+        if unit_strides:  # as the JIT specializes contiguous inputs: stride 1 is a constant
+            for k in ("stride_xd", "stride_sn"):
+                sig[k], consts[k] = "constexpr", 1
+        source = ASTSource(fn=T._reorganize_kernel, signature=sig, constexprs=consts)
+        kernel = triton.compile(source, target=target, options={"num_warps": num_warps})
+        assert len(kernel.asm["cubin"]) > 0
+        compiled += 1
+        return kernel
+
+    # every dtype and flag at the interpreter's blocks; fp32 scores, then fp64 / bf16 / fp16 ones
+    for dt, fuse, norm in itertools.product(("bf16", "fp16", "fp32"), (True, False), (True, False)):
+        build(dt, fuse, norm, "fp32", T.INTERPRETER_CONFIG, 4)
+    for score_dt in ("fp64", "bf16", "fp16"):
+        build("bf16", True, True, score_dt, T.INTERPRETER_CONFIG, 4)
+    # every autotune config that survives pruning at DeiT-S's shape (n = 196, D = 384), bf16,
+    # contiguous; its registers printed (pytest -s)
+    configs = T._prune_configs(T.AUTOTUNE_CONFIGS, {"n": 196, "D": 384})
+    assert 0 < len(configs) < len(T.AUTOTUNE_CONFIGS)
+    for config in configs:
+        kernel = build("bf16", True, False, "fp32", config.kwargs, config.num_warps, True)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
+                                   capture_output=True, text=True).stdout
+        regs, stack = (re.search(name + r":(\\d+)", usage) for name in ("REG", "STACK"))
+        print("config", config.kwargs, "warps", config.num_warps,
+              "regs", regs.group(1) if regs else "?", "stack", stack.group(1) if stack else "?")
+    print("compiled", compiled, "configs", len(configs))
+''')
+
+
+def test_one_launch_forward_compiles_for_sm90_without_a_gpu(tmp_path):
+    """``_reorganize_kernel`` for every dtype x FUSE x NORMALIZE (and fp64 / bf16 / fp16 scores), and
+    for every block / warp configuration the autotuner may pick at DeiT-S's shape."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    res = subprocess.run([sys.executable, "-c", ONE_LAUNCH_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    print(res.stdout)
+    configs = int(res.stdout.split("configs")[-1])
+    assert f"compiled {15 + configs} " in res.stdout
+
 ICE_SCORE_SCRIPT = textwrap.dedent('''
     import itertools
     import triton
