@@ -57,9 +57,11 @@ def test_ice_is_evit_plus_exactly_the_head(counts, rate):
         assert seen == [196, 139, 99]
     head = D * (C + 1) * sum(seen)  # Linear(384, 1001) on every token it scores
     # The two other differences, both tiny: EViT's one extra [CLS] attention row per selection point
-    # (q_cls . K^T over prefix + tokens), and ICE's norm2 over the full sequence for the head (the MLP
-    # then normalizes the reduced one), 5 operations per element as fvcore counts a layer norm.
-    cls_row = H * (D // H) * sum(n + 1 for n in seen)
+    # (q_cls . K^T over prefix + tokens, as K [N, H * d] times a block-diagonal [H * d, H] of q_cls:
+    # H times the row's multiply-adds, so that K is not copied), and ICE's norm2 over the full
+    # sequence for the head (the MLP then normalizes the reduced one), 5 operations per element as
+    # fvcore counts a layer norm.
+    cls_row = H * D * sum(n + 1 for n in seen)
     head_norm = 5 * D * sum(n + 1 for n in seen)
     assert counts["ice", rate] - counts["evit", rate] == head + head_norm - cls_row
     assert (counts["ice", 0.7] - counts["evit", 0.7]) / 1e9 == pytest.approx(0.167, abs=0.001)

@@ -425,3 +425,69 @@ def test_timm_integration_names_still_import_from_patching():
                                               num_classes=4), keep_rate=0.5, method="evit")
     assert isinstance(model, timm_integration.ICEVisionTransformer)
     assert isinstance(model.blocks[3], timm_integration.ICEBlock)
+
+
+def _aten_ops(fn, *args):
+    """The aten ops ``fn(*args)`` dispatches, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as rec:
+        out = fn(*args)
+    return out, rec.ops
+
+
+@pytest.mark.parametrize("layout", ["qkv_view", "per_head"])
+def test_cls_attention_row_equals_the_full_matrix_without_copying_k(layout):
+    """EViT's score against the head-mean first row of the full attention matrix, written out;
+    K laid out as a fused qkv projection's view ([B, N, H, d] under the hood) or contiguous per
+    head: no op copies K (a plain q_cls @ K^T batched over (B, H) clones the view)."""
+    from ice_prune.integrations.common import cls_attention_row
+    B, N, H, d = 3, 17, 4, 8
+    qkv = torch.randn(B, N, 3, H, d)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d] views, as timm's Attention
+    if layout == "per_head":
+        k = k.contiguous()
+    scale = d ** -0.5
+    q64, k64 = q.double(), k.double()
+    want = torch.stack([torch.stack([(q64[b, h] @ k64[b, h].T * scale).softmax(-1)[0]
+                                     for h in range(H)]).mean(0) for b in range(B)])
+    got, ops = _aten_ops(cls_attention_row, q, k, scale)
+    torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=0)
+    assert got.dtype == torch.float32 and got.shape == (B, N)
+    assert not [op for op in ops if "clone" in op or "copy" in op], ops
+    # the copy this avoids: the plain product of the qkv view
+    _, plain_ops = _aten_ops(lambda: q[:, :, :1] @ qkv.permute(2, 0, 3, 1, 4)[1].transpose(-2, -1))
+    assert any("clone" in op or "copy" in op for op in plain_ops)
+
+
+@pytest.mark.parametrize("method", ["evit", "ice"])
+def test_compiled_graph_has_no_copies_around_selection(method):
+    """torch.compile captures a patched model whole (no graph break), and its inference graph
+    copies no tensor: the selection's ops read the blocks' outputs in place."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    torch._dynamo.reset()
+    model = ice_prune.patch(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8,
+                                              num_classes=4).eval(), keep_rate=0.5, method=method)
+    graphs = []
+
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=lambda g, _: graphs.append(g) or g)
+
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend=backend, fullgraph=True)(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    (graph,) = graphs
+    ops = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    assert ops.count("ice_prune.reorganize.default") == 3
+    assert not [op for op in ops if "clone" in op or "copy" in op], ops

@@ -136,6 +136,30 @@ class ICEModel:
 _CLASSES: dict[tuple[type, type], type] = {}
 
 
+def cls_attention_row(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """EViT's score: the head-mean [CLS] attention row ``softmax(q_cls k^T * scale)``, ``[B, N]``
+    fp32, from ``q``, ``k`` ``[B, H, N, d]``; the attention itself runs elsewhere (fused).
+
+    ``k`` is usually a view of a projection laid out ``[B, N, H, d]`` (timm's fused qkv,
+    transformers' k_proj), where a plain ``q_cls @ k^T`` batched over ``(B, H)`` copies all of K
+    first (``matmul`` cannot fold the two batch dims). Here the heads stay side by side: K viewed
+    ``[B, N, H * d]`` times the block-diagonal ``[B, H * d, H]`` of ``q_cls``, no copy, H times the
+    row's multiply-adds (``B * N * D * H``, about 1e-4 of a block's). ``k`` in another layout
+    (contiguous per head, e.g. after a k norm) takes the plain product, which copies nothing.
+    """
+    B, H, N, d = k.shape
+    q_cls = q[:, :, 0] * scale  # [B, H, d]
+    k_heads = k.transpose(1, 2)  # [B, N, H, d]
+    if k_heads.stride(3) == 1 and k_heads.stride(2) == d:  # [B, N, H * d] is a view
+        eye = torch.eye(H, dtype=q_cls.dtype, device=q_cls.device)
+        q_blocks = (q_cls[..., None] * eye[:, None, :]).reshape(B, H * d, H)
+        logits = torch.matmul(k_heads.reshape(B, N, H * d), q_blocks)  # [B, N, H]
+        # fp32 scores: in bf16 many near-equal attention values tie and the ranking degrades
+        return logits.float().softmax(dim=1).mean(dim=2)
+    logits = q_cls[:, :, None] @ k.transpose(-2, -1)  # [B, H, 1, N]
+    return logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
+
+
 def _swap_class(obj: nn.Module, mixin: type) -> None:
     """Give ``obj`` the class ``mixin + type(obj)``, made once per pair and kept at module level so
     that pickling a patched model works."""

@@ -19,7 +19,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ice_prune.integrations.common import (ICEModel, ICEState, attach_heads, check_patch_args,
-                                          install, uninstall)
+                                          cls_attention_row, install, uninstall)
 from ice_prune.select import SELECTORS, KeepRate, keep_count
 
 
@@ -73,7 +73,8 @@ def attention_with_cls_row(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     in step with timm's when timm's changes.
 
     The block keeps timm's fused scaled-dot-product attention; the [CLS] row is one extra
-    ``softmax(q_cls k^T / sqrt(d))``, ``B * H * N * d`` multiply-adds, instead of the full matrix.
+    ``softmax(q_cls k^T / sqrt(d))`` (:func:`~ice_prune.integrations.common.cls_attention_row`,
+    without copying K) instead of the full matrix.
     Mirrors timm 1.0 ``Attention`` (q/k norm, scale norm, gate, dropout) so outputs are unchanged.
     """
     B, N, _ = x.shape
@@ -81,9 +82,7 @@ def attention_with_cls_row(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    cls_logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
-    # fp32 scores: in bf16 many near-equal attention values tie and the ranking degrades
-    cls_attn = cls_logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
+    cls_attn = cls_attention_row(q, k, attn.scale)
     if attn.fused_attn:
         out = F.scaled_dot_product_attention(
             q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)

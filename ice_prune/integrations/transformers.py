@@ -27,7 +27,7 @@ except ImportError as err:  # pragma: no cover - exercised by a test that hides 
         "pip install 'ice_prune[transformers]'") from err
 
 from ice_prune.integrations.common import (ICEModel, ICEState, attach_heads, check_patch_args,
-                                          install, uninstall)
+                                          cls_attention_row, install, uninstall)
 from ice_prune.select import SELECTORS, KeepRate, keep_count
 
 #: backbone attribute of each supported class (``None``: the model is the backbone) and its prefix
@@ -105,9 +105,7 @@ def attention_with_cls_row(attn: nn.Module, x: Tensor, cls_row: bool = True,
     v = attn.v_proj(x).view(hidden_shape).transpose(1, 2)
     cls_attn = None
     if cls_row:
-        cls_logits = (q[:, :, :1] @ k.transpose(-2, -1)) * attn.scaling  # [B, H, 1, N]
-        # fp32 scores: in bf16 many near-equal attention values tie and the ranking degrades
-        cls_attn = cls_logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
+        cls_attn = cls_attention_row(q, k, attn.scaling)
     eager = sys.modules[type(attn).__module__].eager_attention_forward
     attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
         attn.config._attn_implementation, eager)
