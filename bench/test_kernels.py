@@ -158,10 +158,12 @@ def test_device_copy(benchmark, B):
                                      "graph_copy_GBps": nbytes / graph_step / 1e9})
 
 
-@pytest.mark.parametrize("B", (256,) if CUDA else (8,))
+@pytest.mark.parametrize("B", BATCHES)
 def test_reorganize_share_of_pruned_forward(benchmark, B):
     """The reorganize steps at all three selection points of DeiT-S (keep rate 0.7, EViT), timed
-    alone, as a share of the pruned model's whole forward (eval, no grad)."""
+    alone, as a share of the pruned model's whole forward (eval, no grad). On a GPU also from a
+    captured CUDA graph (``graph_reorganize_share``: device time, no host launch overhead; the
+    issue's goal, at most 2.5%, is about this one)."""
     kernel = "triton" if CUDA else "torch"
     model = timm.create_model("deit_small_patch16_224", pretrained=False)
     model = ice_prune.patch(model, keep_rate=KEEP_RATE, method="evit", kernel=kernel)
@@ -196,10 +198,16 @@ def test_reorganize_share_of_pruned_forward(benchmark, B):
         benchmark.pedantic(lambda: (model(images), _sync()), rounds=10 if CUDA else 3)
         forward = benchmark.stats.stats.median
         step_time = median_seconds(reorganize_all, 50 if CUDA else 10)
-    benchmark.extra_info.update({
-        "device": torch.cuda.get_device_name() if CUDA else "cpu", "dtype": str(DTYPE), "B": B,
-        "kernel": kernel, "tokens": lengths, "forward_ms": forward * 1e3,
-        "reorganize_ms": step_time * 1e3, "reorganize_share": step_time / forward})
+        benchmark.extra_info.update({
+            "device": torch.cuda.get_device_name() if CUDA else "cpu", "dtype": str(DTYPE),
+            "B": B, "kernel": kernel, "tokens": lengths, "forward_ms": forward * 1e3,
+            "reorganize_ms": step_time * 1e3, "reorganize_share": step_time / forward})
+        if CUDA:
+            graph_forward = _graph_step_seconds(model, images)
+            graph_steps = _graph_step_seconds(reorganize_all)
+            benchmark.extra_info.update({
+                "graph_forward_ms": graph_forward * 1e3, "graph_reorganize_ms": graph_steps * 1e3,
+                "graph_reorganize_share": graph_steps / graph_forward})
 
 
 SCORE_CLASSES = 1000  # ImageNet: a 384 x 1001 head
