@@ -483,3 +483,32 @@ def test_one_launch_without_channels_still_orders():
     out, order = T.reorganize_triton(x, scores, 4, 1, True, False)
     assert out.shape == (2, 1 + 4 + 1, 0)
     assert torch.equal(order, torch.argsort(scores, dim=1, descending=True, stable=True))
+
+
+def test_import_kernels_from_the_repository_root_does_not_register_the_ops_again(tmp_path):
+    """``import kernels`` (transformers does it to probe for Hugging Face's ``kernels`` package) from
+    the repository root must not find this project's kernels: when they sat in a top-level
+    ``kernels/`` folder, the probe ran ops.py a second time, the second ``custom_op`` registration
+    destroyed the first one's library, and calls through ``ice_prune.kernels``' op objects then read
+    freed memory (a segfault in about one full test run in four)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import importlib, torch, ice_prune\n"
+        "from torch._library.custom_ops import OPDEFS\n"
+        "from ice_prune.kernels import ops\n"
+        "try:\n"
+        "    importlib.import_module('kernels')\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "assert OPDEFS['ice_prune::ice_score'] is ops.ice_score_op, 'ice_score registered twice'\n"
+        "assert OPDEFS['ice_prune::reorganize'] is ops.reorganize_op, 'reorganize registered twice'\n"
+        "h, w = torch.randn(2, 5, 8), torch.randn(4, 8)\n"
+        "print(ops.ice_score_op(h, w, None, torch.float32, 'torch').shape)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch.Size([2, 5])" in out.stdout

@@ -258,9 +258,4 @@ def ice_score(
             raise TypeError(f"kernel='triton' computes the ICE score in {TRITON_SCORE_DTYPES}, got "
                             f"{compute_dtype}; use kernel='torch' or 'auto'")
         resolved = "torch"
-    if resolved == "torch" and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
-        # eager CPU runs call the torch path directly: through the dispatcher, a full test session
-        # crashed (segfault inside the op call) about one run in four; not yet understood. Traced
-        # graphs (compile, export, FLOP counts through them) still see the op.
-        return SCORE_KERNELS["torch"](h, weight, bias, compute_dtype)
     return ice_score_op(h, weight, bias, compute_dtype, resolved)
