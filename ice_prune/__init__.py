@@ -9,7 +9,7 @@
 Modules: ``patching`` (patch / unpatch, dispatching to ``integrations.timm`` or, behind the
 ``transformers`` extra, ``integrations.transformers``), ``select`` (selectors), ``head``, ``loss``, ``maps``
 (explanation maps), ``evaluation`` (map and accuracy protocols), ``metrics``, ``data``, ``flops``,
-``throughput``, ``checkpoint`` (safe loading: weights only unless trusted), ``engine`` (training
+``throughput``, ``breakdown`` (time and MACs per kind of work), ``checkpoint`` (safe loading: weights only unless trusted), ``engine`` (training
 loops), ``tasks`` (per-batch training steps, keep-rate schedule), ``cli`` (the training scripts'
 arguments), ``paper`` (the ICE paper's figures), ``visualize``, ``token_grid`` (``restore``:
 pruned tokens back on the full patch grid for dense heads), ``export`` (ONNX export; needs the
