@@ -7,13 +7,13 @@
 >>> maps = ice_prune.explain(model, images, "ice")        # or "rollout", "gradcam", "generic", ...
 
 Modules: ``patching`` (patch / unpatch, dispatching to ``integrations.timm`` or, behind the
-``transformers`` extra, ``integrations.transformers``), ``select`` (selectors), ``head``, ``loss``, ``maps``
-(explanation maps), ``evaluation`` (map and accuracy protocols), ``metrics``, ``data``, ``flops``,
-``throughput``, ``breakdown`` (time and MACs per kind of work), ``checkpoint`` (safe loading: weights only unless trusted), ``engine`` (training
-loops), ``tasks`` (per-batch training steps, keep-rate schedule), ``cli`` (the training scripts'
-arguments), ``paper`` (the ICE paper's figures), ``visualize``, ``token_grid`` (``restore``:
-pruned tokens back on the full patch grid for dense heads), ``export`` (ONNX export; needs the
-``export`` extra, so it is not imported here).
+``transformers`` extra, ``integrations.transformers``), ``select`` (selectors), ``head``, ``loss``,
+``maps`` (explanation maps), ``evaluation`` (map and accuracy protocols), ``metrics``, ``data``,
+``flops``, ``throughput``, ``breakdown`` (time and MACs per kind of work), ``checkpoint`` (safe
+loading: weights only unless trusted), ``engine`` (training loops), ``tasks`` (per-batch training
+steps, keep-rate schedule), ``cli`` (the training scripts' arguments), ``paper`` (the ICE paper's
+figures), ``visualize``, ``token_grid`` (``restore``: pruned tokens back on the full patch grid for
+dense heads), ``export`` (ONNX export; needs the ``export`` extra, so it is not imported here).
 """
 from ice_prune.throughput import benchmark, benchmark_models, latency, max_batch_size
 from ice_prune.checkpoint import load_checkpoint
