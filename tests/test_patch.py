@@ -10,7 +10,7 @@ import timm
 import torch
 
 import ice_prune
-from ice_prune.integrations.timm import ICEVisionTransformer
+from ice_prune.patching import ICEVisionTransformer
 
 # (timm name, kwargs): small image sizes keep the suite fast; every family the issue names.
 FAMILIES = {
