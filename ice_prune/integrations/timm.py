@@ -96,19 +96,11 @@ def attention_with_cls_row(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return attn.proj_drop(attn.proj(out)), cls_attn
 
 
-def patch(
-    model: nn.Module,
-    keep_rate: KeepRate = 0.7,
-    method: str = "ice",
-    locs: Sequence[int] = (3, 6, 9),
-    placement: str = "attn",
-    fuse: bool = True,
-    heads: str = "shared",
-    num_classes: Optional[int] = None,
-    trace: bool = False,
-    kernel: str = "auto",
-) -> VisionTransformer:
-    """:func:`ice_prune.patch` for a timm ``VisionTransformer`` (same arguments), in place."""
+def patch(model: nn.Module, keep_rate: KeepRate, method: str, locs: Sequence[int], placement: str,
+          fuse: bool, heads: str, num_classes: Optional[int], trace: bool,
+          kernel: str) -> VisionTransformer:
+    """:func:`ice_prune.patch` for a timm ``VisionTransformer``, in place; every argument as
+    ``ice_prune.patch`` passes it (its defaults and docs are there)."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(
             f"ice_prune.patch needs a timm VisionTransformer (e.g. timm.create_model("

@@ -136,19 +136,10 @@ def _backbone(model: nn.Module) -> tuple[nn.Module, int]:
         f"{type(model).__name__}")
 
 
-def patch(
-    model: nn.Module,
-    keep_rate: KeepRate = 0.7,
-    method: str = "ice",
-    locs: Sequence[int] = (3, 6, 9),
-    placement: str = "attn",
-    fuse: bool = True,
-    heads: str = "shared",
-    num_classes: Optional[int] = None,
-    trace: bool = False,
-    kernel: str = "auto",
-) -> nn.Module:
-    """:func:`ice_prune.patch` for a transformers ViT / DeiT (same arguments), in place.
+def patch(model: nn.Module, keep_rate: KeepRate, method: str, locs: Sequence[int], placement: str,
+          fuse: bool, heads: str, num_classes: Optional[int], trace: bool, kernel: str) -> nn.Module:
+    """:func:`ice_prune.patch` for a transformers ViT / DeiT, in place; every argument as
+    ``ice_prune.patch`` passes it (its defaults and docs are there).
 
     ``num_classes`` defaults to ``config.num_labels`` of a classification model; a backbone
     (``ViTModel`` / ``DeiTModel``) needs it for the ICE head.
