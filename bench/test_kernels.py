@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import ice_prune
 from ice_prune.kernels import ice_score, reorganize, reorganize_reference
-from ice_prune.kernels.ops import triton_reorganize
+from ice_prune.kernels.ops import triton_ice_score, triton_reorganize
 from ice_prune.select import foreground_score, keep_count, token_schedule
 
 CUDA = torch.cuda.is_available()
@@ -238,3 +238,7 @@ def test_ice_score(benchmark, impl, B):
         "dtype": f"autocast {DTYPE}" if CUDA else str(DTYPE), "B": B, "n": NUM_PATCHES, "D": DIM,
         "classes": SCORE_CLASSES + 1, "median_step_us": step * 1e6,
         "TFLOPs": 2 * B * NUM_PATCHES * DIM * (SCORE_CLASSES + 1) / step / 1e12})
+    if impl == "triton" and not triton_ice_score.INTERPRETED:  # the autotuner's choice
+        best = triton_ice_score._ice_score_launch.best_config
+        benchmark.extra_info["config"] = {**best.kwargs, "num_warps": best.num_warps,
+                                          "num_stages": best.num_stages}

@@ -374,3 +374,20 @@ def test_compiled_patched_model_inductor_cpu():
         expected = reference(images)
         compiled = torch.compile(model, fullgraph=True, backend="inductor")
         torch.testing.assert_close(compiled(images), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_autotune_configs_clamp_to_small_problems():
+    """The GPU autotuner's configs, clamped to the problem by the pruning hook: DeiT-S's shape keeps
+    all of them; a 2-row head on 10 tokens of width 32 gets 16 x 16 x 32 tiles, each (tiles, warps,
+    stages) once."""
+    from ice_prune.kernels import triton_ice_score as S
+
+    big = S._prune_configs(S.AUTOTUNE_CONFIGS, {"T": 256 * 196, "C": 1000, "D": 384})
+    assert [(c.kwargs, c.num_warps, c.num_stages) for c in big] == \
+        [(c.kwargs, c.num_warps, c.num_stages) for c in S.AUTOTUNE_CONFIGS]
+    small = S._prune_configs(S.AUTOTUNE_CONFIGS, {"T": 10, "C": 1, "D": 32})
+    assert {tuple(c.kwargs.values()) for c in small} == {(16, 16, 32)}
+    launch = {(c.num_warps, c.num_stages) for c in S.AUTOTUNE_CONFIGS}
+    assert sorted((c.num_warps, c.num_stages) for c in small) == sorted(launch)
+    assert S.AUTOTUNE_CONFIGS[0].kwargs == {"BLOCK_T": S._BLOCK_T, "BLOCK_C": S._BLOCK_C,
+                                            "BLOCK_D": S._BLOCK_D}  # the interpreter's first

@@ -20,8 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Tokens per program, classes per tile, channels per dot step, and the launch shape. Not yet tuned on
-# a GPU: DeiT-S with the 1001-way head is T = B * n tokens x 1001 classes x D = 384.
+# Tokens per program, classes per tile, channels per dot step, and the launch shape: the config the
+# interpreter runs, and the first of the autotuner's on a GPU. DeiT-S with the 1001-way head is
+# T = B * n tokens x 1001 classes x D = 384.
 _BLOCK_T = 64
 _BLOCK_C = 128
 _BLOCK_D = 64
@@ -87,6 +88,54 @@ def _block(size: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(size)))
 
 
+#: (BLOCK_T, BLOCK_C, BLOCK_D, num_warps, num_stages) the autotuner tries on a GPU: the fixed config
+#: first, then wider token or class tiles (fewer reloads of the weight or the tokens), narrower ones,
+#: deeper pipelines. BLOCK_T stays a multiple of 64 per 4 warps (Hopper's warp-group MMA needs it) and
+#: the fp32 accumulator ``[BLOCK_T, BLOCK_C]`` at most 64 values a thread; none spills registers at
+#: DeiT-S's shape (tests/test_kernels_aot.py).
+AUTOTUNE_SHAPES = [
+    (_BLOCK_T, _BLOCK_C, _BLOCK_D, _NUM_WARPS, _NUM_STAGES),
+    (128, 128, 64, 8, 3),
+    (64, 256, 64, 8, 3),
+    (64, 256, 32, 8, 4),
+    (128, 64, 64, 8, 3),
+    (64, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 128, 32, 8, 4),
+]
+AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_T": bt, "BLOCK_C": bc, "BLOCK_D": bd}, num_warps=w, num_stages=st)
+    for bt, bc, bd, w, st in AUTOTUNE_SHAPES
+]
+#: the autotuner times the configs again for a new value of these (and of the tensors' dtypes)
+AUTOTUNE_KEY = ["T", "C", "D", "HAS_BIAS", "COMPUTE", "INPUT_PRECISION"]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Clamp each config's tiles to the problem (at least 16, as tl.dot needs), then drop repeats:
+    a small batch or head gets the narrower tiles it can fill."""
+    T, C, D = named_args["T"], named_args["C"], named_args["D"]
+    seen, pruned = set(), []
+    for config in configs:
+        tiles = {"BLOCK_T": _block(T, config.kwargs["BLOCK_T"]),
+                 "BLOCK_C": _block(C + 1, config.kwargs["BLOCK_C"]),
+                 "BLOCK_D": _block(D, config.kwargs["BLOCK_D"])}
+        key = (*tiles.values(), config.num_warps, config.num_stages)
+        if key not in seen:
+            seen.add(key)
+            pruned.append(triton.Config(tiles, num_warps=config.num_warps,
+                                        num_stages=config.num_stages))
+    return pruned
+
+
+if INTERPRETED:
+    _ice_score_launch = _ice_score_kernel
+else:  # a config out of shared memory (fp32 tiles) is skipped by the autotuner
+    _ice_score_launch = triton.autotune(
+        AUTOTUNE_CONFIGS, key=AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": _prune_configs})(_ice_score_kernel)
+
+
 def input_precision(compute_dtype: torch.dtype) -> str:
     """fp32 dots follow torch's matmul setting (``torch.backends.cuda.matmul.allow_tf32``), so the
     kernel is as exact as ``nn.Linear`` would be; bf16 / fp16 products are exact in fp32 anyway."""
@@ -98,7 +147,10 @@ def input_precision(compute_dtype: torch.dtype) -> str:
 def ice_score_triton(h: Tensor, weight: Tensor, bias: Optional[Tensor],
                      compute_dtype: torch.dtype) -> Tensor:
     """Scores ``[B, n]`` fp32 from tokens ``h [B, n, D]`` and the head's last layer ``weight
-    [C + 1, D]`` (background last) and ``bias [C + 1]`` or ``None``; any strides."""
+    [C + 1, D]`` (background last) and ``bias [C + 1]`` or ``None``; any strides. On a GPU the first
+    call per (T, C, D, flags, dtypes) autotunes the tiles (make it before a CUDA graph capture; the
+    library's capture and benchmarks warm up first); every score is written once per run, so the
+    autotuner's reruns are harmless."""
     B, n, D = h.shape
     C = weight.shape[0] - 1
     T = B * n
@@ -108,13 +160,14 @@ def ice_score_triton(h: Tensor, weight: Tensor, bias: Optional[Tensor],
     if INTERPRETED:  # round with torch: the interpreter's bf16 / fp16 casts are wrong
         h, weight = h.to(compute_dtype), weight.to(compute_dtype)
         bias = None if bias is None else bias.to(compute_dtype)
-    block_t = _block(T, _BLOCK_T)
-    _ice_score_kernel[(triton.cdiv(T, block_t),)](
+    fixed = {}
+    if INTERPRETED:  # one config: autotuning does not work in the interpreter
+        fixed = dict(BLOCK_T=_block(T, _BLOCK_T), BLOCK_C=_block(C + 1, _BLOCK_C),
+                     BLOCK_D=_block(D, _BLOCK_D), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+    _ice_score_launch[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](
         h, weight, weight if bias is None else bias, out,
         T, n, C, D,
         *h.stride(), *weight.stride(), 0 if bias is None else bias.stride(0),
         HAS_BIAS=bias is not None, COMPUTE=_TL_DTYPES[compute_dtype], UPCAST=INTERPRETED,
-        INPUT_PRECISION=input_precision(compute_dtype),
-        BLOCK_T=block_t, BLOCK_C=_block(C + 1, _BLOCK_C), BLOCK_D=_block(D, _BLOCK_D),
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+        INPUT_PRECISION=input_precision(compute_dtype), **fixed)
     return out
