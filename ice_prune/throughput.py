@@ -224,8 +224,6 @@ def benchmark_models(
             ``torch.compile``'d model runs as compiled (``mode="reduce-overhead"`` has its own).
         cudnn_benchmark: on CUDA, ``torch.backends.cudnn.benchmark`` while timing (restored after).
     """
-    from tqdm.auto import tqdm
-
     if not models:
         raise ValueError("benchmark_models needs at least one model")
     if len(input_size) != 3:
@@ -239,23 +237,40 @@ def benchmark_models(
         raise ValueError(f"need batch_size >= 1, reps >= 1, warmup >= 0; got {batch_size}, {reps}, "
                          f"{warmup}")
     use_graphs = _check_cuda_graphs(cuda_graphs, device)
+    run = BenchmarkRun({n: Measurement(n, batch_size) for n in models},
+                       _check_baseline(models, baseline), str(device),
+                       {v: k for k, v in DTYPES.items()}[dtype], tuple(input_size), warmup)
+    x = torch.randn(batch_size, *input_size, device=device)
+    return _run_interleaved(models, run, x, dtype, reps, use_graphs, cudnn_benchmark, progress,
+                            "benchmark", "batch")
+
+
+def _check_baseline(models: Mapping[str, nn.Module], baseline: Optional[str]) -> str:
+    """The name speed-ups are taken against: ``baseline``, default the first model."""
     baseline = next(iter(models)) if baseline is None else baseline
     if baseline not in models:
         raise ValueError(f"baseline {baseline!r} is not one of the models {list(models)}")
+    return baseline
 
-    names = list(models)
+
+def _run_interleaved(models: Mapping[str, nn.Module], run, x: torch.Tensor, dtype: torch.dtype,
+                     reps: int, use_graphs: bool, cudnn_benchmark: bool, progress: bool, desc: str,
+                     unit: str):
+    """What :func:`benchmark_models` and :func:`latency` share: the models on ``x``'s device in eval
+    mode, then ``run.warmup`` + ``reps`` interleaved rounds timed into ``run`` (replayed CUDA graphs
+    with ``use_graphs``); returns ``run``."""
+    from tqdm.auto import tqdm
+
+    device = x.device
     for model in models.values():
         model.to(device).eval()
-    x = torch.randn(batch_size, *input_size, device=device)
-    run = BenchmarkRun({n: Measurement(n, batch_size) for n in names}, baseline, str(device),
-                       {v: k for k, v in DTYPES.items()}[dtype], tuple(input_size), warmup)
-    bar = tqdm(total=(warmup + reps) * len(names), desc="benchmark", unit="batch",
+    bar = tqdm(total=(run.warmup + reps) * len(models), desc=desc, unit=unit,
                disable=not progress, leave=False)
     with torch.inference_mode(), cudnn_benchmark_mode(device, cudnn_benchmark), \
             _autocast(device, dtype, cache=not use_graphs), bar:
         forwards = (_graph_forwards(models, x, device, run.measurements) if use_graphs
                     else dict(models))
-        _interleaved(forwards, x, device, warmup, reps, run.measurements, run.schedule, bar)
+        _interleaved(forwards, x, device, run.warmup, reps, run.measurements, run.schedule, bar)
     return run
 
 
@@ -406,8 +421,6 @@ def latency(
     :func:`benchmark_models` (cuDNN benchmark on CUDA included); defaults per device type in
     :data:`LATENCY_DEFAULTS`.
     """
-    from tqdm.auto import tqdm
-
     if not models:
         raise ValueError("latency needs at least one model")
     if len(input_size) != 3:
@@ -419,23 +432,12 @@ def latency(
     if reps < 1 or warmup < 0:
         raise ValueError(f"need reps >= 1, warmup >= 0; got {reps}, {warmup}")
     use_graphs = _check_cuda_graphs(cuda_graphs, device)
-    baseline = next(iter(models)) if baseline is None else baseline
-    if baseline not in models:
-        raise ValueError(f"baseline {baseline!r} is not one of the models {list(models)}")
-
-    for model in models.values():
-        model.to(device).eval()
+    run = LatencyRun({n: LatencyMeasurement(n) for n in models}, _check_baseline(models, baseline),
+                     str(device), {v: k for k, v in DTYPES.items()}[dtype], tuple(input_size),
+                     warmup)
     x = torch.randn(1, *input_size, device=device)
-    run = LatencyRun({n: LatencyMeasurement(n) for n in models}, baseline, str(device),
-                     {v: k for k, v in DTYPES.items()}[dtype], tuple(input_size), warmup)
-    bar = tqdm(total=(warmup + reps) * len(models), desc="latency", unit="image",
-               disable=not progress, leave=False)
-    with torch.inference_mode(), cudnn_benchmark_mode(device, cudnn_benchmark), \
-            _autocast(device, dtype, cache=not use_graphs), bar:
-        forwards = (_graph_forwards(models, x, device, run.measurements) if use_graphs
-                    else dict(models))
-        _interleaved(forwards, x, device, warmup, reps, run.measurements, run.schedule, bar)
-    return run
+    return _run_interleaved(models, run, x, dtype, reps, use_graphs, cudnn_benchmark, progress,
+                            "latency", "image")
 
 
 def find_max_batch(fits: Callable[[int], bool], start: int = 64, limit: int = 8192) -> int:
