@@ -65,20 +65,36 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     assert "compiled 26" in res.stdout
 
 
-ONE_LAUNCH_SCRIPT = textwrap.dedent('''
-    import itertools
+# registers and stack (spill) bytes a thread of a compiled kernel, read with Triton's cuobjdump;
+# prepended to the scripts that print them
+RESOURCE_USAGE = textwrap.dedent('''
+    import os
     import re
     import subprocess
     import tempfile
-    import os
+    import triton
+
+    def resource_usage(kernel):
+        """(regs, stack) matches of cuobjdump's resource usage, or None where it prints none."""
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                 "cuobjdump")
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
+                                   capture_output=True, text=True).stdout
+        return tuple(re.search(name + r":(\\d+)", usage) for name in ("REG", "STACK"))
+''')
+
+
+ONE_LAUNCH_SCRIPT = RESOURCE_USAGE + textwrap.dedent('''
+    import itertools
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from ice_prune.kernels import triton_reorganize as T
 
     target = GPUTarget("cuda", 90, 32)
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                             "cuobjdump")
     ints = ("P", "n", "keep", "D", "stride_xb", "stride_xn", "stride_xd", "stride_sb", "stride_sn",
             "stride_ob", "stride_on")
     flags = ("FUSE", "NORMALIZE", "KEY_FP64", "EPS_", "BLOCK_I", "BLOCK_J", "BLOCK_D")
@@ -110,12 +126,7 @@ ONE_LAUNCH_SCRIPT = textwrap.dedent('''
     assert 0 < len(configs) < len(T.AUTOTUNE_CONFIGS)
     for config in configs:
         kernel = build("bf16", True, False, "fp32", config.kwargs, config.num_warps, True)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kernel.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
-                                   capture_output=True, text=True).stdout
-        regs, stack = (re.search(name + r":(\\d+)", usage) for name in ("REG", "STACK"))
+        regs, stack = resource_usage(kernel)
         print("config", config.kwargs, "warps", config.num_warps,
               "regs", regs.group(1) if regs else "?", "stack", stack.group(1) if stack else "?")
     print("compiled", compiled, "configs", len(configs))
@@ -134,12 +145,8 @@ def test_one_launch_forward_compiles_for_sm90_without_a_gpu(tmp_path):
     configs = int(res.stdout.split("configs")[-1])
     assert f"compiled {15 + configs} " in res.stdout
 
-ICE_SCORE_SCRIPT = textwrap.dedent('''
+ICE_SCORE_SCRIPT = RESOURCE_USAGE + textwrap.dedent('''
     import itertools
-    import os
-    import re
-    import subprocess
-    import tempfile
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -176,8 +183,6 @@ ICE_SCORE_SCRIPT = textwrap.dedent('''
         compiled += 1
     # every autotune config at DeiT-S's shape (batch 256, the 1001-way head), bf16 under autocast:
     # within an H100's shared memory, on the tensor cores; registers and stack printed (pytest -s)
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                             "cuobjdump")
     configs = S._prune_configs(S.AUTOTUNE_CONFIGS, {"T": 256 * 196, "C": 1000, "D": 384})
     assert len(configs) == len(S.AUTOTUNE_CONFIGS)  # nothing to clamp at this size
     sig = {"h_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*fp32",
@@ -191,12 +196,7 @@ ICE_SCORE_SCRIPT = textwrap.dedent('''
                                     "num_stages": config.num_stages})
         assert kernel.metadata.shared <= 227 * 1024, (config, kernel.metadata.shared)
         assert "wgmma" in kernel.asm["ptx"], config
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kernel.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name],
-                                   capture_output=True, text=True).stdout
-        regs, stack = (re.search(name + r":(\\d+)", usage) for name in ("REG", "STACK"))
+        regs, stack = resource_usage(kernel)
         print("config", config.kwargs, "warps", config.num_warps, "stages", config.num_stages,
               "shared", kernel.metadata.shared, "regs", regs.group(1) if regs else "?",
               "stack", stack.group(1) if stack else "?")
