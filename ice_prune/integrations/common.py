@@ -151,8 +151,8 @@ def cls_attention_row(q: Tensor, k: Tensor, scale: float) -> Tensor:
     q_cls = q[:, :, 0] * scale  # [B, H, d]
     k_heads = k.transpose(1, 2)  # [B, N, H, d]
     if k_heads.stride(3) == 1 and k_heads.stride(2) == d:  # [B, N, H * d] is a view
-        eye = torch.eye(H, dtype=q_cls.dtype, device=q_cls.device)
-        q_blocks = (q_cls[..., None] * eye[:, None, :]).reshape(B, H * d, H)
+        # q_blocks[b, h * d + i, h'] = q_cls[b, h, i] if h == h' else 0
+        q_blocks = torch.diag_embed(q_cls.transpose(1, 2), dim1=1, dim2=3).reshape(B, H * d, H)
         logits = torch.matmul(k_heads.reshape(B, N, H * d), q_blocks)  # [B, N, H]
         # fp32 scores: in bf16 many near-equal attention values tie and the ranking degrades
         return logits.float().softmax(dim=1).mean(dim=2)
