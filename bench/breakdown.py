@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 import ice_prune
 from ice_prune.breakdown import KINDS, breakdown, compare, mac_breakdown
-from ice_prune.cli import ArgumentParser, check_keep_rate, check_model_name, run_script
-from ice_prune.engine import check_output_file
-from ice_prune.throughput import cudnn_benchmark_mode, resolve_device, resolve_dtype
+from ice_prune.training.cli import ArgumentParser, check_keep_rate, check_model_name, run_script
+from ice_prune.training.engine import check_output_file
+from ice_prune.throughput import cudnn_benchmark_mode, check_device, resolve_dtype
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -74,7 +74,7 @@ def print_comparison(name: str, rows: dict) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device, "--device")
+    device = check_device(args.device, "--device")
     dtype = resolve_dtype(args.dtype)
     batch = args.batch_size or (256 if device.type == "cuda" else 8)
     base = timm.create_model(args.model).to(device).eval()

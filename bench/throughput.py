@@ -39,13 +39,13 @@ from tqdm.auto import tqdm
 
 import ice_prune
 from ice_prune.checkpoint import load_checkpoint, read_state_dict, split_ice_head
-from ice_prune.cli import TRUST_HELP, ArgumentParser, check_keep_rate, check_model_name, run_script
-from ice_prune.engine import check_output_file
+from ice_prune.training.cli import TRUST_HELP, ArgumentParser, check_keep_rate, check_model_name, run_script
+from ice_prune.training.engine import check_output_file
 from ice_prune.throughput import (DEFAULTS, LATENCY_DEFAULTS, benchmark_models, latency,
-                                  max_batch_size, resolve_device)
+                                  max_batch_size, check_device)
 from ice_prune.flops import count_flops
 from ice_prune.kernels.ops import KERNEL_CHOICES
-from ice_prune.paper import TABLE5, TABLE5_KEEP_RATES, TABLE5_SOURCE, Efficiency
+from ice_prune.evaluation.paper import TABLE5, TABLE5_KEEP_RATES, TABLE5_SOURCE, Efficiency
 
 METHODS = ("evit", "ice")
 #: the method name of --evit-reference's variants: EViT materializing the attention matrix
@@ -281,7 +281,7 @@ def plot(rows: list[dict], path: str, title: str, reference: bool) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device, "--device")
+    device = check_device(args.device, "--device")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.cuda_graphs and device.type != "cuda":

@@ -6,37 +6,29 @@
 >>> model.keep_rate = 0.5                                 # takes effect on the next forward
 >>> maps = ice_prune.explain(model, images, "ice")        # or "rollout", "gradcam", "generic", ...
 
-Modules: ``patching`` (patch / unpatch, dispatching to ``integrations.timm`` or, behind the
-``transformers`` extra, ``integrations.transformers``), ``select`` (selectors), ``head``, ``loss``,
-``maps`` (explanation maps), ``evaluation`` (map and accuracy protocols), ``metrics``, ``data``,
-``flops``, ``throughput``, ``breakdown`` (time and MACs per kind of work), ``checkpoint`` (safe
-loading: weights only unless trusted), ``engine`` (training loops), ``tasks`` (per-batch training
-steps, keep-rate schedule), ``cli`` (the training scripts' arguments), ``paper`` (the ICE paper's
-figures), ``visualize``, ``token_grid`` (``restore``: pruned tokens back on the full patch grid for
-dense heads), ``export`` (ONNX export; needs the ``export`` extra, so it is not imported here).
+This namespace is the core: patching and its selectors, heads, loss and kernels, maps, ``restore``,
+checkpoints and the measurements. The training and evaluation harness behind ``train/`` lives in
+the subpackages :mod:`ice_prune.data`, :mod:`ice_prune.training` and :mod:`ice_prune.evaluation`,
+imported on first use (``import ice_prune`` loads none of them); :mod:`ice_prune.export` needs the
+``export`` extra.
 """
-from ice_prune.throughput import benchmark, benchmark_models, latency, max_batch_size
+import importlib
+
 from ice_prune.checkpoint import load_checkpoint
-from ice_prune.data import SyntheticScenes
-from ice_prune.maps import explain
 from ice_prune.flops import count_flops
-from ice_prune.head import HEAD_VARIANTS, ICEExplainer, ICEHead
-from ice_prune.loss import LOSS_MODES, ICELoss
-from ice_prune.tasks import keep_rate_schedule
+from ice_prune.head import ICEHead
+from ice_prune.loss import ICELoss
+from ice_prune.maps import explain
 from ice_prune.patching import patch, unpatch
-from ice_prune.select import SELECTORS, register_selector, token_schedule
+from ice_prune.select import keep_rate_schedule, register_selector, token_schedule
+from ice_prune.throughput import benchmark, benchmark_models, latency, max_batch_size
 from ice_prune.token_grid import restore
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "HEAD_VARIANTS",
-    "ICEExplainer",
     "ICEHead",
     "ICELoss",
-    "LOSS_MODES",
-    "SELECTORS",
-    "SyntheticScenes",
     "benchmark",
     "benchmark_models",
     "count_flops",
@@ -51,3 +43,11 @@ __all__ = [
     "token_schedule",
     "unpatch",
 ]
+
+_LAZY_SUBPACKAGES = ("data", "evaluation", "export", "training")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBPACKAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

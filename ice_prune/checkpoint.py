@@ -16,7 +16,7 @@ What :func:`read_state_dict` reads:
 * a plain state dict (``torch.save(model.state_dict(), path)``), keys of a
   ``DistributedDataParallel`` module (``module.``) included;
 * ``.safetensors`` files (recognized by their header, whatever the name ends in);
-* this project's own checkpoints (``OUTPUT/last.pth``, see :mod:`ice_prune.engine`), which hold
+* this project's own checkpoints (``OUTPUT/last.pth``, see :mod:`ice_prune.training.engine`), which hold
   tensors, plain containers and strings only, so resuming a run needs no opt-in either.
 
 A file that is not one of these (missing, empty, truncated, a text file such as an HTML page or a

@@ -273,7 +273,7 @@ def pm_classify_patches(model: nn.Module, tokens: Tensor, grid: tuple[int, int])
     """The model's own classifier (final ``norm``, ``fc_norm``, ``head_drop``, ``head``) applied to
     every patch token of ``tokens [B, N, D]`` (the last block's output before the final norm, as
     :func:`ice_prune.head.forward_with_tokens` gives it): ``[B, K, gh, gw]`` logits, with gradients
-    when the tokens have them (PM-style training, :class:`ice_prune.tasks.PMStyleTask`)."""
+    when the tokens have them (PM-style training, :class:`ice_prune.training.tasks.PMStyleTask`)."""
     x = model.head(model.head_drop(model.fc_norm(model.norm(tokens[:, model.num_prefix_tokens:]))))
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[-1], *grid)
 
@@ -298,7 +298,7 @@ def pm_style_map(model: nn.Module, images: Tensor, target: Target = None) -> Ten
     and which normalization it reads, the loss, how masks enter training, and the threshold; what is
     here is the parameter-free reading of that description (our choice: the last block's tokens
     through the model's final norm and classifier, the classifier that reads [CLS]). Untrained, it
-    is the model as it is; ``train/pm.py`` (:class:`ice_prune.tasks.PMStyleTask`) trains it with
+    is the model as it is; ``train/pm.py`` (:class:`ice_prune.training.tasks.PMStyleTask`) trains it with
     :func:`pm_style_loss` on a few masks. The map has no threshold: the evaluation protocols
     binarize it as they do every map.
     """

@@ -13,7 +13,8 @@ A selector turns what a block has already computed into one score per non-prefix
 
 New selectors register with :func:`register_selector`; ``patch(method=...)`` looks them up here.
 The keep/fuse step the scores feed is the ``ice_prune::reorganize`` op in :mod:`ice_prune.kernels`;
-how many tokens a point keeps is :func:`keep_count` (and :func:`token_schedule` for a whole model).
+how many tokens a point keeps is :func:`keep_count` (:func:`token_schedule` for a whole model,
+:func:`keep_rate_schedule` for EViT's keep rate during training).
 """
 from __future__ import annotations
 
@@ -162,3 +163,36 @@ def token_schedule(num_tokens: int, num_prefix: int, keep_rates: Sequence[float]
             n = k + int(fuse)
         out.append(num_prefix + n)
     return out
+
+
+def keep_rate_schedule(target: KeepRate, shrink_start: int = 0, shrink_epochs: int = 0,
+                       iters_per_epoch: int = 1):
+    """EViT's keep-rate schedule as a function of the global iteration.
+
+    Rate 1 for the first ``shrink_start`` epochs, then a cosine from 1 down to ``target`` over
+    ``shrink_epochs`` epochs, updated every iteration, then ``target``. EViT trains from scratch with
+    ``shrink_start=10, shrink_epochs=100``; fine-tuning from a pretrained DeiT uses the target from the
+    start (the defaults). A per-location ``target`` gives per-location rates.
+
+    >>> sched = keep_rate_schedule(0.7, shrink_start=1, shrink_epochs=2, iters_per_epoch=10)
+    >>> sched(0), sched(20), sched(30)
+    (1.0, 0.85, 0.7)
+    """
+    targets = [target] if isinstance(target, numbers.Real) else list(target)
+    check_keep_rate(targets, len(targets))
+    if shrink_start < 0 or shrink_epochs < 0 or iters_per_epoch < 1:
+        raise ValueError("shrink_start and shrink_epochs must be >= 0 and iters_per_epoch >= 1")
+    start, length = shrink_start * iters_per_epoch, shrink_epochs * iters_per_epoch
+
+    def rate(iteration: int) -> KeepRate:
+        if iteration < start:
+            t = 0.0
+        elif iteration >= start + length:
+            t = 1.0
+        else:
+            t = (iteration - start) / length
+        cos = (math.cos(t * math.pi) + 1) * 0.5  # 1 at the start of the shrink, 0 at its end
+        out = tuple(round(r + (1.0 - r) * cos, 12) for r in targets)
+        return out[0] if isinstance(target, numbers.Real) else out
+
+    return rate

@@ -24,7 +24,7 @@ import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -113,12 +113,35 @@ class BenchmarkRun(_Run):
                             for name, m in self.measurements.items()]}
 
 
-def resolve_device(device: Union[str, torch.device, None], flag: str = "device") -> torch.device:
-    """``None`` / ``"auto"``: CUDA when present, else CPU; a device that is not on this machine is a
-    ValueError naming ``flag`` (see :func:`ice_prune.engine.check_device`)."""
-    from ice_prune.engine import check_device
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 
-    return check_device(device, flag)
+
+def check_device(device: Any = None, flag: str = "device") -> torch.device:
+    """The device ``device`` names, checked to exist on this machine: ``None`` / ``"auto"`` is CUDA
+    when present, else the CPU. Anything else that cannot run here (``"tpu"``, ``"cuda"`` without a
+    GPU, ``"cuda:7"`` on a machine with fewer GPUs) is a ValueError naming ``flag`` and the fix, raised
+    before a model is built."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{flag} {device!r} is not a device torch knows: use cpu, cuda, cuda:N "
+                         f"or auto") from None
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"{flag} {device!r} is not a device type this library runs on: use cpu, "
+                         f"cuda, cuda:N or auto")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{flag} {device}: torch sees no CUDA GPU on this machine "
+                             f"(torch.cuda.is_available() is False); use {flag} cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{flag} {device}: torch sees only {count} CUDA GPU(s), cuda:0 to "
+                             f"cuda:{count - 1}; use {flag} cuda:0 (or {flag} cpu)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {device}: no Apple MPS device on this machine; use {flag} cpu")
+    return dev
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
@@ -228,7 +251,7 @@ def benchmark_models(
         raise ValueError("benchmark_models needs at least one model")
     if len(input_size) != 3:
         raise ValueError(f"input_size is (channels, height, width) of one image, got {input_size!r}")
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    device, dtype = check_device(device), resolve_dtype(dtype)
     defaults = DEFAULTS.get(device.type, DEFAULTS["cpu"])
     batch_size = defaults["batch_size"] if batch_size is None else batch_size
     reps = defaults["reps"] if reps is None else reps
@@ -425,7 +448,7 @@ def latency(
         raise ValueError("latency needs at least one model")
     if len(input_size) != 3:
         raise ValueError(f"input_size is (channels, height, width) of one image, got {input_size!r}")
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    device, dtype = check_device(device), resolve_dtype(dtype)
     defaults = LATENCY_DEFAULTS.get(device.type, LATENCY_DEFAULTS["cpu"])
     reps = defaults["reps"] if reps is None else reps
     warmup = defaults["warmup"] if warmup is None else warmup
@@ -472,7 +495,7 @@ def max_batch_size(
 ) -> int:
     """The largest batch at which every model runs a forward on a CUDA GPU (the paper measured at
     the maximum batch size): doubling, then bisection on out-of-memory."""
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    device, dtype = check_device(device), resolve_dtype(dtype)
     if device.type != "cuda":
         raise ValueError("batch_size='max' searches for the largest batch that fits in GPU memory; "
                          "on the CPU give a number (e.g. 32)")

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from timm.scheduler import create_scheduler_v2
 
 import ice_prune
-from ice_prune import checkpoint, engine, evaluation
+from ice_prune import checkpoint, evaluation
+from ice_prune.training import engine
 from ice_prune.checkpoint import CheckpointError, UnsafeCheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -103,7 +103,7 @@ def test_at_least_twelve_kinds():
 
 
 def test_argparse_errors_are_one_line(capsys):
-    from ice_prune.cli import ArgumentParser
+    from ice_prune.training.cli import ArgumentParser
 
     parser = ArgumentParser(prog="bench/throughput.py")
     parser.add_argument("--dtype", choices=["fp32", "bf16"])
@@ -119,17 +119,18 @@ def test_argparse_errors_are_one_line(capsys):
 def test_device_and_output_checks(tmp_path, monkeypatch):
     import torch
 
-    from ice_prune import engine
+    from ice_prune.throughput import check_device
+    from ice_prune.training import engine
 
-    assert engine.check_device("cpu") == torch.device("cpu")
+    assert check_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert engine.check_device("cuda:1") == torch.device("cuda:1")
+    assert check_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(ValueError, match=r"--device cuda:2: torch sees only 2 CUDA GPU\(s\), cuda:0 "
                                          r"to cuda:1; use --device cuda:0"):
-        engine.check_device("cuda:2")
+        check_device("cuda:2", "--device")
     with pytest.raises(ValueError, match="device 'xla' is not a device type this library runs on"):
-        engine.check_device("xla", "device")
+        check_device("xla", "device")
     engine.check_output_dir(str(tmp_path / "a" / "b"))  # made later, under a writable folder
     (tmp_path / "f").write_text("")
     with pytest.raises(ValueError, match=r"--output '.*f' cannot be created: '.*f' is a file"):

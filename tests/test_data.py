@@ -54,7 +54,7 @@ def test_class_specs_are_unique_for_any_class_count():
 
 def _solid_textures(monkeypatch, seen=None):
     """Every texture paints the whole object in its "on" colour; ``seen`` collects the frequencies."""
-    import ice_prune.data as data
+    import ice_prune.data.synthetic as data
 
     def solid(u, v, f):
         if seen is not None:

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from ice_prune import engine
+from ice_prune.training import engine
 
 
 def test_prepare_output_refuses_to_overwrite(tmp_path):

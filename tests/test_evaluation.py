@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import ice_prune
-from ice_prune import evaluation, maps, metrics
+from ice_prune import evaluation, maps
+from ice_prune.evaluation import metrics
 from ice_prune.head import ICEHead
 from test_evaldata import write_gtsegs
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ice_prune import metrics
+from ice_prune.evaluation import metrics
 
 
 def test_average_precision_by_hand():

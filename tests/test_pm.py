@@ -1,4 +1,4 @@
-"""PM-style training: train/pm.py, ice_prune.tasks.PMStyleTask / PatchClassifier / ICEPseudoMasks and
+"""PM-style training: train/pm.py, ice_prune.training.tasks.PMStyleTask / PatchClassifier / ICEPseudoMasks and
 ice_prune.data.PartialMasks / mask_selection, with a tiny ViT on SyntheticScenes on CPU."""
 import importlib.util
 import json
@@ -13,7 +13,7 @@ from torch.utils.data import default_collate
 from ice_prune.data import MaskedTarget, PartialMasks, SyntheticScenes, mask_selection
 from ice_prune.head import ICEHead
 from ice_prune.maps import ice_explain, pm_style_loss
-from ice_prune.tasks import ICEPseudoMasks, PatchClassifier, PMStyleTask, classification_loss
+from ice_prune.training.tasks import ICEPseudoMasks, PatchClassifier, PMStyleTask, classification_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = {"patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3}

@@ -31,9 +31,9 @@ import os
 import sys
 
 from ice_prune import evaluation, maps, visualize
-from ice_prune.cli import (TRUST_HELP, ArgumentParser, check_keep_rate, check_model_name,
+from ice_prune.training.cli import (TRUST_HELP, ArgumentParser, check_keep_rate, check_model_name,
                            parse_json_kwargs, run_script)
-from ice_prune.engine import check_output_dir
+from ice_prune.training.engine import check_output_dir
 from ice_prune.select import SELECTORS
 
 

@@ -9,15 +9,15 @@ auto`` (the default) derives lambda from the class count, exactly the paper's at
 ice_prune.loss); ``--lambda-class paper`` takes the literal value. Multi-process: ``torchrun
 --nproc_per_node N train/explain.py ...`` (``--batch-size`` is per process). The checkpoint
 ``OUTPUT/last.pth`` holds the timm model's weights with the head under ``ice_head.`` (see
-ice_prune.engine).
+ice_prune.training.engine).
 """
 import dataclasses
 
-from ice_prune import cli, engine
+from ice_prune.training import cli, engine
 from ice_prune.data import build_mixup
 from ice_prune.head import HEAD_VARIANTS, ICEExplainer, set_trainable
 from ice_prune.loss import LOSS_MODES, ICELoss, parse_lambda
-from ice_prune.tasks import ExplainTask
+from ice_prune.training.tasks import ExplainTask
 
 
 def parse_args(argv=None):

@@ -9,7 +9,7 @@ After the PM paper's abstract (Kang, Heo & Choe, Pattern Recognition Letters 202
 is available): a patch-level mask prediction read off the ViT's own features in one forward pass,
 no extra parameters, fewer than 1% of the training images with a mask, pseudo masks for weakly
 supervised localization. The whole model fine-tunes with cross-entropy on [CLS] for every image plus
-the patch-level mask loss on the images that keep a mask (ice_prune.tasks.PMStyleTask); the map it
+the patch-level mask loss on the images that keep a mask (ice_prune.training.tasks.PMStyleTask); the map it
 trains is ``pm-style`` (ice_prune.maps.pm_style_map; ``train/evaluate.py explain --methods
 pm-style``). The abstract gives no loss, layer, weighting or threshold: those here are ours (see
 PMStyleTask and pm_style_loss).
@@ -29,9 +29,9 @@ stays. Defaults are ICE's explanation recipe (3 epochs, lr 1e-5, batch 256, weig
 paper's are not known. The checkpoint ``OUTPUT/last.pth`` holds exactly timm's keys.
 """
 
-from ice_prune import cli, engine
+from ice_prune.training import cli, engine
 from ice_prune.data import PartialMasks, has_masks, mask_selection
-from ice_prune.tasks import ICEPseudoMasks, PatchClassifier, PMStyleTask
+from ice_prune.training.tasks import ICEPseudoMasks, PatchClassifier, PMStyleTask
 
 PSEUDO_SOURCES = ("ice",)
 

@@ -14,15 +14,16 @@ ICE loss of the shared head averaged over the selection points.
 import dataclasses
 
 import ice_prune
-from ice_prune import cli, engine
 from ice_prune.data import build_mixup
 from ice_prune.loss import LOSS_MODES, ICELoss, parse_lambda
-from ice_prune.tasks import PruneTask
+from ice_prune.select import SELECTORS
+from ice_prune.training import cli, engine
+from ice_prune.training.tasks import PruneTask
 
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", default="ice", choices=sorted(ice_prune.SELECTORS))
+    p.add_argument("--method", default="ice", choices=sorted(SELECTORS))
     p.add_argument("--keep-rate", type=float, default=0.7)
     p.add_argument("--locs", type=int, nargs="+", default=[3, 6, 9])
     p.add_argument("--placement", default="attn", choices=("attn", "block"))

@@ -20,8 +20,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import repro  # noqa: E402
-from ice_prune.cli import ArgumentParser  # noqa: E402
-from ice_prune.engine import check_output_dir  # noqa: E402
+from ice_prune.training.cli import ArgumentParser  # noqa: E402
+from ice_prune.training.engine import check_output_dir  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -62,6 +62,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from ice_prune.cli import run_script
+    from ice_prune.training.cli import run_script
 
     run_script(main)

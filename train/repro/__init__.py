@@ -10,7 +10,7 @@ A run is a list of stages (:func:`plan`), each writing into ``OUT/work/<stage>``
 starts over), and a training stage interrupted mid-way continues from its checkpoint (``--resume``
 of the training scripts). :func:`write_report` then builds ``OUT/results.json``, ``OUT/REPORT.md``
 and ``OUT/figures/*.png`` from those ``done.json`` files only, beside the paper's figures
-(:mod:`ice_prune.paper`).
+(:mod:`ice_prune.evaluation.paper`).
 
 1. ``pretrain``: a 12-block ViT from scratch on SyntheticScenes with cross-entropy, through
    ``train/prune.py --method evit --keep-rate 1.0`` (keep rate 1 is exactly the unpruned ViT).

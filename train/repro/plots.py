@@ -1,7 +1,7 @@
 """The report's figures: ours on the left, the paper's Table 5 on the right (DeiT-S on ImageNet)."""
 from __future__ import annotations
 
-from ice_prune.paper import TABLE5, TABLE5_KEEP_RATES
+from ice_prune.evaluation.paper import TABLE5, TABLE5_KEEP_RATES
 
 LABEL = {"evit": "EViT", "ice": "ICE"}
 COLOR = {"none": "black", "evit": "tab:blue", "ice": "tab:red"}

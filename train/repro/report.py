@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ice_prune.paper import TABLE1, TABLE3, TABLE5, TABLE6
+from ice_prune.evaluation.paper import TABLE1, TABLE3, TABLE5, TABLE6
 
 from ice_prune.loss import auto_lambda
 

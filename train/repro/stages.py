@@ -24,11 +24,11 @@ import ice_prune
 from ice_prune import visualize
 from ice_prune.data import ImageNetSegmentation, SyntheticScenes
 from ice_prune.checkpoint import read_checkpoint, read_state_dict
-from ice_prune.engine import CHECKPOINT, LOG
+from ice_prune.training.engine import CHECKPOINT, LOG
 from ice_prune.head import HEAD_VARIANTS
 from ice_prune.loss import ICELoss, parse_lambda
 from ice_prune.maps import ice_explain, upsample
-from ice_prune.paper import TABLES
+from ice_prune.evaluation.paper import TABLES
 
 # the sibling scripts in train/ (on sys.path, see train/reproduce.py)
 import evaluate

@@ -12,7 +12,7 @@ evaluated like the built-in ones. Each map explains the model's own top-1 class.
 Protocols, and the dataset items each reads:
 
 * ``segmentation``: Chefer et al.'s pixel accuracy, mIoU and mAP of the map upsampled to the image
-  (:class:`ice_prune.metrics.ImageNetSegMeter`); items ``(image, ..., mask)``, mask 0/1 or bool.
+  (:class:`ice_prune.evaluation.metrics.ImageNetSegMeter`); items ``(image, ..., mask)``, mask 0/1 or bool.
 * ``jaccard``: Naseer et al.'s per-image Jaccard, averaged over images, of the foreground masks
   :func:`jaccard_masks` gives per variant; items ``(image, ..., label)``, label a mask or VOC's
   palette indices (0 background, 255 void).
@@ -46,7 +46,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ice_prune import data, maps, metrics, visualize
+from ice_prune import data, maps, visualize
+from ice_prune.evaluation import metrics
 from ice_prune.checkpoint import read_state_dict, split_ice_head
 from ice_prune.head import ICEHead
 from ice_prune.patching import patch

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ice_prune.checkpoint import CheckpointError, plain, read_checkpoint, save_checkpoint
+from ice_prune.throughput import check_device
 
 CHECKPOINT = "last.pth"
 LOG = "log.jsonl"
@@ -68,45 +69,14 @@ class DistInfo:
         return self.rank == 0
 
 
-DEVICE_TYPES = ("cpu", "cuda", "mps")
-
-
-def check_device(device: Any = None, flag: str = "--device") -> torch.device:
-    """The device ``device`` names, checked to exist on this machine: ``None`` / ``"auto"`` is CUDA
-    when present, else the CPU. Anything else that cannot run here (``"tpu"``, ``"cuda"`` without a
-    GPU, ``"cuda:7"`` on a machine with fewer GPUs) is a ValueError naming ``flag`` and the fix, raised
-    before a model is built."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{flag} {device!r} is not a device torch knows: use cpu, cuda, cuda:N "
-                         f"or auto") from None
-    if dev.type not in DEVICE_TYPES:
-        raise ValueError(f"{flag} {device!r} is not a device type this library runs on: use cpu, "
-                         f"cuda, cuda:N or auto")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"{flag} {device}: torch sees no CUDA GPU on this machine "
-                             f"(torch.cuda.is_available() is False); use {flag} cpu")
-        if dev.index is not None and dev.index >= count:
-            raise ValueError(f"{flag} {device}: torch sees only {count} CUDA GPU(s), cuda:0 to "
-                             f"cuda:{count - 1}; use {flag} cuda:0 (or {flag} cpu)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{flag} {device}: no Apple MPS device on this machine; use {flag} cpu")
-    return dev
-
-
 def init_distributed(device: Optional[str] = None) -> DistInfo:
     """Join the process group ``torchrun`` set up (NCCL on CUDA, gloo otherwise), or run alone.
     ``device`` is checked first (:func:`check_device`): a device that is not there is a ValueError."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = check_device(device)
+    dev = check_device(device, "--device")
     if dev.type == "cuda":
-        dev = check_device(f"cuda:{local if dev.index is None else dev.index}")
+        dev = check_device(f"cuda:{local if dev.index is None else dev.index}", "--device")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")

@@ -1,24 +1,20 @@
-"""What the training scripts compute per batch, and EViT's keep-rate schedule.
+"""What the training scripts compute per batch.
 
 :class:`ExplainTask` (``train/explain.py``), :class:`PruneTask` (``train/prune.py``) and
-:class:`PMStyleTask` (``train/pm.py``) give :func:`ice_prune.engine.fit` its ``step`` (loss and
-logged metrics of one batch) and ``eval`` (metrics of one validation batch);
-:func:`keep_rate_schedule` the keep rate of a pruned model at each update.
+:class:`PMStyleTask` (``train/pm.py``) give :func:`ice_prune.training.engine.fit` its ``step`` (loss and
+logged metrics of one batch) and ``eval`` (metrics of one validation batch).
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ice_prune.data import MaskedTarget
-from ice_prune.engine import unwrap
 from ice_prune.head import ICEHead, forward_with_tokens
 from ice_prune.maps import ice_explain, patch_grid, pm_classify_patches, pm_style_loss
-from ice_prune.select import KeepRate, check_keep_rate
+from ice_prune.training.engine import unwrap
 
 def classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy for class indices ``[B]`` or soft targets ``[B, C]`` (mixup/cutmix)."""
@@ -243,36 +239,3 @@ class PMStyleTask:
         if has_mask.all():
             out["mask_loss"] = pm_style_loss(patch_logits, labels, self.masks(images, targets)).item()
         return out
-
-
-def keep_rate_schedule(target: KeepRate, shrink_start: int = 0, shrink_epochs: int = 0,
-                       iters_per_epoch: int = 1):
-    """EViT's keep-rate schedule as a function of the global iteration.
-
-    Rate 1 for the first ``shrink_start`` epochs, then a cosine from 1 down to ``target`` over
-    ``shrink_epochs`` epochs, updated every iteration, then ``target``. EViT trains from scratch with
-    ``shrink_start=10, shrink_epochs=100``; fine-tuning from a pretrained DeiT uses the target from the
-    start (the defaults). A per-location ``target`` gives per-location rates.
-
-    >>> sched = keep_rate_schedule(0.7, shrink_start=1, shrink_epochs=2, iters_per_epoch=10)
-    >>> sched(0), sched(20), sched(30)
-    (1.0, 0.85, 0.7)
-    """
-    targets = [target] if isinstance(target, numbers.Real) else list(target)
-    check_keep_rate(targets, len(targets))
-    if shrink_start < 0 or shrink_epochs < 0 or iters_per_epoch < 1:
-        raise ValueError("shrink_start and shrink_epochs must be >= 0 and iters_per_epoch >= 1")
-    start, length = shrink_start * iters_per_epoch, shrink_epochs * iters_per_epoch
-
-    def rate(iteration: int) -> KeepRate:
-        if iteration < start:
-            t = 0.0
-        elif iteration >= start + length:
-            t = 1.0
-        else:
-            t = (iteration - start) / length
-        cos = (math.cos(t * math.pi) + 1) * 0.5  # 1 at the start of the shrink, 0 at its end
-        out = tuple(round(r + (1.0 - r) * cos, 12) for r in targets)
-        return out[0] if isinstance(target, numbers.Real) else out
-
-    return rate

@@ -1,7 +1,7 @@
 """The command lines of the training scripts: shared arguments, and the data and model they build.
 
 ``train/explain.py`` and ``train/prune.py`` add their own arguments to :func:`add_common_args`, turn
-the parsed arguments into a :class:`ice_prune.engine.TrainConfig` with :func:`config_from_args`, and
+the parsed arguments into a :class:`ice_prune.training.engine.TrainConfig` with :func:`config_from_args`, and
 build data and model with :func:`build_data` / :func:`create_model`, and load ``--checkpoint`` with
 :func:`load_weights`. :func:`check_common_args` refuses a bad device, model, JSON, data spec or
 output folder before anything is built, and :func:`run_script` ends a run on a bad argument, path or
@@ -20,7 +20,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ice_prune.checkpoint import CheckpointError, load_checkpoint
-from ice_prune.engine import TrainConfig, check_device, check_output_dir, cleanup_distributed
+from ice_prune.throughput import check_device
+from ice_prune.training.engine import TrainConfig, check_output_dir, cleanup_distributed
 
 TRUST_HELP = ("unpickle the checkpoint in full when it needs it, which runs whatever code it "
               "carries: only for a file you trust (without this flag checkpoints load with "
@@ -67,7 +68,7 @@ def check_keep_rate(value: float, flag: str = "--keep-rate") -> None:
 def check_common_args(args) -> None:
     """What :func:`add_common_args` takes that can be checked before anything is built: the device,
     the model name, the JSON arguments, the form of --data and the --output folder."""
-    check_device(args.device)
+    check_device(args.device, "--device")
     check_model_name(args.model)
     parse_json_kwargs(args.model_kwargs, "--model-kwargs")
     parse_json_kwargs(args.synthetic_kwargs, "--synthetic-kwargs")

@@ -1,0 +1,14 @@
+"""Evaluation harness: the published map protocols and top-1 / top-5 of a (pruned) model, what
+``train/evaluate.py`` runs (:mod:`~ice_prune.evaluation.protocols`), their metrics
+(:mod:`~ice_prune.evaluation.metrics`) and the ICE paper's published figures
+(:mod:`~ice_prune.evaluation.paper`)."""
+from ice_prune.evaluation.protocols import (DATASETS, ICE_TARGETS, JACCARD_TAUS, PROTOCOL_NAMES, DataKind,
+                                            check_methods, collate, compute_maps, evaluate_accuracy,
+                                            evaluate_maps, format_table, grid_row, grid_rows,
+                                            head_from_state, jaccard_masks, load_explained_model,
+                                            open_dataset, parse_data_spec, patch_mask, patch_with_head)
+
+__all__ = ["DATASETS", "ICE_TARGETS", "JACCARD_TAUS", "PROTOCOL_NAMES", "DataKind", "check_methods", "collate",
+           "compute_maps", "evaluate_accuracy", "evaluate_maps", "format_table", "grid_row", "grid_rows",
+           "head_from_state", "jaccard_masks", "load_explained_model", "open_dataset", "parse_data_spec",
+           "patch_mask", "patch_with_head"]
