@@ -30,12 +30,14 @@ and ``OUT/figures/*.png`` from those ``done.json`` files only, beside the paper'
 4. ``examples``: a grid of maps on a few validation images.
 
 Modules: ``scales`` (:class:`Scale`, :class:`TrainSpec`, the ``smoke`` / ``cpu`` / ``gpu`` factories
-in :data:`SCALES`), ``stages`` (the stages, :func:`plan`, :func:`run`, :func:`collect`), ``report``
-(:func:`summarize`, :func:`render`, :func:`write_report`) and ``plots`` (the report's figures).
+in :data:`SCALES`), ``stages`` (the stages, :func:`plan`, :func:`run`, :func:`collect`), ``summary``
+(:func:`summarize`: the derived tables and claims), ``report`` (:func:`render`,
+:func:`write_report`) and ``plots`` (the report's figures).
 """
-from .report import render, summarize, write_report
+from .report import render, write_report
 from .scales import SCALES, Scale, TrainSpec, cpu_scale, gpu_scale, smoke_scale
 from .stages import DONE, Context, Stage, collect, eval_argv, plan, run, train_argv
+from .summary import summarize
 
 __all__ = [
     "DONE",

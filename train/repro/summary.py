@@ -1,0 +1,237 @@
+"""What a run's stages say: the derived tables and whether each of the paper's claims holds here
+(:func:`summarize`), read from the stages' ``done.json`` results only."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ice_prune.evaluation.paper import TABLE1, TABLE3, TABLE5, TABLE6
+
+from .scales import BASELINES, PM_RUNS, VARIANTS, ablation_runs
+
+# the class-count rule is "in the good region" at a class count when its mIoU is within this many
+# points of the best lambda tried there (a yardstick stated before the runs, not fitted to them)
+GOOD_REGION_MIOU = 5.0
+# Table 6's rows and how the report names them
+ABLATION_LABELS = {"ice": "ICE (alpha 0.5, lambda 0.975)", "ice-alpha1": "alpha 1.0",
+                   "ice-lambda0.5": "lambda 0.5", "ice-alpha1-lambda0.5": "alpha 1.0, lambda 0.5"}
+# the PM paper states only an abstract: what each comparison of a trained PM-style map rests on
+PM_ABSTRACT = ("the PM abstract claims better maps and classification than previous techniques, "
+               "no figure")
+
+
+def summarize(results: dict) -> dict:
+    """Derived figures: the maps table, the ablation, the pruning table, and the comparisons."""
+    stages, scale = results["stages"], results["scale"]
+    maps = _maps(stages, scale)
+    best_baseline = max(BASELINES, key=lambda b: maps[b]["miou"])
+    pm = {run: {**_map_figures(stages[f"explain-{run}"]["maps"]),
+                **{k: stages[f"explain-{run}"][k] for k in (
+                    "top1", "top5", "mask_source", "mask_fraction", "masked_images",
+                    "train_images", "mask_weight", "smoothing")}}
+          for run in PM_RUNS if f"explain-{run}" in stages}
+    unmodified_top1 = stages["pretrain"]["top1"] if "pretrain" in stages else None
+    prune = _prune(stages)
+    classes = _class_counts(stages, scale)
+    comparisons = (_map_claims(maps, best_baseline, scale["num_classes"])
+                   + _pm_claims(pm, maps, best_baseline, unmodified_top1)
+                   + _class_count_claims(classes)
+                   + _prune_claims(prune, scale["keep_rates"]))
+    return {"maps": maps, "best_baseline": best_baseline, "pm": pm,
+            "unmodified_top1": unmodified_top1, "prune": prune, "classes": classes,
+            "comparisons": comparisons}
+
+
+def _maps(stages: dict, scale: dict) -> dict:
+    """Every map's figures: the ICE runs' (with their foreground share) and the baselines'."""
+    maps = {}
+    for run in VARIANTS + tuple(ablation_runs(scale["num_classes"])):
+        maps[run] = _ice_maps(stages[f"explain-{run}"])
+    for name, measured in stages["maps-baselines"]["maps"].items():
+        maps[name] = _map_figures(measured)
+    return maps
+
+
+def _prune(stages: dict) -> dict:
+    """The pruning table: per method and keep rate, top-1 over seeds beside the speed stage's row."""
+    groups: dict[str, list[dict]] = {}
+    for name, result in stages.items():
+        if name.startswith("prune-"):
+            groups.setdefault(f"{result['method']}-{result['keep_rate']:g}", []).append(result)
+    speed = stages["speed"]["models"]
+    prune = {}
+    for key, runs in groups.items():
+        top1 = [r["top1"] for r in runs]
+        prune[key] = {"top1_mean": float(np.mean(top1)),
+                      "top1_spread": float(np.max(top1) - np.min(top1)) if len(top1) > 1 else 0.0,
+                      "top1_std": float(np.std(top1, ddof=1)) if len(top1) > 1 else 0.0,
+                      "top1_runs": top1, "seeds": [r["seed"] for r in runs], **speed[key]}
+    return prune
+
+
+def _map_claims(maps: dict, best_baseline: str, num_classes: int) -> list[dict]:
+    """ICE's map against the best baseline and ICE-f (Tables 1 and 3), and Table 6 both ways."""
+    comparisons = []
+    ice, baseline = maps["ice"], maps[best_baseline]
+    comparisons.append(_claim(
+        f"ICE beats the best baseline map ({best_baseline}) on mIoU", ice["miou"] - baseline["miou"],
+        f"paper: +{TABLE1['ice'].miou - TABLE1['robustvit'].miou:.2f} over RobustViT, "
+        f"+{TABLE1['ice'].miou - TABLE1['generic'].miou:.2f} over Chefer et al. 2021 (the best "
+        f"baseline we also run)"))
+    comparisons.append(_claim(
+        f"ICE beats the best baseline map ({best_baseline}) on pixel accuracy",
+        ice["pixel_accuracy"] - baseline["pixel_accuracy"],
+        f"paper: +{TABLE1['ice'].pixel_accuracy - TABLE1['generic'].pixel_accuracy:.2f} over "
+        f"Chefer et al. 2021"))
+    jaccard_baseline = max(BASELINES, key=lambda b: maps[b]["jaccard"] or -1)
+    if ice["jaccard"] is not None and maps[jaccard_baseline]["jaccard"] is not None:
+        comparisons.append(_claim(
+            f"ICE beats the best baseline ({jaccard_baseline}, best threshold/head) on Jaccard",
+            ice["jaccard"] - maps[jaccard_baseline]["jaccard"],
+            f"paper: +{TABLE3['ice'] - TABLE3['raw-attention mean@0.9']:.2f} over "
+            f"raw attention (mean, 0.9)"))
+    comparisons.append(_claim("ICE beats ICE-f on mIoU", ice["miou"] - maps["ice-f"]["miou"],
+                              f"paper: +{TABLE1['ice'].miou - TABLE1['ice-f'].miou:.2f}"))
+    for run in ("ice-alpha1", "ice-lambda0.5", "ice-alpha1-lambda0.5"):
+        paper = f"paper: +{TABLE6['ice'].miou - TABLE6[run].miou:.2f}"
+        comparisons.append(_claim(
+            f"Table 6 as written: ICE (alpha 0.5, lambda 0.975) beats {ABLATION_LABELS[run]} on "
+            f"mIoU", maps["ice-literal"]["miou"] - maps[f"{run}-literal"]["miou"], paper))
+        comparisons.append(_claim(
+            f"Table 6 balance-equivalent at {num_classes} classes: ICE beats "
+            f"{ABLATION_LABELS[run]} on mIoU", ice["miou"] - maps[run]["miou"], paper))
+    return comparisons
+
+
+def _class_count_claims(classes: dict) -> list[dict]:
+    """Per class count: the rule against the literal lambda, the best lambda and generic attention."""
+    comparisons = []
+    for num_classes, study in classes.items():
+        rule, literal = study["rule"], study["literal"]
+        best = max(study["runs"], key=lambda r: r["miou"])
+        comparisons.append(_claim(
+            f"{num_classes} classes: the class-count rule (lambda {rule['lambda_class']:.3f}) beats "
+            f"the paper's literal lambda 0.975 on mIoU", rule["miou"] - literal["miou"],
+            "the paper trains at 1000 classes only"))
+        comparisons.append(_claim(
+            f"{num_classes} classes: the class-count rule is within {GOOD_REGION_MIOU:g} mIoU "
+            f"points of the best lambda tried ({best['lambda_class']:.3g}: {best['miou']:.2f})",
+            rule["miou"] - best["miou"], "our yardstick: by is the rule's mIoU minus the best's",
+            threshold=-GOOD_REGION_MIOU))
+        comparisons.append(_claim(
+            f"{num_classes} classes: ICE (class-count rule) beats generic attention on mIoU",
+            rule["miou"] - study["generic"]["miou"],
+            f"paper: +{TABLE1['ice'].miou - TABLE1['generic'].miou:.2f} at 1000 classes"))
+    return comparisons
+
+
+def _prune_claims(prune: dict, keep_rates) -> list[dict]:
+    """ICE against EViT in top-1 and speed, and against the unpruned model in speed (Table 5)."""
+    comparisons = []
+    for rate in keep_rates:
+        evit, ice_pruned = prune[f"evit-{rate:g}"], prune[f"ice-{rate:g}"]
+        paper_evit, paper_ice = TABLE5[f"evit-{rate:g}"], TABLE5[f"ice-{rate:g}"]
+        noise = max(evit["top1_spread"], ice_pruned["top1_spread"])
+        comparisons.append(_claim(
+            f"ICE is more accurate than EViT at keep rate {rate:g}",
+            ice_pruned["top1_mean"] - evit["top1_mean"],
+            f"paper: +{paper_ice.top1 - paper_evit.top1:.2f}; here the seed spread "
+            f"is up to {noise:.2f}, so a gap below it is not a difference", unit=" points top-1"))
+        comparisons.append(_claim(
+            f"ICE is at least as fast as EViT at keep rate {rate:g} (speed-up ratio ICE / EViT - 1)",
+            100 * (ice_pruned["speedup"] / evit["speedup"] - 1),
+            f"paper: {100 * (paper_ice.img_per_s / paper_evit.img_per_s - 1):+.1f}%",
+            unit="%", threshold=0.0))
+        comparisons.append(_claim(
+            f"ICE at keep rate {rate:g} is faster than the unpruned model (speed-up - 1)",
+            100 * (ice_pruned["speedup"] - 1),
+            f"paper: {100 * (paper_ice.img_per_s / TABLE5['none-1.0'].img_per_s - 1):+.1f}%",
+            unit="%"))
+    return comparisons
+
+
+def _map_figures(measured: dict) -> dict:
+    """A non-ICE map's figures from train/evaluate.py explain: the segmentation meter's and the
+    best Jaccard threshold / head variant, as Table 3 lists the best of each."""
+    jaccard = measured.get("jaccard")
+    return {"pixel_accuracy": measured["pixel_accuracy"], "miou": measured["miou"],
+            "map": measured["map"], "jaccard": max(jaccard.values()) if jaccard else None,
+            "jaccard_variants": jaccard}
+
+
+def pm_label(run: str, result: dict) -> str:
+    """How the report names a trained PM-style run."""
+    if run == "pm-style-no-masks":
+        return "PM-style fine-tuning without masks (the control)"
+    source = "ground-truth" if run == "pm-style" else "ICE pseudo"
+    return (f"PM-style trained with {100 * result['mask_fraction']:g}% {source} masks "
+            f"({result['masked_images']} images)")
+
+
+def _pm_claims(pm: dict, maps: dict, best_baseline: str, unmodified_top1: Optional[float]
+               ) -> list[dict]:
+    """Whether each PM-style run with masks beats the untrained reading, the same fine-tuning
+    without masks and the best baseline on mIoU, and the unmodified model and the control on top-1;
+    the pseudo-mask run also against ICE, whose foreground it learned from."""
+    claims = []
+    control = pm.get("pm-style-no-masks")
+    for run in ("pm-style", "pm-style-pseudo"):
+        if run not in pm:
+            continue
+        ours, label = pm[run], pm_label(run, pm[run])
+        claims.append(_claim(f"{label} beats the untrained PM-style reading on mIoU",
+                             ours["miou"] - maps["pm-style"]["miou"], PM_ABSTRACT))
+        if control is not None:
+            claims.append(_claim(f"{label} beats the same fine-tuning without masks on mIoU",
+                                 ours["miou"] - control["miou"], "our control; none in the abstract"))
+        claims.append(_claim(f"{label} beats the best baseline map ({best_baseline}) on mIoU",
+                             ours["miou"] - maps[best_baseline]["miou"], PM_ABSTRACT))
+        if run == "pm-style-pseudo":
+            claims.append(_claim(f"{label} beats ICE, the source of its masks, on mIoU",
+                                 ours["miou"] - maps["ice"]["miou"],
+                                 "the abstract names pseudo masks for localization, no source"))
+        if unmodified_top1 is not None:
+            claims.append(_claim(f"{label} is more accurate than the unmodified model",
+                                 ours["top1"] - unmodified_top1, PM_ABSTRACT, unit=" points top-1"))
+        if control is not None:
+            claims.append(_claim(f"{label} is more accurate than the same fine-tuning without masks",
+                                 ours["top1"] - control["top1"], "our control; none in the abstract",
+                                 unit=" points top-1"))
+    return claims
+
+
+def _ice_maps(result: dict) -> dict:
+    """The map figures of an ICE run's ``done.json``, with its foreground share."""
+    measured = result["maps"]
+    val = result.get("train", {}).get("val", {})
+    return {"pixel_accuracy": measured["pixel_accuracy"], "miou": measured["miou"],
+            "map": measured["map"],
+            "jaccard": measured["jaccard"]["mask"] if "jaccard" in measured else None,
+            "fg_share": 100 * val["fg_fraction"] if "fg_fraction" in val else None}
+
+
+def _class_counts(stages: dict, scale: dict) -> dict:
+    """The class-count study: per class count, every lambda's maps (sorted by lambda), the rule's and
+    the literal value's runs, and generic attention on the same scenes."""
+    classes = {}
+    for num_classes in scale.get("class_counts") or ():
+        prefix = f"classes-{num_classes}-lambda-"
+        runs = [{"lambda": r["lambda"], "lambda_class": r["lambda_class"], **_ice_maps(r)}
+                for name, r in stages.items() if name.startswith(prefix)]
+        runs.sort(key=lambda r: r["lambda_class"])
+        generic = stages[f"classes-{num_classes}-generic"]["maps"]
+        classes[num_classes] = {
+            "runs": runs, "rule": next(r for r in runs if r["lambda"] == "auto"),
+            "literal": next(r for r in runs if r["lambda"] == "paper"),
+            "generic": {"pixel_accuracy": generic["pixel_accuracy"], "miou": generic["miou"],
+                        "jaccard": max(generic["jaccard"].values()) if generic.get("jaccard")
+                        else None}}
+    return classes
+
+
+def _claim(text: str, diff: float, paper: str, unit: str = " points", threshold: float = 0.0
+           ) -> dict:
+    """A statement and whether our figures agree: yes when ``diff > threshold``."""
+    return {"claim": text, "holds": bool(diff > threshold), "by": round(float(diff), 2),
+            "unit": unit, "paper": paper}
