@@ -4,9 +4,10 @@
 
 Implementations of one selection point (keep the top ``k`` of ``n`` tokens by score, fuse the rest
 as EViT's attention-weighted sum): the op with its Triton kernel (one launch: ranking, copies and the
-fused row in ``_reorganize_kernel``), the former two-launch Triton path (``_order_kernel`` then
-``_gather_fuse_kernel``, called directly, for comparison), the plain-torch reference, and EViT-style
-eager code (topk, gather, complement, gather, weighted sum, cat). ``extra_info`` holds the median time
+fused row in ``_reorganize_kernel``), a two-launch Triton path for comparison (``_order_kernel``,
+then ``_gather_fuse_kernel`` gathering through the order: bench/two_launch_reorganize.py), the
+plain-torch reference, and EViT-style eager code (topk, gather, complement, gather, weighted sum,
+cat). ``extra_info`` holds the median time
 per step and the effective bandwidth over the minimal bytes: every input row read once, ``P + k + 1``
 rows written, the scores read and the int64 order written. On a GPU it also holds the time and
 bandwidth of ``STEPS`` steps captured in one CUDA graph (``graph_step_us``, ``graph_GBps``): the
@@ -33,6 +34,7 @@ import ice_prune
 from ice_prune.kernels import ice_score, reorganize, reorganize_reference
 from ice_prune.kernels.ops import triton_ice_score, triton_reorganize
 from ice_prune.select import foreground_score, keep_count, token_schedule
+from two_launch_reorganize import reorganize_triton_two_launch  # bench/, beside this file
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -61,8 +63,7 @@ def evit_eager(x, scores, keep, num_prefix):
 
 IMPLS = {
     "triton": lambda x, s, k, p: reorganize(x, s, k, p, True, False, "triton"),
-    "triton_two_launch": lambda x, s, k, p: triton_reorganize.reorganize_triton_two_launch(
-        x, s, k, p, True, False),
+    "triton_two_launch": lambda x, s, k, p: reorganize_triton_two_launch(x, s, k, p, True, False),
     "torch": lambda x, s, k, p: reorganize_reference(x, s, k, p, True, False),
     "evit_eager": evit_eager,
 }
@@ -163,7 +164,7 @@ def test_reorganize_share_of_pruned_forward(benchmark, B):
     """The reorganize steps at all three selection points of DeiT-S (keep rate 0.7, EViT), timed
     alone, as a share of the pruned model's whole forward (eval, no grad). On a GPU also from a
     captured CUDA graph (``graph_reorganize_share``: device time, no host launch overhead; the
-    issue's goal, at most 2.5%, is about this one)."""
+    goal, at most 2.5%, is about this one)."""
     kernel = "triton" if CUDA else "torch"
     model = timm.create_model("deit_small_patch16_224", pretrained=False)
     model = ice_prune.patch(model, keep_rate=KEEP_RATE, method="evit", kernel=kernel)

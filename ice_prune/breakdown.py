@@ -1,8 +1,7 @@
 """Where a forward's time goes: time and multiply-adds per kind of work, to compare a pruned
 model's speed-up with its MAC ratio kind by kind.
 
-A pruned ViT's speed-up falls short of its MAC ratio (issue 13: compiled EViT at keep 0.7 reaches
-1.30x on an H100 where the MACs allow 1.52x). :func:`breakdown` splits one forward into
+A pruned ViT's speed-up falls short of its MAC ratio. :func:`breakdown` splits one forward into
 
 * ``matmul``: linear layers and the patch embedding's convolution (GEMMs; cuBLAS / CUTLASS kernels,
   ``aten::addmm`` / ``mm`` / ``bmm``, inductor's mm templates),
@@ -35,8 +34,7 @@ _ATTENTION = re.compile(r"scaled_dot_product|flash|fmha|sdpa|attention", re.IGNO
 _MATMUL = re.compile(
     r"gemm|xmma|cutlass|cublas|conv|matmul|linear|triton_tem_"
     r"|(^|[^a-z])(aten::)?(add)?b?mm([^a-z]|$)", re.IGNORECASE)
-_SELECTION = re.compile(r"ice_prune|_reorganize_kernel|_ice_score_kernel|_order_kernel"
-                        r"|_gather_fuse_kernel")
+_SELECTION = re.compile(r"ice_prune|_reorganize_kernel|_ice_score_kernel|_order_kernel")
 
 
 def kind_of(name: str) -> str:

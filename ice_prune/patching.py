@@ -3,8 +3,8 @@
 ``patch`` dispatches on the model's type to an integration, ToMe-style:
 :mod:`ice_prune.integrations.timm` (timm's ``VisionTransformer``) or
 :mod:`ice_prune.integrations.transformers` (Hugging Face ViT / DeiT, imported only for such a model:
-it needs the ``transformers`` extra). Both share :mod:`ice_prune.integrations.common`: the state
-that runs the selection, the knobs, the ICE heads. Nothing else in the model changes: its state-dict
+it needs the ``transformers`` extra), and runs the pipeline they share,
+:func:`ice_prune.integrations.common.patch_model`. Nothing else in the model changes: its state-dict
 keys stay (plus ``ice_head.*``) and ``unpatch`` gives the original model back.
 """
 from __future__ import annotations
@@ -13,21 +13,20 @@ from typing import Optional, Sequence
 
 from torch import nn
 
-from ice_prune.integrations import common
 from ice_prune.integrations import timm as timm_integration
-from ice_prune.integrations.timm import ICEBlock, ICEVisionTransformer, attention_with_cls_row
+from ice_prune.integrations.common import Integration, patch_model, unpatch_model
 from ice_prune.select import KeepRate
 
-__all__ = ["patch", "unpatch", "ICEVisionTransformer", "ICEBlock", "attention_with_cls_row"]
+__all__ = ["patch", "unpatch"]
 
 
-def _integration(model: nn.Module):
-    """The integration module that patches ``model``: transformers' for a Hugging Face model, else
-    timm's (which names what it supports when ``model`` is neither)."""
+def _integration(model: nn.Module) -> Integration:
+    """The integration that patches ``model``: transformers' for a Hugging Face model, else timm's
+    (which names what it supports when ``model`` is neither)."""
     if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
-        from ice_prune.integrations import transformers as integration
-        return integration
-    return timm_integration
+        from ice_prune.integrations import transformers
+        return transformers.INTEGRATION
+    return timm_integration.INTEGRATION
 
 
 def patch(
@@ -58,25 +57,18 @@ def patch(
         fuse: fuse the dropped tokens into one token appended last.
         heads: ICE only: one head ``"shared"`` by all points (the paper's 22.4M params for DeiT-S)
             or one ``"per_location"``.
-        num_classes: ICE only: image classes of the head (background is added); default the model's.
+        num_classes: ICE only: image classes of the head (background is added); default the model's
+            (a transformers ``ViTModel`` / ``DeiTModel`` backbone has none: pass it).
         trace: record per selection point which patches were kept and fused (``model.ice_trace``).
         kernel: the kernels of the reorganize step and of ICE's fused score (eval without
             trace): ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or
             ``"torch"``.
     """
-    return _integration(model).patch(model, keep_rate, method, locs, placement, fuse, heads,
-                                     num_classes, trace, kernel)
+    return patch_model(_integration(model), model, keep_rate=keep_rate, method=method, locs=locs,
+                       placement=placement, fuse=fuse, heads=heads, num_classes=num_classes,
+                       trace=trace, kernel=kernel)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original classes, no ICE head, the original outputs. Returns the model."""
-    return _integration(model).unpatch(model)
-
-
-def __getattr__(name: str):
-    """The classes a patch made (``ICEVisionTransformer_VisionTransformer``, ...) live in
-    :mod:`ice_prune.integrations.common`; models pickled when they lived here still load."""
-    try:
-        return getattr(common, name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    return unpatch_model(_integration(model), model)

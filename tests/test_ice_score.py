@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import ice_prune
-import ice_prune.patching
+import ice_prune.integrations.common
 import ice_prune.select
 from ice_prune import flops
 from ice_prune.head import ICEHead

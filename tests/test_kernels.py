@@ -5,7 +5,10 @@ reference itself, is checked too.
 The same tests run on CPU, where the Triton kernels run in the interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), and on a GPU, where they are compiled.
 """
+import importlib.util
 import math
+import pathlib
+import sys
 
 import pytest
 import timm
@@ -398,27 +401,48 @@ def _assert_fused_close(fused, ref, x, scores, order, keep, P, normalize):
     assert (err <= tol * scale[~nan] + 1e-6).all(), f"fused row off by {err.max().item()}"
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fuse,normalize", [(True, False), (True, True), (False, False)])
-def test_one_launch_forward_matches_reference_and_two_launch(dtype, fuse, normalize):
-    T = ops.triton_reorganize
-    for P, n, D, keep in ONE_LAUNCH_CASES:
+def _check_launcher(fn, cases, dtype, fuse, normalize):
+    """``fn(x, scores, keep, P, fuse, normalize)`` against the reference on tied scores: the order
+    and the kept rows exactly, the fused row within the dtype's tolerance."""
+    for P, n, D, keep in cases:
         x, _ = _inputs(3, P + n, D, P, dtype)
         scores = _tied_scores(3, n)
         ref, ref_order = reorganize_reference(x, scores, keep, P, fuse, normalize)
         assert torch.equal(ref_order, torch.argsort(scores, dim=1, descending=True, stable=True))
-        paths = [("one launch", T.reorganize_triton)]
-        if D == 200:  # the two-launch path (kept for the benchmark) on the widest case only
-            paths.append(("two launches", T.reorganize_triton_two_launch))
-        for name, fn in paths:
-            out, order = fn(x, scores, keep, P, fuse, normalize)
-            assert out.shape == ref.shape and out.dtype == dtype, name
-            assert torch.equal(order, ref_order), (name, P, n, D, keep)
-            assert torch.equal(out[:, :P + keep], ref[:, :P + keep]), (name, P, n, D, keep)
-            if fuse:
-                _assert_fused_close(out[:, -1], ref[:, -1], x, scores, ref_order, keep, P,
-                                    normalize)
+        out, order = fn(x, scores, keep, P, fuse, normalize)
+        assert out.shape == ref.shape and out.dtype == dtype
+        assert torch.equal(order, ref_order), (P, n, D, keep)
+        assert torch.equal(out[:, :P + keep], ref[:, :P + keep]), (P, n, D, keep)
+        if fuse:
+            _assert_fused_close(out[:, -1], ref[:, -1], x, scores, ref_order, keep, P, normalize)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fuse,normalize", [(True, False), (True, True), (False, False)])
+def test_one_launch_forward_matches_reference(dtype, fuse, normalize):
+    _check_launcher(ops.triton_reorganize.reorganize_triton, ONE_LAUNCH_CASES, dtype, fuse,
+                    normalize)
+
+
+def _bench_module(name):
+    """A module of bench/ (scripts beside the package, not importable from it), loaded by path."""
+    if name not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # as bench/test_kernels.py imports it
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fuse,normalize", [(True, False), (True, True), (False, False)])
+def test_benchmarks_two_launch_forward_matches_reference(dtype, fuse, normalize):
+    """bench/two_launch_reorganize.py, the benchmark's comparison point, on the widest case."""
+    fn = _bench_module("two_launch_reorganize").reorganize_triton_two_launch
+    _check_launcher(fn, [c for c in ONE_LAUNCH_CASES if c[2] == 200], dtype, fuse, normalize)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -487,13 +511,11 @@ def test_one_launch_without_channels_still_orders():
 
 def test_import_kernels_from_the_repository_root_does_not_register_the_ops_again(tmp_path):
     """``import kernels`` (transformers does it to probe for Hugging Face's ``kernels`` package) from
-    the repository root must not find this project's kernels: when they sat in a top-level
-    ``kernels/`` folder, the probe ran ops.py a second time, the second ``custom_op`` registration
-    destroyed the first one's library, and calls through ``ice_prune.kernels``' op objects then read
-    freed memory (a segfault in about one full test run in four)."""
+    the repository root must not find this project's kernels: running ops.py a second time
+    registers the custom ops again, which frees the first registration's library under
+    ``ice_prune.kernels``' op objects."""
     import os
     import subprocess
-    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = (
         "import importlib, torch, ice_prune\n"

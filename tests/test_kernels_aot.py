@@ -40,11 +40,6 @@ SCRIPT = textwrap.dedent('''
     for dt, fuse, norm in itertools.product(("bf16", "fp16", "fp32"), (True, False), (True, False)):
         consts = {"FUSE": fuse, "NORMALIZE": norm, "EPS_": T.EPS, "BLOCK_R": 32, "BLOCK_D": 128}
         ints = lambda *names: {n: "i32" for n in names}
-        build(T._gather_fuse_kernel,
-              {"x_ptr": f"*{dt}", "s_ptr": "*fp32", "order_ptr": "*i64", "out_ptr": f"*{dt}",
-               **ints("P", "n", "keep", "D", "stride_xb", "stride_xn", "stride_xd", "stride_sb",
-                      "stride_sn", "stride_ob", "stride_on"),
-               **{f: "constexpr" for f in flags}}, consts)
         build(T._backward_kernel,
               {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "s_ptr": "*fp32", "order_ptr": "*i64",
                "gx_ptr": f"*{dt}", "dot_ptr": "*fp32",
@@ -57,12 +52,14 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    """``_order_kernel`` (fp32 / fp64 keys) and ``_backward_kernel`` for every dtype x FUSE x
+    NORMALIZE."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # a cold cache: really compile
     res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "compiled 26" in res.stdout
+    assert "compiled 14" in res.stdout
 
 
 # registers and stack (spill) bytes a thread of a compiled kernel, read with Triton's cuobjdump;

@@ -10,7 +10,7 @@ import timm
 import torch
 
 import ice_prune
-from ice_prune.patching import ICEVisionTransformer
+from ice_prune.integrations.timm import ICEBlock, ICEVisionTransformer
 
 # (timm name, kwargs): small image sizes keep the suite fast; every family the issue names.
 FAMILIES = {
@@ -409,22 +409,21 @@ def test_checkpoint_with_other_class_count_is_named():
         model.load_state_dict(donor.state_dict())
 
 
-def test_timm_integration_names_still_import_from_patching():
-    """The timm integration moved to ice_prune.integrations.timm; code importing its classes from
-    ice_prune.patching keeps working, and patch() dispatches to it."""
+def test_patch_swaps_in_the_timm_integrations_classes():
+    """patch() dispatches a timm model to ice_prune.integrations.timm: the model and the blocks at
+    the selection points get its mixins, in classes made once per pair at the module level of
+    ice_prune.integrations.common (so a patched model pickles)."""
     import ice_prune.integrations.common as common
-    import ice_prune.integrations.timm as timm_integration
-    import ice_prune.patching as patching
-    for name in ("ICEVisionTransformer", "ICEBlock", "attention_with_cls_row"):
-        assert getattr(patching, name) is getattr(timm_integration, name)
-    for name in ("ICEState", "check_patch_args", "install"):  # the shared core moved to common
-        assert getattr(patching, name) is getattr(common, name)
-    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
-        patching.nothing_here
-    model = ice_prune.patch(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8,
-                                              num_classes=4), keep_rate=0.5, method="evit")
-    assert isinstance(model, timm_integration.ICEVisionTransformer)
-    assert isinstance(model.blocks[3], timm_integration.ICEBlock)
+
+    def tiny():
+        return timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=4)
+
+    model = ice_prune.patch(tiny(), keep_rate=0.5, method="evit")
+    assert isinstance(model, ICEVisionTransformer)
+    assert [isinstance(b, ICEBlock) for b in model.blocks] == [i in (3, 6, 9) for i in range(12)]
+    assert type(model).__module__ == common.__name__
+    assert getattr(common, type(model).__name__) is type(model)
+    assert type(ice_prune.patch(tiny())) is type(model)
 
 
 def _aten_ops(fn, *args):

@@ -1,13 +1,16 @@
-"""What every integration shares: the per-model state that runs the selection, the knobs, the
-argument checks, the ICE heads and the class swap.
+"""What every integration shares: the per-model state that runs the selection, the knobs, and the
+patch pipeline.
 
-An integration (:mod:`.timm`, :mod:`.transformers`) swaps the class of the model and of the blocks
-at the selection points for a subclass of its own class (:func:`install`); one :class:`ICEState`
+:func:`patch_model` checks the arguments, attaches the ICE head(s) and swaps the class of the model
+and of the layers at the selection points for a subclass of their own class; one :class:`ICEState`
 shared by all of them carries the knobs and runs the selection (selector, ICE head, the
-``ice_prune::reorganize`` op), so the integrations share everything but their blocks' forward.
+``ice_prune::reorganize`` op). An integration (:mod:`.timm`, :mod:`.transformers`) supplies only
+what differs per model family: an :class:`Integration` (which layers, the checks, the prefix count,
+the width, the default class count) and the mixins with its layers' forward.
 """
 from __future__ import annotations
 
+import abc
 import numbers
 from typing import Optional, Sequence
 
@@ -195,13 +198,95 @@ def _check_ice_head_shapes(module: nn.Module, state_dict: dict, prefix: str, *ar
 
 
 # ---------------------------------------------------------------------------------------------
-# what every integration (ice_prune.integrations.timm, .transformers) shares
+# the patch pipeline: every step but what an Integration supplies
 
 
-def check_patch_args(method: str, placement: str, heads: str, kernel: str, locs: Sequence[int],
-                     keep_rate: KeepRate, depth: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """Validate :func:`patch`'s arguments for a model of ``depth`` blocks; returns ``(locs, one keep
-    rate per location)``."""
+class Integration(abc.ABC):
+    """What a model family supplies to :func:`patch_model` and :func:`unpatch_model`."""
+
+    #: the mixin put in front of the model's class (an :class:`ICEModel`)
+    model_mixin: type
+    #: the mixin put in front of the class of the layers at the selection points
+    layer_mixin: type
+
+    @abc.abstractmethod
+    def check_model(self, model: nn.Module) -> None:
+        """Raise for a model this integration cannot patch, naming what it supports."""
+
+    @abc.abstractmethod
+    def layers(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The model's blocks, in order: ``locs`` index them."""
+
+    @abc.abstractmethod
+    def check_layer(self, i: int, layer: nn.Module) -> None:
+        """Raise for a layer at selection point ``i`` that the layer mixin cannot run."""
+
+    @abc.abstractmethod
+    def num_prefix(self, model: nn.Module) -> int:
+        """Prefix tokens ([CLS], registers, distillation) at the start of the sequence."""
+
+    @abc.abstractmethod
+    def embed_dim(self, model: nn.Module) -> int:
+        """Token width, the ICE head's input."""
+
+    @abc.abstractmethod
+    def num_classes(self, model: nn.Module) -> Optional[int]:
+        """The ICE head's image classes when ``patch`` gets none (``None``: the model has none)."""
+
+
+def patch_model(integration: Integration, model: nn.Module, *, keep_rate: KeepRate, method: str,
+                locs: Sequence[int], placement: str, fuse: bool, heads: str,
+                num_classes: Optional[int], trace: bool, kernel: str) -> nn.Module:
+    """:func:`ice_prune.patch` (its arguments are documented there) for a model of
+    ``integration``'s family: the checks, the ICE head(s) and the class swap of the model and of its
+    layers at ``locs``, all sharing one :class:`ICEState`. In place; returns the model."""
+    if isinstance(model, ICEModel):
+        raise RuntimeError(
+            "this model is already patched; change model.keep_rate / model.fuse / model.trace in "
+            "place, or call ice_prune.unpatch(model) before patching with other settings")
+    integration.check_model(model)
+    layers = integration.layers(model)
+    locs, rates = _check_args(method, placement, heads, kernel, locs, keep_rate, len(layers))
+    for i in locs:
+        integration.check_layer(i, layers[i])
+    selector = SELECTORS[method]()
+    head_list = _attach_heads(model, selector, heads, num_classes, integration, len(locs), method)
+    state = ICEState(selector, locs, placement, rates, bool(fuse), bool(trace), kernel,
+                     integration.num_prefix(model), head_list)
+    model._ice = state
+    _swap_class(model, integration.model_mixin)
+    for j, i in enumerate(locs):
+        layer = layers[i]
+        layer._ice, layer._ice_loc = state, j
+        _swap_class(layer, integration.layer_mixin)
+    if head_list is not None:
+        model._ice_hook = model.register_load_state_dict_pre_hook(_check_ice_head_shapes)
+    return model
+
+
+def unpatch_model(integration: Integration, model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_model`: original classes, no ICE head or state. Returns the model."""
+    if not isinstance(model, ICEModel):
+        raise ValueError("this model is not patched by ice_prune; nothing to undo")
+    layers = integration.layers(model)
+    for i in model._ice.locs:
+        layer = layers[i]
+        layer.__class__ = type(layer)._ice_base
+        del layer._ice, layer._ice_loc
+    if hasattr(model, "_ice_hook"):
+        model._ice_hook.remove()
+        del model._ice_hook
+    if hasattr(model, "ice_head"):
+        del model.ice_head
+    del model._ice
+    model.__class__ = type(model)._ice_base
+    return model
+
+
+def _check_args(method: str, placement: str, heads: str, kernel: str, locs: Sequence[int],
+                keep_rate: KeepRate, depth: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Validate :func:`patch_model`'s arguments for a model of ``depth`` blocks; returns ``(locs,
+    one keep rate per location)``."""
     if method not in SELECTORS:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(SELECTORS)}")
     if placement not in PLACEMENTS:
@@ -223,21 +308,25 @@ def check_patch_args(method: str, placement: str, heads: str, kernel: str, locs:
     return locs, check_keep_rate(keep_rate, len(locs))
 
 
-def attach_heads(model: nn.Module, selector: Selector, heads: str, num_classes, dim: int,
-                 num_locs: int, method: str, given: bool) -> Optional[list[nn.Module]]:
+def _attach_heads(model: nn.Module, selector: Selector, heads: str, num_classes: Optional[int],
+                  integration: Integration, num_locs: int,
+                  method: str) -> Optional[list[nn.Module]]:
     """Give ``model`` its ICE head(s) (``model.ice_head``: one shared, or a ModuleList per location)
-    when the selector needs one; returns one head per location, or None. ``given``: the caller
-    passed ``num_classes`` (refused for a selector without a head)."""
+    when the selector needs one; returns one head per location, or None. ``num_classes`` as
+    :func:`patch_model` got it: ``None`` takes the integration's default, a value is refused for a
+    selector without a head."""
     if not selector.needs_head:
-        if given:
+        if num_classes is not None:
             raise ValueError(f"num_classes sets the ICE head's classes; method={method!r} has no "
                              f"head")
         return None
+    if num_classes is None:
+        num_classes = integration.num_classes(model)
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
             or num_classes < 1:
         raise ValueError(f"the ICE head needs the number of image classes; {type(model).__name__} "
                          f"has num_classes={num_classes!r}: pass num_classes=C to patch()")
-    ref = next(model.parameters())
+    ref, dim = next(model.parameters()), integration.embed_dim(model)
 
     def new() -> ICEHead:
         return ICEHead(dim, int(num_classes)).to(ref.device, ref.dtype)
@@ -247,34 +336,3 @@ def attach_heads(model: nn.Module, selector: Selector, heads: str, num_classes, 
         return [model.ice_head] * num_locs
     model.ice_head = nn.ModuleList(new() for _ in range(num_locs))
     return list(model.ice_head)
-
-
-def install(model: nn.Module, model_mixin: type, layers: Sequence[nn.Module], layer_mixin: type,
-            state: ICEState) -> nn.Module:
-    """The class swap: ``model`` and its layers at ``state.locs`` get the integration's subclasses,
-    all sharing ``state``; an ICE head's shapes are checked when a state dict loads."""
-    model._ice = state
-    _swap_class(model, model_mixin)
-    for j, i in enumerate(state.locs):
-        layer = layers[i]
-        layer._ice, layer._ice_loc = state, j
-        _swap_class(layer, layer_mixin)
-    if state.heads is not None:
-        model._ice_hook = model.register_load_state_dict_pre_hook(_check_ice_head_shapes)
-    return model
-
-
-def uninstall(model: nn.Module, layers: Sequence[nn.Module]) -> nn.Module:
-    """Undo :func:`install`: original classes, no ICE head or state. Returns the model."""
-    for i in model._ice.locs:
-        layer = layers[i]
-        layer.__class__ = type(layer)._ice_base
-        del layer._ice, layer._ice_loc
-    if hasattr(model, "_ice_hook"):
-        model._ice_hook.remove()
-        del model._ice_hook
-    if hasattr(model, "ice_head"):
-        del model.ice_head
-    del model._ice
-    model.__class__ = type(model)._ice_base
-    return model

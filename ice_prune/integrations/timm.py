@@ -1,26 +1,26 @@
-"""``patch()`` / ``unpatch()`` for timm's ``VisionTransformer``, by class swap.
+"""Token selection in timm's ``VisionTransformer``, by class swap (:data:`INTEGRATION`).
 
 ToMe's pattern: the model and the blocks at the selection points get a subclass of their own class
-that overrides ``forward``; one :class:`~ice_prune.integrations.common.ICEState` is shared by all of them and
-carries the knobs (``model.keep_rate = 0.5`` takes effect on the next forward). Nothing else in the
-model changes, so timm's state-dict keys stay, LayerScale, q/k norm, register and distillation
-tokens, and fused attention all keep working, and ``unpatch`` gives the original model back.
+that overrides ``forward``; one :class:`~ice_prune.integrations.common.ICEState` is shared by all of
+them and carries the knobs (``model.keep_rate = 0.5`` takes effect on the next forward). Nothing
+else in the model changes, so timm's state-dict keys stay, LayerScale, q/k norm, register and
+distillation tokens, and fused attention all keep working, and ``unpatch`` gives the original model
+back.
 
 Supported: timm 1.0's ``VisionTransformer`` (DeiT, ViT, DeiT III, register and distilled ViTs) whose
 blocks at the selection points are timm's pre-norm ``Block`` with timm ``Attention``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ice_prune.integrations.common import (ICEModel, ICEState, attach_heads, check_patch_args,
-                                          cls_attention_row, install, uninstall)
-from ice_prune.select import SELECTORS, KeepRate, keep_count
+from ice_prune.integrations.common import ICEModel, ICEState, Integration, cls_attention_row
+from ice_prune.select import keep_count
 
 
 class ICEVisionTransformer(ICEModel):
@@ -69,13 +69,11 @@ class ICEBlock:
 def attention_with_cls_row(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """timm ``Attention.forward`` that also returns the head-mean [CLS] attention row ``[B, N]``.
 
-    A modified copy of timm 1.0's ``Attention.forward`` (as ToMe copies it for its merging): keep it
-    in step with timm's when timm's changes.
-
-    The block keeps timm's fused scaled-dot-product attention; the [CLS] row is one extra
-    ``softmax(q_cls k^T / sqrt(d))`` (:func:`~ice_prune.integrations.common.cls_attention_row`,
-    without copying K) instead of the full matrix.
-    Mirrors timm 1.0 ``Attention`` (q/k norm, scale norm, gate, dropout) so outputs are unchanged.
+    A copy of timm 1.0's ``Attention.forward`` (q/k norm, scale norm, gate, dropout; keep it in step
+    with timm's), as ToMe copies it: the block keeps timm's fused scaled-dot-product attention and
+    the [CLS] row is one extra ``softmax(q_cls k^T / sqrt(d))``
+    (:func:`~ice_prune.integrations.common.cls_attention_row`, without copying K), not the full
+    matrix.
     """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
@@ -96,40 +94,37 @@ def attention_with_cls_row(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return attn.proj_drop(attn.proj(out)), cls_attn
 
 
-def patch(model: nn.Module, keep_rate: KeepRate, method: str, locs: Sequence[int], placement: str,
-          fuse: bool, heads: str, num_classes: Optional[int], trace: bool,
-          kernel: str) -> VisionTransformer:
-    """:func:`ice_prune.patch` for a timm ``VisionTransformer``, in place; every argument as
-    ``ice_prune.patch`` passes it (its defaults and docs are there)."""
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(
-            f"ice_prune.patch needs a timm VisionTransformer (e.g. timm.create_model("
-            f"'deit_small_patch16_224')), got {type(model).__name__}; other architectures have no "
-            f"single token sequence to prune")
-    if isinstance(model, ICEVisionTransformer):
-        raise RuntimeError(
-            "this model is already patched; change model.keep_rate / model.fuse / model.trace in "
-            "place, or call ice_prune.unpatch(model) before patching with other settings")
-    locs, rates = check_patch_args(method, placement, heads, kernel, locs, keep_rate,
-                                   len(model.blocks))
-    for i in locs:
-        blk = model.blocks[i]
-        if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
+class TimmIntegration(Integration):
+    """timm's ``VisionTransformer`` with timm's pre-norm ``Block`` and ``Attention`` at the
+    selection points."""
+
+    model_mixin = ICEVisionTransformer
+    layer_mixin = ICEBlock
+
+    def check_model(self, model: nn.Module) -> None:
+        if not isinstance(model, VisionTransformer):
             raise TypeError(
-                f"block {i} is a {type(blk).__name__} with {type(blk.attn).__name__}; ice_prune "
-                f"selects tokens in timm's pre-norm Block with timm Attention only")
+                f"ice_prune.patch needs a timm VisionTransformer (e.g. timm.create_model("
+                f"'deit_small_patch16_224')), got {type(model).__name__}; other architectures have "
+                f"no single token sequence to prune")
 
-    selector = SELECTORS[method]()
-    head_list = attach_heads(model, selector, heads, model.num_classes if num_classes is None
-                             else num_classes, model.embed_dim, len(locs), method,
-                             given=num_classes is not None)
-    state = ICEState(selector, locs, placement, rates, bool(fuse), bool(trace), kernel,
-                     model.num_prefix_tokens, head_list)
-    return install(model, ICEVisionTransformer, model.blocks, ICEBlock, state)
+    def layers(self, model: nn.Module) -> nn.Sequential:
+        return model.blocks
+
+    def check_layer(self, i: int, layer: nn.Module) -> None:
+        if not isinstance(layer, Block) or not isinstance(layer.attn, Attention):
+            raise TypeError(
+                f"block {i} is a {type(layer).__name__} with {type(layer.attn).__name__}; "
+                f"ice_prune selects tokens in timm's pre-norm Block with timm Attention only")
+
+    def num_prefix(self, model: nn.Module) -> int:
+        return model.num_prefix_tokens
+
+    def embed_dim(self, model: nn.Module) -> int:
+        return model.embed_dim
+
+    def num_classes(self, model: nn.Module) -> Optional[int]:
+        return model.num_classes
 
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: original classes, no ICE head, the original outputs. Returns the model."""
-    if not isinstance(model, ICEVisionTransformer):
-        raise ValueError("this model is not patched by ice_prune; nothing to undo")
-    return uninstall(model, model.blocks)
+INTEGRATION = TimmIntegration()

@@ -1,21 +1,22 @@
-"""``patch()`` / ``unpatch()`` for Hugging Face transformers' ViT and DeiT, by class swap.
+"""Token selection in Hugging Face transformers' ViT and DeiT, by class swap (:data:`INTEGRATION`).
 
 Supported: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
 ``DeiTForImageClassification`` and ``DeiTForImageClassificationWithTeacher`` (transformers 5:
 ``model.layers`` of pre-norm layers with ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``).
 The same pattern as the timm integration: the model and the layers at the selection points get a
-subclass of their own class, one :class:`~ice_prune.integrations.common.ICEState` is shared, and the selectors,
-ICE heads and the ``ice_prune::reorganize`` op are the timm path's. The attention itself stays
-transformers' (``config._attn_implementation``: eager and SDPA tested, flash attention untested,
-flex attention refused); EViT's [CLS] row is one extra softmax row beside it. State-dict keys are
-unchanged, plus ``ice_head.*``: ``save_pretrained`` writes them, and after ``from_pretrained`` and
-``patch`` the ICE head loads from the saved file with :func:`ice_prune.load_checkpoint`.
+subclass of their own class, one :class:`~ice_prune.integrations.common.ICEState` is shared, and
+the selectors, ICE heads and the ``ice_prune::reorganize`` op are the timm path's. The attention
+itself stays transformers' (``config._attn_implementation``: eager and SDPA tested, flash attention
+untested, flex attention refused); EViT's [CLS] row is one extra softmax row beside it. State-dict
+keys are unchanged, plus ``ice_head.*``: ``save_pretrained`` writes them, and after
+``from_pretrained`` and ``patch`` the ICE head loads from the saved file with
+:func:`ice_prune.load_checkpoint`.
 """
 from __future__ import annotations
 
 import numbers
 import sys
-from typing import Optional, Sequence
+from typing import Optional
 
 from torch import Tensor, nn
 
@@ -26,9 +27,8 @@ except ImportError as err:  # pragma: no cover - exercised by a test that hides 
         "patching a Hugging Face transformers model needs the transformers package: "
         "pip install 'ice_prune[transformers]'") from err
 
-from ice_prune.integrations.common import (ICEModel, ICEState, attach_heads, check_patch_args,
-                                          cls_attention_row, install, uninstall)
-from ice_prune.select import SELECTORS, KeepRate, keep_count
+from ice_prune.integrations.common import ICEModel, ICEState, Integration, cls_attention_row
+from ice_prune.select import keep_count
 
 #: backbone attribute of each supported class (``None``: the model is the backbone) and its prefix
 #: token count ([CLS], plus DeiT's distillation token)
@@ -136,44 +136,38 @@ def _backbone(model: nn.Module) -> tuple[nn.Module, int]:
         f"{type(model).__name__}")
 
 
-def patch(model: nn.Module, keep_rate: KeepRate, method: str, locs: Sequence[int], placement: str,
-          fuse: bool, heads: str, num_classes: Optional[int], trace: bool, kernel: str) -> nn.Module:
-    """:func:`ice_prune.patch` for a transformers ViT / DeiT, in place; every argument as
-    ``ice_prune.patch`` passes it (its defaults and docs are there).
+class TransformersIntegration(Integration):
+    """The classes of :data:`SUPPORTED`, with transformers 5's attention layout at the selection
+    points."""
 
-    ``num_classes`` defaults to ``config.num_labels`` of a classification model; a backbone
-    (``ViTModel`` / ``DeiTModel``) needs it for the ICE head.
-    """
-    if isinstance(model, ICETransformersModel):
-        raise RuntimeError(
-            "this model is already patched; change model.keep_rate / model.fuse / model.trace in "
-            "place, or call ice_prune.unpatch(model) before patching with other settings")
-    backbone, num_prefix = _backbone(model)
-    _check_attn_implementation(model.config)
-    layers = backbone.layers
-    locs, rates = check_patch_args(method, placement, heads, kernel, locs, keep_rate, len(layers))
-    for i in locs:
-        attn = getattr(layers[i], "attention", None)
+    model_mixin = ICETransformersModel
+    layer_mixin = ICETransformersLayer
+
+    def check_model(self, model: nn.Module) -> None:
+        _backbone(model)
+        _check_attn_implementation(model.config)
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return _backbone(model)[0].layers
+
+    def check_layer(self, i: int, layer: nn.Module) -> None:
+        attn = getattr(layer, "attention", None)
         if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
             raise TypeError(
-                f"layer {i} has no q_proj / k_proj / v_proj / o_proj attention; ice_prune supports "
-                f"the transformers 5 layout of ViT and DeiT (pip install 'ice_prune[transformers]')")
+                f"layer {i} has no q_proj / k_proj / v_proj / o_proj attention; ice_prune "
+                f"supports the transformers 5 layout of ViT and DeiT "
+                f"(pip install 'ice_prune[transformers]')")
 
-    selector = SELECTORS[method]()
-    if num_classes is None and selector.needs_head and backbone is not model:
-        num_classes_for_head = model.config.num_labels
-    else:
-        num_classes_for_head = num_classes
-    head_list = attach_heads(model, selector, heads, num_classes_for_head,
-                             model.config.hidden_size, len(locs), method,
-                             given=num_classes is not None)
-    state = ICEState(selector, locs, placement, rates, bool(fuse), bool(trace),
-                     kernel, num_prefix, head_list)
-    return install(model, ICETransformersModel, layers, ICETransformersLayer, state)
+    def num_prefix(self, model: nn.Module) -> int:
+        return _backbone(model)[1]
+
+    def embed_dim(self, model: nn.Module) -> int:
+        return model.config.hidden_size
+
+    def num_classes(self, model: nn.Module) -> Optional[int]:
+        """A classifier's ``config.num_labels``; a backbone (``ViTModel`` / ``DeiTModel``) has none:
+        ``patch`` needs ``num_classes`` for its ICE head."""
+        return None if _backbone(model)[0] is model else model.config.num_labels
 
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: original classes, no ICE head, the original outputs. Returns the model."""
-    if not isinstance(model, ICETransformersModel):
-        raise ValueError("this model is not patched by ice_prune; nothing to undo")
-    return uninstall(model, _backbone(model)[0].layers)
+INTEGRATION = TransformersIntegration()

@@ -1,9 +1,7 @@
 """The library's kernels and the torch ops that call them.
 
-They live inside the package (not in a top-level ``kernels/`` folder): a folder of that name at the
-repository root is what ``import kernels`` finds there, and transformers imports ``kernels`` to
-probe for Hugging Face's package of that name; the second import registered the ops again and freed
-the first registration (tests/test_kernels.py checks it no longer happens).
+They live inside the package because transformers probes ``import kernels``, which must not find
+(and register a second time) a top-level ``kernels/`` folder of this repository.
 
 ``reorganize`` is the step every selection point runs: from ``x [B, N, D]`` and one score per
 non-prefix token it writes ``[prefix, kept tokens, fused token]``. It is the torch op

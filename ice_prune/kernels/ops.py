@@ -4,14 +4,16 @@
 
 The op (``torch.library.custom_op``) has a fake implementation, so ``torch.compile(fullgraph=True)``
 traces through it, and an autograd formula that calls the op ``ice_prune::reorganize_backward``.
-Both dispatch by the ``kernel`` argument to a registry: ``"torch"`` (the plain-torch reference, the
-CPU path) and ``"triton"`` (the kernels in ``triton_reorganize.py``, on CUDA tensors, or on CPU
-tensors when the Triton interpreter is on). ``"auto"`` picks Triton for CUDA tensors.
+Both run the kernel their ``kernel`` argument names in a registry: ``"torch"`` (the plain-torch
+reference, the CPU path) or ``"triton"`` (the kernels in ``triton_reorganize.py``, on CUDA tensors,
+or on CPU tensors when the Triton interpreter is on). The public function :func:`reorganize` checks
+its inputs and resolves the user's choice (``"auto"`` picks Triton for CUDA tensors) to that name
+once, with :func:`resolve_kernel`; the ops take the resolved name.
 
-``ice_prune::ice_score``, the ICE foreground score without the logits: the same ``kernel`` choice
-between ``ice_score_reference`` (torch, in tiles of tokens and classes) and ``triton_ice_score``; a fake
-implementation and a FLOP formula, no autograd formula (it serves inference; :func:`ice_score`
-refuses inputs that need a gradient).
+``ice_prune::ice_score``, the ICE foreground score without the logits: the same ``kernel`` names,
+resolved by :func:`ice_score`, for ``ice_score_reference`` (torch, in tiles of tokens and
+classes) and ``triton_ice_score``; a fake implementation and a FLOP formula, no autograd formula
+(it serves inference; :func:`ice_score` refuses inputs that need a gradient).
 """
 from __future__ import annotations
 
@@ -71,9 +73,9 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
 @torch.library.custom_op("ice_prune::reorganize", mutates_args=())
 def reorganize_op(x: Tensor, scores: Tensor, keep: int, num_prefix: int, fuse: bool,
                   normalize: bool, kernel: str) -> tuple[Tensor, Tensor]:
-    """``(out, order)`` of the reorganize step; see :func:`reorganize`."""
-    impl = KERNELS[resolve_kernel(kernel, x.device)]
-    return impl.forward(x, scores, keep, num_prefix, fuse, normalize)
+    """``(out, order)`` of the reorganize step by the kernel named ``kernel`` (resolved: ``"torch"``
+    or ``"triton"``); see :func:`reorganize`."""
+    return KERNELS[kernel].forward(x, scores, keep, num_prefix, fuse, normalize)
 
 
 @reorganize_op.register_fake
@@ -89,8 +91,7 @@ def reorganize_backward_op(grad_out: Tensor, x: Tensor, scores: Tensor, order: T
                            num_prefix: int, fuse: bool, normalize: bool,
                            kernel: str) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`reorganize_op` to ``x`` and ``scores``."""
-    impl = KERNELS[resolve_kernel(kernel, x.device)]
-    return impl.backward(grad_out, x, scores, order, keep, num_prefix, fuse, normalize)
+    return KERNELS[kernel].backward(grad_out, x, scores, order, keep, num_prefix, fuse, normalize)
 
 
 @reorganize_backward_op.register_fake
@@ -170,8 +171,8 @@ def reorganize(
         raise TypeError(f"x and scores must be floating point, got {x.dtype} and {scores.dtype}")
     if x.device != scores.device:
         raise ValueError(f"x and scores must be on one device, got {x.device} and {scores.device}")
-    kernel = resolve_kernel(kernel, x.device)
-    return reorganize_op(x, scores, int(keep), int(num_prefix), bool(fuse), bool(normalize), kernel)
+    return reorganize_op(x, scores, int(keep), int(num_prefix), bool(fuse), bool(normalize),
+                         resolve_kernel(kernel, x.device))
 
 
 #: dtypes the Triton ICE score computes in (fp64 goes to the torch kernel under ``"auto"``)
@@ -181,8 +182,9 @@ TRITON_SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @torch.library.custom_op("ice_prune::ice_score", mutates_args=())
 def ice_score_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], compute_dtype: torch.dtype,
                  kernel: str) -> Tensor:
-    """``[B, n]`` fp32 foreground scores; see :func:`ice_score`."""
-    return SCORE_KERNELS[resolve_kernel(kernel, h.device)](h, weight, bias, compute_dtype)
+    """``[B, n]`` fp32 foreground scores by the kernel named ``kernel`` (resolved: ``"torch"`` or
+    ``"triton"``); see :func:`ice_score`."""
+    return SCORE_KERNELS[kernel](h, weight, bias, compute_dtype)
 
 
 @ice_score_op.register_fake

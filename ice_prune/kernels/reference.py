@@ -103,11 +103,9 @@ def reorganize_backward_reference(
 
 
 # The torch ICE score's logits are computed in tiles of about this many (token, class) pairs. On a CPU
-# 1 MiB of fp32 per thread, about 260 tokens of a 1001-way head per thread, a tile that stays in
-# cache: one thread, DeiT-S's head, 64 x 196 tokens: 126 ms against 167 ms for the whole logits
-# (which fall out of cache; at 16 x 196 tokens both 31-32 ms). Each op of a tile is a barrier for
-# torch's threads, so tiles grow with the thread count. On a GPU, where the Triton kernel is the
-# fast path, 64 MiB.
+# 1 MiB of fp32 per thread (about 260 tokens of a 1001-way head), a tile that stays in cache where
+# the whole logits would not; each op of a tile is a barrier for torch's threads, so tiles grow with
+# the thread count. On a GPU, where the Triton kernel is the fast path, 64 MiB.
 ICE_SCORE_CHUNK_CPU_PER_THREAD = 1 << 18
 ICE_SCORE_CHUNK_OTHER = 1 << 24
 # a tile holds at least this many tokens; fewer classes per tile where C + 1 classes do not fit

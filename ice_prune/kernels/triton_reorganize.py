@@ -15,10 +15,8 @@ per batch row and block of ``BLOCK_D`` channels:
   their scores, into the fused row in fp32 (in token order; divided by the sum of the dropped
   scores for ICE's mean). Every input row is read once, every output element written once.
 
-There is no ``topk``, ``.item()`` or ``nonzero``: the step captures into a CUDA graph. The former
-two-launch forward (``_order_kernel`` writing ``order``, then ``_gather_fuse_kernel`` gathering
-through it) stays as :func:`reorganize_triton_two_launch`, for the benchmark's comparison;
-``_order_kernel`` is also :func:`argsort_descending`.
+There is no ``topk``, ``.item()`` or ``nonzero``: the step captures into a CUDA graph.
+``_order_kernel`` ranks alone (:func:`argsort_descending`), for a step with no channels to move.
 
 Tuning: on a GPU ``_reorganize_kernel`` is wrapped in ``triton.autotune`` over ``AUTOTUNE_CONFIGS``
 (``BLOCK_D`` 64 / 128 / 256, ``BLOCK_I`` 32 / 64, 2 / 4 / 8 warps; tiles wider than the row or over
@@ -44,8 +42,8 @@ from torch import Tensor
 
 from .reference import EPS
 
-# The backward's and the two-launch forward's tiles: [BLOCK_R rows x BLOCK_D channels] per step, one
-# program per batch row and 128 channels (B * 3 programs at D = 384). Not tuned.
+# The backward's tiles: [BLOCK_R rows x BLOCK_D channels] per step, one program per batch row and
+# 128 channels (B * 3 programs at D = 384). Not tuned.
 _BLOCK_D = 128
 _BLOCK_R = 32
 
@@ -151,50 +149,6 @@ def _reorganize_kernel(
             acc += tl.sum(tl.where(dropped[:, None], w[:, None] * v.to(tl.float32), 0.0), axis=0)
             total += w
     if FUSE:
-        if NORMALIZE:
-            acc = acc / tl.maximum(tl.sum(total, axis=0), EPS_)
-        tl.store(out_ptr + b * stride_ob + (P + keep) * stride_on + d,
-                 acc.to(out_ptr.dtype.element_ty), mask=md)
-
-
-@triton.jit
-def _gather_fuse_kernel(
-    x_ptr, s_ptr, order_ptr, out_ptr,
-    P, n, keep, D,
-    stride_xb, stride_xn, stride_xd, stride_sb, stride_sn, stride_ob, stride_on,
-    FUSE: tl.constexpr, NORMALIZE: tl.constexpr, EPS_: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    md = d < D
-    x_row = x_ptr + b * stride_xb + d[None, :] * stride_xd
-    out_row = out_ptr + b * stride_ob + d[None, :]
-    order_row = order_ptr + b * n
-    for r0 in range(0, P, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        m = (r < P)[:, None] & md[None, :]
-        v = tl.load(x_row + r[:, None] * stride_xn, mask=m)
-        tl.store(out_row + r[:, None] * stride_on, v, mask=m)
-    for r0 in range(0, keep, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        mr = r < keep
-        idx = tl.load(order_row + r, mask=mr, other=0)
-        m = mr[:, None] & md[None, :]
-        v = tl.load(x_row + (P + idx)[:, None] * stride_xn, mask=m)
-        tl.store(out_row + (P + r)[:, None] * stride_on, v, mask=m)
-    if FUSE:
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        total = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for r0 in range(keep, n, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            mr = r < n
-            idx = tl.load(order_row + r, mask=mr, other=0)
-            w = tl.load(s_ptr + b * stride_sb + idx * stride_sn, mask=mr, other=0.0).to(tl.float32)
-            v = tl.load(x_row + (P + idx)[:, None] * stride_xn, mask=mr[:, None] & md[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(w[:, None] * v, axis=0)
-            total += w
         if NORMALIZE:
             acc = acc / tl.maximum(tl.sum(total, axis=0), EPS_)
         tl.store(out_ptr + b * stride_ob + (P + keep) * stride_on + d,
@@ -343,23 +297,6 @@ def launch_reorganize(x: Tensor, scores: Tensor, order: Tensor, out: Tensor, kee
         *x.stride(), *scores.stride(), out.stride(0), out.stride(1),
         FUSE=fuse, NORMALIZE=normalize, KEY_FP64=scores.dtype == torch.float64, EPS_=EPS,
         **extra)
-
-
-def reorganize_triton_two_launch(x: Tensor, scores: Tensor, keep: int, num_prefix: int, fuse: bool,
-                                 normalize: bool) -> tuple[Tensor, Tensor]:
-    """The former forward, for comparison (bench/test_kernels.py): ``order`` by
-    :func:`argsort_descending`, then one gather/fuse launch reading it back."""
-    B, N, D = x.shape
-    n = N - num_prefix
-    order = argsort_descending(scores)
-    out = torch.empty(B, num_prefix + keep + int(fuse), D, dtype=x.dtype, device=x.device)
-    block_d = _block(D, _BLOCK_D)
-    if out.numel():
-        _gather_fuse_kernel[(B, triton.cdiv(D, block_d))](
-            x, scores, order, out, num_prefix, n, keep, D,
-            *x.stride(), *scores.stride(), out.stride(0), out.stride(1),
-            FUSE=fuse, NORMALIZE=normalize, EPS_=EPS, BLOCK_R=_BLOCK_R, BLOCK_D=block_d)
-    return out, order
 
 
 def reorganize_backward_triton(grad_out: Tensor, x: Tensor, scores: Tensor, order: Tensor,
