@@ -9,6 +9,7 @@ import pytest
 import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ice_prune
 
@@ -82,18 +83,48 @@ def test_knobs_trace_and_token_counts(cls):
     assert model.keep_rate == 0.7 and model.fuse is False and model.trace is True
 
 
-def test_evit_does_not_materialize_attention():
-    """The selection layers never call the attention function for probabilities: SDPA runs, and
-    EViT's [CLS] row agrees with the eager attention matrix's head mean."""
+class TensorShapes(TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out)
+                        if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_evit_does_not_materialize_attention(monkeypatch):
+    """A pruned SDPA model runs every layer's attention through SDPA, selection layers included, and
+    no op returns a ``[B, H, N, N]`` matrix; EViT's [CLS] row is a plain softmax's head mean."""
     from ice_prune.integrations.transformers import attention_with_cls_row
-    model = build(ViTModel, "eager")
-    attn = model.layers[0].attention
-    h = torch.randn(2, 17, 32)
+    model = ice_prune.patch(build(ViTModel, "sdpa"), keep_rate=0.5, method="evit", locs=LOCS)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    lengths = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: lengths.append(q.shape[2]) or sdpa(q, *a, **kw))
+    B, H = 2, TINY["num_attention_heads"]
+    with torch.no_grad(), TensorShapes() as ops:
+        out = model(torch.randn(B, 3, 32, 32)).last_hidden_state
+    want = ice_prune.token_schedule(17, 1, [0.5, 0.5])
+    assert out.shape[1] == want[-1]
+    assert lengths == [17, 17, want[0], want[1]]  # pruning drops tokens after a layer's attention
+    square = [s for s in ops.shapes if len(s) == 4 and s[:2] == (B, H) and s[2] == s[3] > 1]
+    assert not square, square
+
+    attn = model.layers[LOCS[0]].attention
+    h = torch.randn(B, 17, 32)
     with torch.no_grad():
         y, row = attention_with_cls_row(attn, h)
-        y_ref, weights = attn(h)
+        q, k, v = (proj(h).view(B, 17, H, -1).transpose(1, 2)
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        probs = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+        y_ref = attn.o_proj((probs @ v).transpose(1, 2).reshape(B, 17, 32))
     torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(row, weights.mean(1)[:, 0])
+    torch.testing.assert_close(row, probs.mean(1)[:, 0])
 
 
 def test_errors_and_state_dict_round_trip():
