@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 
 import ice_prune
 from ice_prune.breakdown import KINDS, breakdown, compare, mac_breakdown
-from ice_prune.training.cli import ArgumentParser, check_keep_rate, check_model_name, run_script
-from ice_prune.training.engine import check_output_file
+from ice_prune.training.cli import (ArgumentParser, check_keep_rate_arg, check_model_name,
+                                    check_output_file, run_script)
 from ice_prune.throughput import cudnn_benchmark_mode, check_device, resolve_dtype
 
 
@@ -49,7 +49,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write every figure and the settings here")
     args = parser.parse_args(argv)
     for rate in args.keep_rates:
-        check_keep_rate(rate, "--keep-rates")
+        check_keep_rate_arg(rate, "--keep-rates")
     for flag in ("reps", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -77,11 +77,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     device = check_device(args.device, "--device")
     dtype = resolve_dtype(args.dtype)
     batch = args.batch_size or (256 if device.type == "cuda" else 8)
-    base = timm.create_model(args.model).to(device).eval()
+    base = ice_prune.load_model(args.model).to(device)
     models = {"baseline": base}
     for rate in args.keep_rates:
         for method in args.methods:
-            models[f"{method}@{rate:g}"] = ice_prune.patch(copy.deepcopy(base), rate, method)
+            models[f"{method}@{rate:g}"] = ice_prune.load_model(copy.deepcopy(base), method=method,
+                                                                keep_rate=rate)
     embed = base.patch_embed
     x = torch.randn(batch, embed.proj.in_channels, *embed.img_size, device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

@@ -38,9 +38,9 @@ import torch
 from tqdm.auto import tqdm
 
 import ice_prune
-from ice_prune.checkpoint import load_checkpoint, read_state_dict, split_ice_head
-from ice_prune.training.cli import TRUST_HELP, ArgumentParser, check_keep_rate, check_model_name, run_script
-from ice_prune.training.engine import check_output_file
+from ice_prune.checkpoint import read_state_dict, split_ice_head
+from ice_prune.training.cli import (TRUST_HELP, ArgumentParser, check_keep_rate_arg, check_model_name,
+                                    check_output_file, run_script)
 from ice_prune.throughput import (DEFAULTS, LATENCY_DEFAULTS, benchmark_models, latency,
                                   max_batch_size, check_device)
 from ice_prune.flops import count_flops
@@ -125,7 +125,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--plot", default=None, help="write a PNG of speed-up and GMACs vs keep rate")
     args = parser.parse_args(argv)
     for rate in args.keep_rates:
-        check_keep_rate(rate, "--keep-rates")
+        check_keep_rate_arg(rate, "--keep-rates")
     if args.batch_size not in (None, "max"):
         try:
             args.batch_size = int(args.batch_size)
@@ -143,28 +143,27 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def build_variants(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module], dict[str, dict]]:
-    """The baseline and EViT / ICE at every keep rate, sharing the baseline's weights."""
+    """The baseline and EViT / ICE at every keep rate, sharing the baseline's weights; the ICE models
+    get the checkpoint's ICE head, if it has one."""
     kwargs = {} if args.img_size is None else {"img_size": args.img_size}
-    base = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     state = read_state_dict(args.checkpoint, args.trust_checkpoint) if args.checkpoint else None
-    head_state = {}
-    if state is not None:
-        base_state, head_state = split_ice_head(state)
-        load_checkpoint(base, base_state)
+    base = ice_prune.load_model(args.model, split_ice_head(state)[0] if state else None,
+                                pretrained=args.pretrained, **kwargs)
     models, meta = {"baseline": base}, {"baseline": {"method": "baseline", "keep_rate": 1.0}}
     for rate in args.keep_rates:
         for method in METHODS:
-            extra = {"num_classes": args.ice_classes} if method == "ice" and args.ice_classes else {}
-            model = ice_prune.patch(copy.deepcopy(base), rate, method=method, kernel=args.kernel,
-                                    **extra)
-            if method == "ice" and head_state:
-                load_checkpoint(model, state)
+            patch_kwargs = {"kernel": args.kernel}
+            if method == "ice" and args.ice_classes:
+                patch_kwargs["num_classes"] = args.ice_classes
             name = f"{method}@{rate:g}"
-            models[name], meta[name] = model, {"method": method, "keep_rate": rate}
+            models[name] = ice_prune.load_model(copy.deepcopy(base), state, method=method,
+                                                keep_rate=rate, patch_kwargs=patch_kwargs)
+            meta[name] = {"method": method, "keep_rate": rate}
         if args.evit_reference:
             name = f"{REFERENCE}@{rate:g}"
-            models[name] = materialize_attention(
-                ice_prune.patch(copy.deepcopy(base), rate, method="evit", kernel=args.kernel))
+            models[name] = materialize_attention(ice_prune.load_model(
+                copy.deepcopy(base), state, method="evit", keep_rate=rate,
+                patch_kwargs={"kernel": args.kernel}))
             meta[name] = {"method": REFERENCE, "keep_rate": rate}
     return models, meta
 

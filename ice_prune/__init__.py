@@ -5,12 +5,13 @@
 >>> ice_prune.patch(model, keep_rate=0.7, method="ice")   # 197 -> 140 -> 100 -> 72 tokens
 >>> model.keep_rate = 0.5                                 # takes effect on the next forward
 >>> maps = ice_prune.explain(model, images, "ice")        # or "rollout", "gradcam", "generic", ...
+>>> pruned = ice_prune.load_model("deit_small_patch16_224", "runs/ice-0.7/last.pth", method="ice")
 
 This namespace is the core: patching and its selectors, heads, loss and kernels, maps, ``restore``,
-checkpoints and the measurements. The training and evaluation harness behind ``train/`` lives in
-the subpackages :mod:`ice_prune.data`, :mod:`ice_prune.training` and :mod:`ice_prune.evaluation`,
-imported on first use (``import ice_prune`` loads none of them); :mod:`ice_prune.export` needs the
-``export`` extra.
+checkpoints and ``load_model`` (a model with its ICE head and checkpoint, ready to run), and the
+measurements. The training and evaluation harness behind ``train/`` lives in the subpackages
+:mod:`ice_prune.data`, :mod:`ice_prune.training` and :mod:`ice_prune.evaluation`, imported on first
+use (``import ice_prune`` loads none of them); :mod:`ice_prune.export` needs the ``export`` extra.
 """
 import importlib
 
@@ -19,6 +20,7 @@ from ice_prune.flops import count_flops
 from ice_prune.head import ICEHead
 from ice_prune.loss import ICELoss
 from ice_prune.maps import explain
+from ice_prune.models import load_model
 from ice_prune.patching import patch, unpatch
 from ice_prune.select import keep_rate_schedule, register_selector, token_schedule
 from ice_prune.throughput import benchmark, benchmark_models, latency, max_batch_size
@@ -36,6 +38,7 @@ __all__ = [
     "keep_rate_schedule",
     "latency",
     "load_checkpoint",
+    "load_model",
     "max_batch_size",
     "patch",
     "register_selector",

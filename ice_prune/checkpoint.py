@@ -32,7 +32,7 @@ import contextlib
 import os
 import pickle
 import re
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -214,7 +214,8 @@ def classifier_keys(model: nn.Module) -> tuple[str, ...]:
 
 def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, Tensor]],
                     strict: bool = True, *, optional_prefixes: tuple[str, ...] = (),
-                    reset_classifier: bool = False, trust: bool = False) -> list[str]:
+                    reset_classifier: bool = False, trust: bool = False,
+                    name: Optional[str] = None) -> list[str]:
     """Load ``checkpoint`` (a path for :func:`read_state_dict`, or a state dict) into ``model``;
     returns the model's keys left as they were.
 
@@ -224,11 +225,14 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[PathLike, Mapping[str, T
     ``ValueError`` naming the keys and the fix. ``reset_classifier=True`` leaves the model's
     classifier as initialized and ignores the checkpoint's (weights trained on another class count,
     as timm does for ``pretrained=True, num_classes=N``). ``trust`` as for :func:`read_checkpoint`.
+    ``name``: what the errors call ``checkpoint`` (default ``checkpoint 'PATH'`` or ``the state dict``).
     """
     if isinstance(checkpoint, Mapping):
-        name, theirs = "the state dict", state_dict_of(checkpoint, "the state dict")
+        name = name or "the state dict"
+        theirs = state_dict_of(checkpoint, name)
     else:
-        name, theirs = f"checkpoint {os.fspath(checkpoint)!r}", read_state_dict(checkpoint, trust)
+        name = name or f"checkpoint {os.fspath(checkpoint)!r}"
+        theirs = read_state_dict(checkpoint, trust)
     optional = tuple(optional_prefixes)
     if reset_classifier:
         head = classifier_keys(model)

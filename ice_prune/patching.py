@@ -20,7 +20,7 @@ from ice_prune.select import KeepRate
 __all__ = ["patch", "unpatch"]
 
 
-def _integration(model: nn.Module) -> Integration:
+def integration_of(model: nn.Module) -> Integration:
     """The integration that patches ``model``: transformers' for a Hugging Face model, else timm's
     (which names what it supports when ``model`` is neither)."""
     if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
@@ -64,11 +64,11 @@ def patch(
             trace): ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or
             ``"torch"``.
     """
-    return patch_model(_integration(model), model, keep_rate=keep_rate, method=method, locs=locs,
+    return patch_model(integration_of(model), model, keep_rate=keep_rate, method=method, locs=locs,
                        placement=placement, fuse=fuse, heads=heads, num_classes=num_classes,
                        trace=trace, kernel=kernel)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: original classes, no ICE head, the original outputs. Returns the model."""
-    return unpatch_model(_integration(model), model)
+    return unpatch_model(integration_of(model), model)

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -84,22 +85,52 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv, pattern", [pytest.param(a, p, id=i) for i, a, p in CASES])
-def test_one_line_error(files, argv, pattern):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    run = subprocess.run([sys.executable, *argv(files)], capture_output=True, text=True, cwd=ROOT,
-                         env=env, timeout=120)
-    lines = [line for line in run.stderr.splitlines()
-             if line.strip() and not line.startswith("warning:")]
-    assert "Traceback" not in run.stderr, run.stderr
-    assert run.returncode == 2, run.stderr
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and len(lines) == 1, run.stderr
-    assert re.search(pattern, errors[0]), errors[0]
+@pytest.fixture(scope="module")
+def error_line(files):
+    """The one error line a case's script prints, each script run once per module."""
+    lines = {}
+
+    def run_case(case_id):
+        if case_id not in lines:
+            argv = next(a for i, a, _ in CASES if i == case_id)
+            env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+            run = subprocess.run([sys.executable, *argv(files)], capture_output=True, text=True,
+                                 cwd=ROOT, env=env, timeout=120)
+            printed = [line for line in run.stderr.splitlines()
+                       if line.strip() and not line.startswith("warning:")]
+            assert "Traceback" not in run.stderr, run.stderr
+            assert run.returncode == 2, run.stderr
+            errors = [line for line in printed if line.startswith("error: ")]
+            assert len(errors) == 1 and len(printed) == 1, run.stderr
+            lines[case_id] = errors[0]
+        return lines[case_id]
+
+    return run_case
 
 
-def test_at_least_twelve_kinds():
-    assert len(CASES) >= 12
+def kinds_matched(line):
+    """The distinct patterns of CASES that an error line matches."""
+    return {p for _, _, p in CASES if re.search(p, line)}
+
+
+@pytest.mark.parametrize("case_id, pattern", [pytest.param(i, p, id=i) for i, _, p in CASES])
+def test_one_line_error(error_line, case_id, pattern):
+    line = error_line(case_id)
+    assert kinds_matched(line) == {pattern}, line
+
+
+def test_at_least_twelve_kinds(error_line):
+    """The scripts answer at least twelve kinds of wrong command line, each with its own message:
+    an error line matching another case's pattern is the same kind, not a new one."""
+    ids = [case_id for case_id, _, _ in CASES]
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # the scripts not run yet by the cases above
+        lines = dict(zip(ids, pool.map(error_line, ids)))
+    seen = {}
+    for case_id, _, pattern in CASES:
+        matched = kinds_matched(lines[case_id])
+        assert matched == {pattern}, (case_id, lines[case_id], matched)
+        seen.setdefault(pattern, case_id)
+    assert len(seen) >= 12, sorted(seen.values())
 
 
 def test_argparse_errors_are_one_line(capsys):
@@ -120,7 +151,7 @@ def test_device_and_output_checks(tmp_path, monkeypatch):
     import torch
 
     from ice_prune.throughput import check_device
-    from ice_prune.training import engine
+    from ice_prune.training import cli
 
     assert check_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -131,9 +162,9 @@ def test_device_and_output_checks(tmp_path, monkeypatch):
         check_device("cuda:2", "--device")
     with pytest.raises(ValueError, match="device 'xla' is not a device type this library runs on"):
         check_device("xla", "device")
-    engine.check_output_dir(str(tmp_path / "a" / "b"))  # made later, under a writable folder
+    cli.check_output_dir(str(tmp_path / "a" / "b"))  # made later, under a writable folder
     (tmp_path / "f").write_text("")
     with pytest.raises(ValueError, match=r"--output '.*f' cannot be created: '.*f' is a file"):
-        engine.check_output_dir(str(tmp_path / "f"))
+        cli.check_output_dir(str(tmp_path / "f"))
     with pytest.raises(ValueError, match=r"--plot '.*' is a folder; give a file name"):
-        engine.check_output_file(str(tmp_path), "--plot")
+        cli.check_output_file(str(tmp_path), "--plot")

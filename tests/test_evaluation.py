@@ -11,12 +11,10 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 import ice_prune
 from ice_prune import evaluation, maps
 from ice_prune.evaluation import metrics
-from ice_prune.head import ICEHead
 from test_evaldata import write_gtsegs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,60 +58,6 @@ def checkpoint(tmp_path):
     path = str(tmp_path / "ckpt.pth")
     torch.save({"model": model.state_dict(), "epoch": 1}, path)
     return path, model
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoint -> (model, ICE head)
-
-def test_load_explained_model_splits_off_the_ice_head(checkpoint, tmp_path):
-    path, saved = checkpoint
-    state = saved.state_dict()
-    save_file(state, str(tmp_path / "ckpt.safetensors"))
-    for file in (path, str(tmp_path / "ckpt.safetensors")):
-        model, head = evaluation.load_explained_model("vit_tiny_patch16_224", file, img_size=32,
-                                                      patch_size=8)
-        assert not hasattr(model, "_ice") and not model.training and model.num_classes == 5
-        assert model.state_dict().keys() == without_ice_head(state).keys()
-        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-        assert torch.equal(head.fc.weight, saved.ice_head.fc.weight) and not head.training
-    model, head = evaluation.load_explained_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
-                                                  num_classes=3)
-    assert head is None and model.num_classes == 3
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
-        evaluation.load_explained_model("vit_tiny_patch16_224", str(tmp_path / "missing.pth"))
-    with pytest.raises(ValueError, match="does not fit vit_tiny_patch16_224 with {'img_size': 32, "
-                                         "'patch_size': 16}: create the model it was trained as"):
-        evaluation.load_explained_model("vit_tiny_patch16_224", path, img_size=32, patch_size=16)
-
-
-def test_head_from_state():
-    mlp = ICEHead(16, 4, hidden_dim=8)
-    head = evaluation.head_from_state(mlp.state_dict())
-    assert head.hidden_dim == 8 and head.num_classes == 4
-    torch.testing.assert_close(head(torch.ones(2, 16)), mlp(torch.ones(2, 16)))
-    assert evaluation.head_from_state(ICEHead(16, 7).state_dict()).num_classes == 7
-    assert evaluation.head_from_state({}) is None
-    with pytest.raises(ValueError, match="per-location heads cannot explain"):
-        evaluation.head_from_state({"0.fc.weight": torch.zeros(5, 16)})
-
-
-def test_patch_with_head(checkpoint):
-    _, saved = checkpoint
-    model, head = evaluation.load_explained_model("vit_tiny_patch16_224", checkpoint[0], img_size=32,
-                                                  patch_size=8)
-    evaluation.patch_with_head(model, "ice", 0.7, head)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), saved.eval()(x))
-    assert model.ice_head is not head  # a copy: the explanation head stays as loaded
-    evit, _ = evaluation.load_explained_model("vit_tiny_patch16_224", checkpoint[0], img_size=32,
-                                              patch_size=8)
-    evaluation.patch_with_head(evit, "evit", 0.5, head)  # EViT has no head to fill
-    assert not hasattr(evit, "ice_head")
-    with pytest.raises(ValueError, match="prunes with the ICE head, and there is none"):
-        evaluation.patch_with_head(tiny_vit(5), "ice", 0.7, None)
-    with pytest.raises(ValueError, match="MLP"):
-        evaluation.patch_with_head(tiny_vit(5), "ice", 0.7, ICEHead(192, 5, hidden_dim=8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +115,8 @@ def test_patch_mask():
 
 def test_evaluate_maps_against_the_library(gtsegs, checkpoint):
     path, saved = checkpoint
-    model, head = evaluation.load_explained_model("vit_tiny_patch16_224", path, img_size=32, patch_size=8)
+    model = ice_prune.load_model("vit_tiny_patch16_224", path, img_size=32, patch_size=8)
+    head = model.ice_head
     dataset = evaluation.open_dataset("imagenet-seg", gtsegs, image_size=32)
     res = evaluation.evaluate_maps(model, head, dataset, ("segmentation",), ["ice", "rollout"],
                                    batch_size=2)
@@ -189,13 +134,34 @@ def test_evaluate_maps_against_the_library(gtsegs, checkpoint):
             assert res["methods"][method][k] == pytest.approx(v), (method, k)
 
 
-def test_evaluate_maps_on_synthetic_scenes():
+# a 4x4 patch map of mass 20: A = (1, 1) 12, B = (1, 2) 5, C = (3, 3) 3, zero elsewhere. Sorted and
+# normalized its cumulative mass is 0.15, 0.4, 1.0, so tau 0.9 keeps A, B, C and tau 0.8 keeps A, B.
+# Chefer's threshold (min-max, above the mean) keeps A, B, C; the component of A is A + B: the box is
+# columns 1-2, row 1, [8, 8, 24, 16] in pixels with exclusive ends, [8, 8, 23, 15] inclusive.
+FIXED = torch.zeros(4, 4)
+FIXED[1, 1], FIXED[1, 2], FIXED[3, 3] = 12.0, 5.0, 3.0
+
+
+def fixed_map(model, images, target=None):
+    return FIXED.expand(images.shape[0], 4, 4).clone()
+
+
+def patches(*cells):
+    """The pixels of 8x8 patches ``(row, col)`` of a 32x32 image."""
+    mask = np.zeros((32, 32), bool)
+    for r, c in cells:
+        mask[8 * r:8 * r + 8, 8 * c:8 * c + 8] = True
+    return mask
+
+
+def test_evaluate_maps_on_synthetic_scenes(monkeypatch):
+    monkeypatch.setitem(maps.METHODS, "fixed", fixed_map)
     model = tiny_vit(5).eval()
     dataset = evaluation.open_dataset("synthetic", None, image_size=32, num_classes=5,
                                       kwargs={"length": 4, "num_classes": 3})  # kwargs win
     assert (len(dataset), dataset.num_classes, dataset[0][0].shape) == (4, 3, (3, 32, 32))
     res = evaluation.evaluate_maps(model, None, dataset, evaluation.DATASETS["synthetic"].protocols,
-                                   ["rollout", "raw-attention"], limit=3)
+                                   ["rollout", "raw-attention", "fixed"], limit=3)
     assert res["images"] == 3
     for method, figures in res["methods"].items():
         assert 0 <= figures["pixel_accuracy"] <= 100 and 0 <= figures["miou"] <= 100, method
@@ -203,12 +169,55 @@ def test_evaluate_maps_on_synthetic_scenes():
     assert set(res["methods"]["rollout"]["jaccard"]) == {"mean@0.9", "mean@0.8"}
     assert set(res["methods"]["raw-attention"]["jaccard"]) == {"mean@0.9", "mean@0.8", "best-head@0.9",
                                                                "best-head@0.8"}
+    # the fixed map's foregrounds against the scenes' object masks, IoU per image averaged
+    objects = [dataset[i][2].numpy() for i in range(3)]
+    want = {f"mean@{tau}": 100 * np.mean([(pred & m).sum() / (pred | m).sum() for m in objects])
+            for tau, pred in ((0.9, patches((1, 1), (1, 2), (3, 3))), (0.8, patches((1, 1), (1, 2))))}
+    assert res["methods"]["fixed"]["jaccard"] == pytest.approx(want)
     with pytest.raises(ValueError, match="unknown map methods \\['lrp'\\]: choose from ice,"):
         evaluation.evaluate_maps(model, None, dataset, ("segmentation",), ["rollout", "lrp"])
     with pytest.raises(ValueError, match="the ice map needs an ICE head, and there is none"):
         evaluation.evaluate_maps(model, None, dataset, ("segmentation",))  # every map: ice too
     with pytest.raises(ValueError, match="protocols must be some of"):
         evaluation.evaluate_maps(model, None, dataset, (), ["rollout"])
+
+
+def test_jaccard_corloc_and_cub_of_a_known_map(monkeypatch):
+    """Three images scored with the fixed map above, each figure counted by hand."""
+    monkeypatch.setitem(maps.METHODS, "fixed", fixed_map)
+    model = tiny_vit(3).eval()
+    with torch.no_grad():  # every image's top-1 class is 2
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+    images = torch.randn(3, 3, 32, 32)
+
+    labels = [np.zeros((32, 32), np.int64) for _ in range(2)]
+    labels[0][patches((1, 1), (1, 2))] = 1
+    labels[1][patches((1, 1))] = 1
+    labels[1][patches((3, 3))] = 2
+    labels[1][:8] = 255  # void: skipped as a class
+    # image 0: tau 0.9 A+B+C vs A+B 2/3, tau 0.8 A+B vs A+B 1;
+    # image 1: tau 0.9 class 1 A 1/3, class 2 C 1/3; tau 0.8 class 1 A 1/2, class 2 C 0
+    res = evaluation.evaluate_maps(model, None, [(images[i], torch.from_numpy(labels[i]))
+                                                 for i in range(2)], ("jaccard",), ["fixed"])
+    assert res["methods"]["fixed"]["jaccard"] == pytest.approx(
+        {"mean@0.9": 100 * (2 / 3 + 1 / 3) / 2, "mean@0.8": 100 * (1 + (1 / 2 + 0) / 2) / 2})
+
+    # box [8, 8, 24, 16], 128 px: IoU 1 with image 0's second box, 128 / 192 with image 1's,
+    # 128 / 384 with image 2's: two hits of three
+    boxes = [torch.tensor([[0.0, 0, 8, 8], [8, 8, 24, 16]]), torch.tensor([[0.0, 8, 24, 16]]),
+             torch.tensor([[8.0, 8, 24, 32]])]
+    res = evaluation.evaluate_maps(model, None, [(images[i], boxes[i]) for i in range(3)],
+                                   ("corloc",), ["fixed"])
+    assert res["methods"]["fixed"]["corloc"] == pytest.approx(100 * 2 / 3)
+
+    # inclusive box [8, 8, 23, 15], 128 px; image 0's [8, 8, 16, 15] (72 px, inside it): IoU 72 / 128;
+    # image 1's is elsewhere; image 2's is the same box. Classes 2, 2, 0 against the top-1 class 2.
+    items = [(images[0], 2, torch.tensor([8.0, 8, 16, 15])), (images[1], 2, torch.tensor([0.0, 24, 7, 31])),
+             (images[2], 0, torch.tensor([8.0, 8, 23, 15]))]
+    res = evaluation.evaluate_maps(model, None, items, ("cub",), ["fixed"])
+    assert res["methods"]["fixed"] == pytest.approx(
+        {"top1_cls": 100 * 2 / 3, "gt_known_loc": 100 * 2 / 3, "top1_loc": 100 / 3, "images": 3})
 
 
 def center_map(model, images, target=None):
@@ -224,7 +233,8 @@ def test_a_registered_map_reaches_evaluate_maps_and_the_command_line(gtsegs, che
     monkeypatch.setitem(maps.METHODS, "center", center_map)  # removed again after the test
     assert evaluate.parser().parse_args(["explain", "--data", "x"]).methods.split(",")[-1] == "center"
     path, _ = checkpoint
-    model, head = evaluation.load_explained_model("vit_tiny_patch16_224", path, img_size=32, patch_size=8)
+    model = ice_prune.load_model("vit_tiny_patch16_224", path, img_size=32, patch_size=8)
+    head = model.ice_head
     dataset = evaluation.open_dataset("imagenet-seg", gtsegs, image_size=32)
     every = evaluation.evaluate_maps(model, head, dataset, ("segmentation",), limit=1)
     assert list(every["methods"]) == list(maps.METHODS)
@@ -292,7 +302,8 @@ def test_explain_command(gtsegs, checkpoint, tmp_path, capsys):
         assert json.load(f) == json.loads(json.dumps(res))
     assert os.path.getsize(os.path.join(out, "explain_grid.png")) > 0
     # what the library computes on the same checkpoint and data
-    model, head = evaluation.load_explained_model("vit_tiny_patch16_224", path, img_size=32, patch_size=8)
+    model = ice_prune.load_model("vit_tiny_patch16_224", path, img_size=32, patch_size=8)
+    head = model.ice_head
     dataset = evaluation.open_dataset("imagenet-seg", gtsegs, image_size=32)
     library = evaluation.evaluate_maps(model, head, dataset, ("segmentation",), ["ice"])
     assert res["methods"]["ice"] == pytest.approx(library["methods"]["ice"])

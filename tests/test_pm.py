@@ -12,7 +12,7 @@ from torch.utils.data import default_collate
 
 from ice_prune.data import MaskedTarget, PartialMasks, SyntheticScenes, mask_selection
 from ice_prune.head import ICEHead
-from ice_prune.maps import ice_explain, pm_style_loss
+from ice_prune.maps import pm_style_loss
 from ice_prune.training.tasks import ICEPseudoMasks, PatchClassifier, PMStyleTask, classification_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,14 +191,33 @@ def save_ice_checkpoint(path, num_classes=4, **arch):
     return str(path)
 
 
+def ice_foreground(model, head_weight, images):
+    """ICE's foreground in plain torch: the patches whose argmax over the linear head's classes on
+    the last block's output (before the final norm) is not the background, the last class."""
+    tokens = []
+    hook = model.norm.register_forward_hook(lambda m, inp, out: tokens.append(inp[0]))
+    with torch.no_grad():
+        model.eval()(images)
+    hook.remove()
+    z = tokens[0][:, model.num_prefix_tokens:] @ head_weight.T
+    return (z.argmax(-1) != head_weight.shape[0] - 1).float().reshape(len(images), *GRID)
+
+
 def test_pseudo_masks_are_ice_foregrounds_and_replace_the_dataset_masks(tmp_path):
     path = save_ice_checkpoint(tmp_path / "ice.pth")
+    torch.manual_seed(2)
     student = tiny_model()
     pseudo = ICEPseudoMasks.from_checkpoint(path, student, "vit_tiny_patch16_224",
                                             {**ARCH, "img_size": 32})
     images, targets = batch(scenes(), [1, 4, 7], dataset_masks=False)
-    expected = ice_explain(pseudo.model, images[targets.has_mask], head=pseudo.head,
-                           target="ice").foreground.float()
+    state = torch.load(path, weights_only=True)["model"]
+    teacher = tiny_model()
+    teacher.load_state_dict({k: v for k, v in state.items() if not k.startswith("ice_head.")})
+    expected = ice_foreground(teacher, state["ice_head.fc.weight"], images[targets.has_mask])
+    # the masks tell the teacher from the untrained student
+    assert 0 < expected.mean() < 1
+    assert not torch.equal(expected, ice_foreground(student, state["ice_head.fc.weight"],
+                                                    images[targets.has_mask]))
     task = PMStyleTask(4, pseudo_masks=pseudo)
     assert torch.equal(task.masks(images, targets), expected)
     net = PatchClassifier(student).eval()

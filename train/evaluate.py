@@ -15,9 +15,9 @@
 
 Checkpoint: a dict with ``"model"`` (the timm model's state dict), the state dict itself, or a
 ``.safetensors`` file, loaded with weights only (``--trust-checkpoint`` unpickles a file you trust in
-full; see ice_prune.checkpoint). Keys ``ice_head.*`` (as a model patched with ``heads="shared"`` saves them)
-build the ICE head from their shapes (see ice_prune.evaluation). Without ``--checkpoint`` the model
-is randomly initialized (a smoke test, not a result).
+full; see ice_prune.checkpoint). Keys ``ice_head.*`` build the ICE head from their shapes
+(ice_prune.load_model). Without ``--checkpoint`` the model is randomly initialized (a smoke test,
+not a result).
 
 ``explain`` prints a table, writes ``<out>/explain.json`` and a PNG grid ``<out>/explain_grid.png``
 (image | one overlay per method | ICE's foreground mask | ground truth); ``accuracy`` writes
@@ -30,44 +30,25 @@ import json
 import os
 import sys
 
-from ice_prune import evaluation, maps, visualize
-from ice_prune.training.cli import (TRUST_HELP, ArgumentParser, check_keep_rate, check_model_name,
-                           parse_json_kwargs, run_script)
-from ice_prune.training.engine import check_output_dir
+from ice_prune import evaluation, load_model, maps, visualize
 from ice_prune.select import SELECTORS
+from ice_prune.training.cli import (TRUST_HELP, ArgumentParser, check_keep_rate_arg,
+                                    check_model_name, check_output_dir, parse_json_kwargs, run_script)
 
 
-def model_from_args(args):
-    """``(model, ICE head or None)`` from ``--model``, ``--model-kwargs``, ``--img-size``,
-    ``--patch-size`` and ``--checkpoint``."""
-    if args.checkpoint is None:
-        print("warning: no --checkpoint, the model is randomly initialized", file=sys.stderr)
-    model_kwargs = parse_json_kwargs(args.model_kwargs, "--model-kwargs")
-    if args.img_size is not None:
-        model_kwargs["img_size"] = args.img_size
-    if args.patch_size is not None:
-        model_kwargs["patch_size"] = args.patch_size
-    return evaluation.load_explained_model(args.model, args.checkpoint,
-                                           trust=args.trust_checkpoint, **model_kwargs)
-
-
-def open_data(args, kind: str, path, model):
+def open_data(args, kind: str, path, data_kwargs: dict, model):
     """The ``--data`` dataset at the model's image size and class count."""
     return evaluation.open_dataset(kind, path, image_size=args.img_size or model.patch_embed.img_size[0],
-                                   num_classes=model.num_classes,
-                                   kwargs=parse_json_kwargs(args.data_kwargs, "--data-kwargs"))
+                                   num_classes=model.num_classes, kwargs=data_kwargs)
 
 
-def run_explain(args) -> dict:
-    kind, path = evaluation.parse_data_spec(args.data)
+def run_explain(args, kind: str, path, model_kwargs: dict, data_kwargs: dict) -> dict:
     protocols = evaluation.DATASETS[kind].protocols
-    if not protocols:
-        raise ValueError(f"--data {kind} has no masks or boxes to explain against; use one of "
-                         f"{', '.join(k for k, d in evaluation.DATASETS.items() if d.protocols)}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    model, head = model_from_args(args)
+    model = load_model(args.model, args.checkpoint, trust=args.trust_checkpoint, **model_kwargs)
+    head = getattr(model, "ice_head", None)
     evaluation.check_methods(methods, head)
-    dataset = open_data(args, kind, path, model)
+    dataset = open_data(args, kind, path, data_kwargs, model)
     results = {"data": args.data, "model": args.model, "checkpoint": args.checkpoint,
                **evaluation.evaluate_maps(model, head, dataset, protocols, methods,
                                           batch_size=args.batch_size, workers=args.workers,
@@ -84,15 +65,10 @@ def run_explain(args) -> dict:
     return results
 
 
-def run_accuracy(args) -> dict:
-    kind, path = evaluation.parse_data_spec(args.data)
-    if not evaluation.DATASETS[kind].labeled:
-        raise ValueError(f"--data {kind} has no image-class labels; accuracy needs one of "
-                         f"{', '.join(k for k, d in evaluation.DATASETS.items() if d.labeled)}")
-    model, head = model_from_args(args)
-    dataset = open_data(args, kind, path, model)
-    if args.method is not None:
-        evaluation.patch_with_head(model, args.method, args.keep_rate, head)
+def run_accuracy(args, kind: str, path, model_kwargs: dict, data_kwargs: dict) -> dict:
+    model = load_model(args.model, args.checkpoint, method=args.method, keep_rate=args.keep_rate,
+                       require_head=True, trust=args.trust_checkpoint, **model_kwargs)
+    dataset = open_data(args, kind, path, data_kwargs, model)
     accuracy = evaluation.evaluate_accuracy(model, dataset, batch_size=args.batch_size,
                                             workers=args.workers, limit=args.limit,
                                             progress=not args.quiet)
@@ -142,15 +118,28 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
-    # what can be checked before a model is built or data read
-    evaluation.parse_data_spec(args.data)
+    # checked and parsed once, before a model is built or data read
+    kind, path = evaluation.parse_data_spec(args.data)
+    if args.command == "explain" and not evaluation.DATASETS[kind].protocols:
+        raise ValueError(f"--data {kind} has no masks or boxes to explain against; use one of "
+                         f"{', '.join(k for k, d in evaluation.DATASETS.items() if d.protocols)}")
+    if args.command == "accuracy" and not evaluation.DATASETS[kind].labeled:
+        raise ValueError(f"--data {kind} has no image-class labels; accuracy needs one of "
+                         f"{', '.join(k for k, d in evaluation.DATASETS.items() if d.labeled)}")
     check_model_name(args.model)
-    parse_json_kwargs(args.model_kwargs, "--model-kwargs")
-    parse_json_kwargs(args.data_kwargs, "--data-kwargs")
+    model_kwargs = parse_json_kwargs(args.model_kwargs, "--model-kwargs")
+    data_kwargs = parse_json_kwargs(args.data_kwargs, "--data-kwargs")
     if getattr(args, "method", None) is not None:
-        check_keep_rate(args.keep_rate)
+        check_keep_rate_arg(args.keep_rate)
     check_output_dir(args.out, "--out")
-    return {"explain": run_explain, "accuracy": run_accuracy}[args.command](args)
+    if args.img_size is not None:
+        model_kwargs["img_size"] = args.img_size
+    if args.patch_size is not None:
+        model_kwargs["patch_size"] = args.patch_size
+    if args.checkpoint is None:
+        print("warning: no --checkpoint, the model is randomly initialized", file=sys.stderr)
+    run = {"explain": run_explain, "accuracy": run_accuracy}[args.command]
+    return run(args, kind, path, model_kwargs, data_kwargs)
 
 
 if __name__ == "__main__":

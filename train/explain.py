@@ -13,10 +13,11 @@ ice_prune.training.engine).
 """
 import dataclasses
 
-from ice_prune.training import cli, engine
+import ice_prune
 from ice_prune.data import build_mixup
 from ice_prune.head import HEAD_VARIANTS, ICEExplainer, set_trainable
 from ice_prune.loss import LOSS_MODES, ICELoss, parse_lambda
+from ice_prune.training import cli, engine
 from ice_prune.training.tasks import ExplainTask
 
 
@@ -39,7 +40,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cli.check_common_args(args)
+    parsed = cli.check_common_args(args)
     variant = HEAD_VARIANTS[args.variant]
     if args.trainable_blocks is not None:
         if args.variant != "icev2-style":
@@ -49,14 +50,18 @@ def main(argv=None):
     lambda_class = None if args.lambda_class is None else parse_lambda(args.lambda_class)
     loss_fn = ICELoss(args.loss_mode, lambda_class=lambda_class, paper_lambda=variant.lambda_class,
                       **overrides)
-    info = engine.init_distributed(args.device)
+    info = engine.init_distributed(parsed.device)
     cfg = cli.config_from_args(args)
-    train_set, val_set, num_classes = cli.build_data(args)
+    train_set, val_set, num_classes = cli.build_data(args, parsed)
     engine.seed_everything(args.seed)  # the same initial weights in every process
-    model = cli.create_model(args, num_classes)
-    explainer = ICEExplainer(model, variant.build(model, num_classes))
-    if args.checkpoint:
-        cli.load_weights(model, args)
+    model = ice_prune.load_model(args.model, args.checkpoint, num_classes=num_classes,
+                                 reset_classifier=args.reset_classifier, pretrained=args.pretrained,
+                                 trust=args.trust_checkpoint, **parsed.model_kwargs)
+    head = variant.build(model, num_classes)
+    if hasattr(model, "ice_head"):  # the checkpoint's: training goes on from it
+        ice_prune.load_checkpoint(head, model.ice_head.state_dict(),
+                                  name=f"the ICE head of checkpoint {args.checkpoint!r}")
+    explainer = ICEExplainer(model, head)
     set_trainable(model, explainer.head, variant.trainable_blocks,
                   train_classifier=args.cls_weight > 0)
     task = ExplainTask(loss_fn, cls_weight=args.cls_weight)

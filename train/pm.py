@@ -29,8 +29,9 @@ stays. Defaults are ICE's explanation recipe (3 epochs, lr 1e-5, batch 256, weig
 paper's are not known. The checkpoint ``OUTPUT/last.pth`` holds exactly timm's keys.
 """
 
-from ice_prune.training import cli, engine
+import ice_prune
 from ice_prune.data import PartialMasks, has_masks, mask_selection
+from ice_prune.training import cli, engine
 from ice_prune.training.tasks import ICEPseudoMasks, PatchClassifier, PMStyleTask
 
 PSEUDO_SOURCES = ("ice",)
@@ -64,26 +65,25 @@ def pseudo_checkpoint(spec):
 
 def main(argv=None):
     args = parse_args(argv)
-    cli.check_common_args(args)
+    parsed = cli.check_common_args(args)
     if not 0 <= args.mask_fraction <= 1:
         raise ValueError(f"--mask-fraction must be in [0, 1], got {args.mask_fraction}")
     if args.mixup > 0 or args.cutmix > 0:
         raise ValueError("--mixup and --cutmix mix images but not their masks: PM-style training "
                          "runs without them (--smoothing still applies)")
     pseudo_path = pseudo_checkpoint(args.pseudo_masks)
-    info = engine.init_distributed(args.device)
+    info = engine.init_distributed(parsed.device)
     cfg = cli.config_from_args(args)
-    train_set, val_set, num_classes = cli.build_data(args)
+    train_set, val_set, num_classes = cli.build_data(args, parsed)
     engine.seed_everything(args.seed)  # the same initial weights in every process
-    model = cli.create_model(args, num_classes)
-    if args.checkpoint:
-        cli.load_weights(model, args)
+    model = ice_prune.load_model(args.model, args.checkpoint, num_classes=num_classes,
+                                 reset_classifier=args.reset_classifier, pretrained=args.pretrained,
+                                 trust=args.trust_checkpoint, **parsed.model_kwargs)
+    if hasattr(model, "ice_head"):  # an explanation checkpoint's: PM-style training reads none
+        del model.ice_head
     pseudo = None
     if pseudo_path is not None:
-        pseudo = ICEPseudoMasks.from_checkpoint(pseudo_path, model, args.model,
-                                                {**cli.parse_json_kwargs(args.model_kwargs,
-                                                                          "--model-kwargs"),
-                                                 "img_size": args.img_size},
+        pseudo = ICEPseudoMasks.from_checkpoint(pseudo_path, model, args.model, parsed.model_kwargs,
                                                 trust=args.trust_checkpoint)
     grid = tuple(model.patch_embed.grid_size)
     mask_seed = args.seed if args.mask_seed is None else args.mask_seed

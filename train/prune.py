@@ -43,8 +43,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cli.check_keep_rate(args.keep_rate)
-    cli.check_common_args(args)
+    cli.check_keep_rate_arg(args.keep_rate)
+    parsed = cli.check_common_args(args)
     if args.ice_weight < 0:
         raise ValueError(f"--ice-weight must be >= 0, got {args.ice_weight}")
     loss_fn = None
@@ -53,16 +53,16 @@ def main(argv=None):
         loss_fn = ICELoss(args.ice_loss_mode, lambda_class=lambda_class)
     elif args.lambda_class is not None:
         raise ValueError("--lambda-class weights the ICE loss: it applies to --method ice only")
-    info = engine.init_distributed(args.device)
+    info = engine.init_distributed(parsed.device)
     cfg = cli.config_from_args(args, find_unused_parameters=args.method == "ice"
                                   and args.shrink_start > 0)
-    train_set, val_set, num_classes = cli.build_data(args)
+    train_set, val_set, num_classes = cli.build_data(args, parsed)
     engine.seed_everything(args.seed)  # the same initial weights in every process
-    model = cli.create_model(args, num_classes)
-    ice_prune.patch(model, keep_rate=args.keep_rate, method=args.method, locs=args.locs,
-                    placement=args.placement, fuse=not args.no_fuse)
-    if args.checkpoint:
-        cli.load_weights(model, args)
+    model = ice_prune.load_model(
+        args.model, args.checkpoint, method=args.method, keep_rate=args.keep_rate,
+        patch_kwargs=dict(locs=args.locs, placement=args.placement, fuse=not args.no_fuse),
+        num_classes=num_classes, reset_classifier=args.reset_classifier, pretrained=args.pretrained,
+        trust=args.trust_checkpoint, **parsed.model_kwargs)
     task = PruneTask(loss_fn, ice_weight=args.ice_weight)
     meta = {"kind": "prune", "model": args.model, "model_kwargs": args.model_kwargs,
             "method": args.method, "keep_rate": args.keep_rate, "locs": args.locs,

@@ -20,8 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import repro  # noqa: E402
-from ice_prune.training.cli import ArgumentParser  # noqa: E402
-from ice_prune.training.engine import check_output_dir  # noqa: E402
+from ice_prune.training.cli import ArgumentParser, check_output_dir  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -5,10 +5,8 @@
 from ice_prune.evaluation.protocols import (DATASETS, ICE_TARGETS, JACCARD_TAUS, PROTOCOL_NAMES, DataKind,
                                             check_methods, collate, compute_maps, evaluate_accuracy,
                                             evaluate_maps, format_table, grid_row, grid_rows,
-                                            head_from_state, jaccard_masks, load_explained_model,
-                                            open_dataset, parse_data_spec, patch_mask, patch_with_head)
+                                            jaccard_masks, open_dataset, parse_data_spec, patch_mask)
 
 __all__ = ["DATASETS", "ICE_TARGETS", "JACCARD_TAUS", "PROTOCOL_NAMES", "DataKind", "check_methods", "collate",
            "compute_maps", "evaluate_accuracy", "evaluate_maps", "format_table", "grid_row", "grid_rows",
-           "head_from_state", "jaccard_masks", "load_explained_model", "open_dataset", "parse_data_spec",
-           "patch_mask", "patch_with_head"]
+           "jaccard_masks", "open_dataset", "parse_data_spec", "patch_mask"]

@@ -1,9 +1,9 @@
 """Scoring explanation maps against masks and boxes, and the top-1 / top-5 of a (pruned) model: what
 ``train/evaluate.py`` runs, importable.
 
->>> model, head = load_explained_model("deit_small_patch16_224", "runs/ice/last.pth")
+>>> model = ice_prune.load_model("deit_small_patch16_224", "runs/ice/last.pth")
 >>> dataset = open_dataset("imagenet-seg", "gtsegs_ijcv.mat", image_size=224)
->>> results = evaluate_maps(model, head, dataset, DATASETS["imagenet-seg"].protocols)
+>>> results = evaluate_maps(model, model.ice_head, dataset, DATASETS["imagenet-seg"].protocols)
 >>> print(format_table(results, "imagenet-seg"))
 
 Map methods are those of the :data:`ice_prune.maps.METHODS` registry: a map registered there is
@@ -26,12 +26,7 @@ Datasets (:data:`DATASETS`, by the kind ``train/evaluate.py --data`` names): ``s
 (VOC2012 segmentation val), ``voc07`` / ``voc12`` (VOC detection trainval), ``cub`` (CUB test) and
 ``folder`` (an ImageFolder, accuracy only).
 
-Checkpoints (:func:`load_explained_model`): a timm model's state dict, alone or under ``"model"``
-(anything :func:`ice_prune.checkpoint.read_state_dict` reads, ``.safetensors`` included; loaded
-with weights only unless ``trust=True``). Keys
-``ice_head.*``, as a model patched with ``heads="shared"`` saves them, build the ICE head from their
-shapes: ``ice_head.fc.weight [C+1, D]`` is ICE's linear head, ``ice_head.fc.0.weight [hidden, D]``
-and ``ice_head.fc.2.weight [C+1, hidden]`` the MLP head of ICE-f.
+Models and their ICE heads come from :func:`ice_prune.load_model`.
 """
 from __future__ import annotations
 
@@ -40,7 +35,6 @@ import os
 from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
-import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
@@ -48,80 +42,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ice_prune import data, maps, visualize
 from ice_prune.evaluation import metrics
-from ice_prune.checkpoint import read_state_dict, split_ice_head
 from ice_prune.head import ICEHead
-from ice_prune.patching import patch
-from ice_prune.select import SELECTORS
 
 JACCARD_TAUS = (0.9, 0.8)  # Naseer et al.'s thresholds on the cumulative attention mass (ICE Table 3)
 PROTOCOL_NAMES = ("segmentation", "jaccard", "corloc", "cub")
-
-
-# ---------------------------------------------------------------------------------------------
-# model and checkpoint
-
-def head_from_state(head_state: dict[str, Tensor]) -> Optional[ICEHead]:
-    """An eval-mode ICEHead built from its state dict's shapes (linear: ``fc.weight``; MLP:
-    ``fc.0`` / ``fc.2``) and loaded with it; ``None`` for an empty state dict."""
-    if not head_state:
-        return None
-    if "fc.weight" in head_state:
-        out, dim = head_state["fc.weight"].shape
-        head = ICEHead(dim, out - 1)
-    elif "fc.0.weight" in head_state and "fc.2.weight" in head_state:
-        hidden, dim = head_state["fc.0.weight"].shape
-        head = ICEHead(dim, head_state["fc.2.weight"].shape[0] - 1, hidden_dim=hidden)
-    else:
-        raise ValueError(f"ice_head keys {sorted(head_state)} are neither a linear head (fc.weight) nor "
-                         f"an MLP head (fc.0.*, fc.2.*); per-location heads cannot explain: save the "
-                         f"explanation head as the shared ice_head")
-    head.load_state_dict(head_state)
-    return head.eval()
-
-
-def load_explained_model(model_name: str, checkpoint: Optional[str] = None, *, trust: bool = False,
-                         **model_kwargs) -> tuple[nn.Module, Optional[ICEHead]]:
-    """``(eval-mode unpatched timm model, its ICE head or None)`` from a checkpoint.
-
-    ``model_kwargs`` go to ``timm.create_model`` (never pretrained unless asked); the classifier's
-    class count comes from the checkpoint's ``head.weight`` when it has one. Without ``checkpoint``
-    the model is randomly initialized and has no ICE head. ``trust=True`` unpickles a checkpoint that
-    needs it in full (:func:`ice_prune.checkpoint.read_checkpoint`).
-    """
-    model_state, head_state = (split_ice_head(read_state_dict(checkpoint, trust)) if checkpoint
-                               else ({}, {}))
-    kwargs = {"pretrained": False, **model_kwargs}
-    if "head.weight" in model_state:
-        kwargs["num_classes"] = model_state["head.weight"].shape[0]
-    model = timm.create_model(model_name, **kwargs)
-    if model_state:
-        try:
-            model.load_state_dict(model_state)
-        except RuntimeError as e:
-            raise ValueError(f"checkpoint {checkpoint!r} does not fit {model_name} with {model_kwargs}: "
-                             f"create the model it was trained as (--model, --model-kwargs, --img-size, "
-                             f"--patch-size); {e}") from None
-    return model.eval(), head_from_state(head_state)
-
-
-def patch_with_head(model: nn.Module, method: str, keep_rate: float,
-                    head: Optional[ICEHead] = None) -> nn.Module:
-    """:func:`ice_prune.patch` ``model`` with the selector ``method`` at ``keep_rate``; a selector
-    that scores with the ICE head (``ice``) gets a copy of ``head`` (the checkpoint's, from
-    :func:`load_explained_model`)."""
-    needs_head = getattr(SELECTORS.get(method), "needs_head", False)
-    if needs_head and head is None:
-        raise ValueError(f"method {method!r} prunes with the ICE head, and there is none (the "
-                         f"checkpoint has no ice_head.* keys): use the checkpoint of a "
-                         f"train/prune.py --method {method} run")
-    if needs_head and head.hidden_dim is not None:
-        raise ValueError(f"method {method!r} prunes with a linear ICE head; the checkpoint's is an "
-                         f"MLP (ICE-f, hidden {head.hidden_dim}), which only explains")
-    patch(model, keep_rate=keep_rate, method=method,
-          num_classes=head.num_classes if needs_head else None)
-    if needs_head:
-        model.ice_head.load_state_dict(head.state_dict())
-    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -233,6 +233,10 @@ class Integration(abc.ABC):
     def num_classes(self, model: nn.Module) -> Optional[int]:
         """The ICE head's image classes when ``patch`` gets none (``None``: the model has none)."""
 
+    def model_state_names(self, model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``state`` as saved by the family's own tools, with the model's own key names."""
+        return state
+
 
 def patch_model(integration: Integration, model: nn.Module, *, keep_rate: KeepRate, method: str,
                 locs: Sequence[int], placement: str, fuse: bool, heads: str,

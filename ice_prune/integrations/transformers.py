@@ -169,5 +169,16 @@ class TransformersIntegration(Integration):
         ``patch`` needs ``num_classes`` for its ICE head."""
         return None if _backbone(model)[0] is model else model.config.num_labels
 
+    def model_state_names(self, model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``save_pretrained`` writes ViT's ``vit.encoder.layer.0.attention.attention.query`` for
+        the model's ``vit.layers.0.attention.q_proj``: transformers' conversion mapping, reverted."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        ours = model.state_dict()
+        name_of = {id(v): k for k, v in ours.items()}  # a renamed weight is the same tensor
+        saved = revert_weight_conversion(model, dict(ours))
+        renames = {k: name_of[id(v)] for k, v in saved.items() if id(v) in name_of}
+        return {renames.get(k, k): v for k, v in state.items()}
+
 
 INTEGRATION = TransformersIntegration()

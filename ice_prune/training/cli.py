@@ -1,12 +1,14 @@
-"""The command lines of the training scripts: shared arguments, and the data and model they build.
+"""The command lines of the scripts: shared arguments, their checks, and the data they build.
 
-``train/explain.py`` and ``train/prune.py`` add their own arguments to :func:`add_common_args`, turn
-the parsed arguments into a :class:`ice_prune.training.engine.TrainConfig` with :func:`config_from_args`, and
-build data and model with :func:`build_data` / :func:`create_model`, and load ``--checkpoint`` with
-:func:`load_weights`. :func:`check_common_args` refuses a bad device, model, JSON, data spec or
-output folder before anything is built, and :func:`run_script` ends a run on a bad argument, path or
-checkpoint with one ``error: ...`` line and exit status 2 instead of a traceback; :class:`ArgumentParser`
-reports its own errors the same way.
+``train/explain.py``, ``train/prune.py`` and ``train/pm.py`` add their own arguments to
+:func:`add_common_args`; :func:`check_common_args` refuses a bad device, model, JSON, data spec or
+output folder before anything is built and returns what it parsed (:class:`ParsedArgs`), from
+which the scripts build the data (:func:`build_data`) and the model (:func:`ice_prune.load_model`);
+:func:`config_from_args` gives the :class:`ice_prune.training.engine.TrainConfig`. The checks the
+other scripts share are here too (:func:`check_model_name`, :func:`check_keep_rate_arg`,
+:func:`check_output_dir`, :func:`check_output_file`). :func:`run_script` ends a run on a bad
+argument, path or checkpoint with one ``error: ...`` line and exit status 2 instead of a traceback;
+:class:`ArgumentParser` reports its own errors the same way.
 """
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
-from torch import nn
+import torch
 from torch.utils.data import Dataset
 
-from ice_prune.checkpoint import CheckpointError, load_checkpoint
+from ice_prune.checkpoint import CheckpointError
 from ice_prune.throughput import check_device
-from ice_prune.training.engine import TrainConfig, check_output_dir, cleanup_distributed
+from ice_prune.training.engine import TrainConfig, cleanup_distributed
 
 TRUST_HELP = ("unpickle the checkpoint in full when it needs it, which runs whatever code it "
               "carries: only for a file you trust (without this flag checkpoints load with "
@@ -59,22 +61,69 @@ def check_model_name(name: str, flag: str = "--model") -> None:
                          f"deit_small_patch16_224")
 
 
-def check_keep_rate(value: float, flag: str = "--keep-rate") -> None:
+def check_keep_rate_arg(value: float, flag: str = "--keep-rate") -> None:
+    """A ValueError naming ``flag`` for a keep rate outside (0, 1]."""
     if not 0.0 < value <= 1.0:
         raise ValueError(f"{flag} {value:g}: keep_rate must be in (0, 1], the share of tokens kept at "
                          f"each selection point; use 1.0 to keep every token")
 
 
-def check_common_args(args) -> None:
-    """What :func:`add_common_args` takes that can be checked before anything is built: the device,
-    the model name, the JSON arguments, the form of --data and the --output folder."""
-    check_device(args.device, "--device")
+def _cannot_create(folder: str) -> Optional[str]:
+    """Why ``folder`` cannot be made or written, or None: it, or the nearest of its parents that
+    exists, must be a writable folder."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing!r} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing!r} is not writable"
+    return None
+
+
+def check_output_dir(path: str, flag: str = "--output") -> None:
+    """Refuse, before any work, a folder that cannot be made or written; the ValueError names
+    ``flag`` and the fix."""
+    reason = _cannot_create(path)
+    if reason is not None:
+        raise ValueError(f"{flag} {path!r} cannot be created: {reason}; choose another {flag}")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse, before any work, a file that cannot be written (its folder is made on writing)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a folder; give a file name")
+    reason = _cannot_create(os.path.dirname(os.path.abspath(path)))
+    if reason is not None:
+        raise ValueError(f"{flag} {path!r} cannot be written: {reason}; choose another {flag}")
+
+
+class ParsedArgs(NamedTuple):
+    """What :func:`check_common_args` parsed from the common arguments."""
+
+    device: torch.device
+    model_kwargs: dict  # timm.create_model's: --model-kwargs, with --img-size and --drop-path
+    synthetic_kwargs: dict  # SyntheticScenes': --synthetic-kwargs
+    imagefolder: Optional[str]  # the PATH of --data imagefolder:PATH; None for synthetic
+
+
+def check_common_args(args) -> ParsedArgs:
+    """Check what :func:`add_common_args` takes before anything is built (the device, the model
+    name, the JSON arguments, the form of --data, the --output folder, --reset-classifier's
+    --checkpoint) and return it parsed."""
+    device = check_device(args.device, "--device")
     check_model_name(args.model)
-    parse_json_kwargs(args.model_kwargs, "--model-kwargs")
-    parse_json_kwargs(args.synthetic_kwargs, "--synthetic-kwargs")
+    model_kwargs = parse_json_kwargs(args.model_kwargs, "--model-kwargs")
+    synthetic_kwargs = parse_json_kwargs(args.synthetic_kwargs, "--synthetic-kwargs")
     if args.data != "synthetic" and not args.data.startswith("imagefolder:"):
         raise ValueError(f"--data must be 'synthetic' or 'imagefolder:PATH', got {args.data!r}")
     check_output_dir(args.output)
+    if args.reset_classifier and not args.checkpoint:
+        raise ValueError("--reset-classifier applies to the weights of --checkpoint; give one (with "
+                         "--pretrained, timm makes a new classifier when --num-classes differs)")
+    model_kwargs = {"img_size": args.img_size, "drop_path_rate": args.drop_path, **model_kwargs}
+    imagefolder = args.data.split(":", 1)[1] if args.data != "synthetic" else None
+    return ParsedArgs(device, model_kwargs, synthetic_kwargs, imagefolder)
 
 
 def add_common_args(parser, *, epochs: int, lr: float, min_lr: float, weight_decay: float,
@@ -88,8 +137,8 @@ def add_common_args(parser, *, epochs: int, lr: float, min_lr: float, weight_dec
                    help="weights to start from: a DeiT release .pth, a timm state dict or "
                         ".safetensors, or a checkpoint of this project")
     g.add_argument("--reset-classifier", action="store_true",
-                   help="do not load the --checkpoint's classifier: a new one for this run's class "
-                        "count (e.g. ImageNet weights on a 200-class data set)")
+                   help="do not load the --checkpoint's classifier nor its ICE head: new ones for "
+                        "this run's class count (e.g. ImageNet weights on a 200-class data set)")
     g.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     g.add_argument("--pretrained", action="store_true",
                    help="start from timm's pretrained weights (downloads from the hub)")
@@ -140,50 +189,26 @@ def config_from_args(args, **extra) -> TrainConfig:
         device=args.device, trust_checkpoint=args.trust_checkpoint, **extra)
 
 
-def build_data(args) -> tuple[Dataset, Optional[Dataset], int]:
-    """``(train, val, num_classes)`` from ``--data``."""
+def build_data(args, parsed: ParsedArgs) -> tuple[Dataset, Optional[Dataset], int]:
+    """``(train, val, num_classes)`` from ``--data`` as :func:`check_common_args` parsed it."""
     from ice_prune.data import SyntheticScenes, build_imagefolder
 
-    if args.data == "synthetic":
+    root = parsed.imagefolder
+    if root is None:
         num_classes = args.num_classes or 10
-        extra = parse_json_kwargs(getattr(args, "synthetic_kwargs", "{}"), "--synthetic-kwargs")
-        kwargs = dict(num_classes=num_classes, img_size=args.img_size, seed=args.seed, **extra)
+        kwargs = dict(num_classes=num_classes, img_size=args.img_size, seed=args.seed,
+                      **parsed.synthetic_kwargs)
         return (SyntheticScenes(length=args.synthetic_train, split="train", **kwargs),
                 SyntheticScenes(length=args.synthetic_val, split="val", **kwargs), num_classes)
-    if args.data.startswith("imagefolder:"):
-        root = args.data.split(":", 1)[1]
-        train_dir = os.path.join(root, "train")
-        has_split = os.path.isdir(train_dir)
-        train = build_imagefolder(train_dir if has_split else root, args.img_size, True)
-        val_dir = os.path.join(root, "val")
-        val = build_imagefolder(val_dir, args.img_size, False) if os.path.isdir(val_dir) else None
-        num_classes = len(train.classes)
-        if args.num_classes is not None and args.num_classes != num_classes:
-            raise ValueError(f"--num-classes {args.num_classes} but {root!r} has {num_classes} class folders")
-        return train, val, num_classes
-    raise ValueError(f"--data must be 'synthetic' or 'imagefolder:PATH', got {args.data!r}")
-
-
-def create_model(args, num_classes: int) -> nn.Module:
-    """``timm.create_model`` from ``--model`` / ``--model-kwargs``; downloads only with
-    ``--pretrained``. The scripts load ``--checkpoint`` after attaching the ICE head."""
-    import timm
-
-    check_model_name(args.model)
-    kwargs = parse_json_kwargs(args.model_kwargs, "--model-kwargs")
-    if getattr(args, "reset_classifier", False) and not args.checkpoint:
-        raise ValueError("--reset-classifier applies to the weights of --checkpoint; give one (with "
-                         "--pretrained, timm makes a new classifier when --num-classes differs)")
-    kwargs.setdefault("img_size", args.img_size)
-    return timm.create_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
-                             drop_path_rate=args.drop_path, **kwargs)
-
-
-def load_weights(model: nn.Module, args) -> list[str]:
-    """Load ``--checkpoint`` into ``model`` (with ``--reset-classifier`` and ``--trust-checkpoint``);
-    the model's ICE head (``ice_head.*``) may be missing from it. Returns the keys left as they were."""
-    return load_checkpoint(model, args.checkpoint, optional_prefixes=("ice_head.",),
-                           reset_classifier=args.reset_classifier, trust=args.trust_checkpoint)
+    train_dir = os.path.join(root, "train")
+    has_split = os.path.isdir(train_dir)
+    train = build_imagefolder(train_dir if has_split else root, args.img_size, True)
+    val_dir = os.path.join(root, "val")
+    val = build_imagefolder(val_dir, args.img_size, False) if os.path.isdir(val_dir) else None
+    num_classes = len(train.classes)
+    if args.num_classes is not None and args.num_classes != num_classes:
+        raise ValueError(f"--num-classes {args.num_classes} but {root!r} has {num_classes} class folders")
+    return train, val, num_classes
 
 
 def run_script(main: Callable[[], Any]) -> None:

@@ -69,18 +69,19 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: Optional[str] = None) -> DistInfo:
-    """Join the process group ``torchrun`` set up (NCCL on CUDA, gloo otherwise), or run alone.
-    ``device`` is checked first (:func:`check_device`): a device that is not there is a ValueError."""
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group ``torchrun`` set up (NCCL on CUDA, gloo otherwise), or run alone, on
+    ``device`` (checked: :func:`ice_prune.throughput.check_device`); a CUDA device without an index
+    is the process's local rank's, which must exist."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = check_device(device, "--device")
-    if dev.type == "cuda":
-        dev = check_device(f"cuda:{local if dev.index is None else dev.index}", "--device")
-        torch.cuda.set_device(dev)
+    if device.type == "cuda":
+        if device.index is None:
+            device = check_device(f"cuda:{local}", "--device")
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local, dev)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local, device)
 
 
 def cleanup_distributed() -> None:
@@ -144,38 +145,10 @@ def resume_command(argv: Optional[list[str]] = None, world_size: int = 1) -> str
     return " ".join(launcher + [shlex.quote(argv[0])] + [shlex.quote(a) for a in args])
 
 
-def _cannot_create(folder: str) -> Optional[str]:
-    """Why ``folder`` cannot be made or written, or None: it, or the nearest of its parents that
-    exists, must be a writable folder."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{existing!r} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing!r} is not writable"
-    return None
-
-
-def check_output_dir(path: str, flag: str = "--output") -> None:
-    """Refuse, before any work, a folder that cannot be made or written; the ValueError names
-    ``flag`` and the fix."""
-    reason = _cannot_create(path)
-    if reason is not None:
-        raise ValueError(f"{flag} {path!r} cannot be created: {reason}; choose another {flag}")
-
-
-def check_output_file(path: str, flag: str) -> None:
-    """Refuse, before any work, a file that cannot be written (its folder is made on writing)."""
-    if os.path.isdir(path):
-        raise ValueError(f"{flag} {path!r} is a folder; give a file name")
-    reason = _cannot_create(os.path.dirname(os.path.abspath(path)))
-    if reason is not None:
-        raise ValueError(f"{flag} {path!r} cannot be written: {reason}; choose another {flag}")
-
-
 def prepare_output(output: str, resume: bool, overwrite: bool, info: DistInfo) -> Optional[str]:
-    """Make ``output``; refuse to clobber a run there. Returns the checkpoint to resume or None."""
+    """Make ``output``; refuse to clobber a run there. Returns the checkpoint to resume or None.
+    A folder that cannot be made is a ValueError (the scripts check it first:
+    :func:`ice_prune.training.cli.check_output_dir`)."""
     ckpt = os.path.join(output, CHECKPOINT)
     has_run = os.path.exists(ckpt) or os.path.exists(os.path.join(output, LOG))
     if resume and overwrite:
@@ -190,7 +163,6 @@ def prepare_output(output: str, resume: bool, overwrite: bool, info: DistInfo) -
             f"{output!r} already holds a run ({CHECKPOINT} / {LOG}); continue it with --resume, "
             f"start over with --overwrite, or choose another --output")
     if info.is_main:
-        check_output_dir(output)
         try:
             os.makedirs(output, exist_ok=True)
         except OSError as e:

@@ -11,9 +11,11 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ice_prune.checkpoint import split_ice_head
 from ice_prune.data import MaskedTarget
 from ice_prune.head import ICEHead, forward_with_tokens
 from ice_prune.maps import ice_explain, patch_grid, pm_classify_patches, pm_style_loss
+from ice_prune.models import load_model
 from ice_prune.training.engine import unwrap
 
 def classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -124,15 +126,13 @@ class ICEPseudoMasks:
         model being trained, ``student``); ValueError when it is another architecture, has no ICE
         head, or another class count than ``student``'s classifier. ``trust=True``: unpickle the file
         fully (only for a file you trust; see ice_prune.checkpoint)."""
-        from ice_prune.evaluation import load_explained_model
-
         where = f"pseudo-mask checkpoint {checkpoint!r}"
         try:
-            teacher, head = load_explained_model(model_name, checkpoint, trust=trust,
-                                                 **(model_kwargs or {}))
+            teacher = load_model(model_name, checkpoint, trust=trust, **(model_kwargs or {}))
         except ValueError as e:
             raise ValueError(f"{where} is not a {model_name} like the model being trained "
                              f"(another architecture): {e}") from None
+        head = getattr(teacher, "ice_head", None)
         if head is None:
             raise ValueError(f"{where} has no ICE head (ice_head.* keys): give a train/explain.py "
                              f"--variant ice checkpoint")
@@ -141,7 +141,7 @@ class ICEPseudoMasks:
                              f"being trained {student.num_classes}: its pseudo masks are for another "
                              f"class count")
         mine = {k: tuple(v.shape) for k, v in student.state_dict().items()}
-        theirs = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in split_ice_head(teacher.state_dict())[0].items()}
         if mine != theirs:
             differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
             raise ValueError(f"{where} is another architecture than the model being trained "

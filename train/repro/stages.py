@@ -23,9 +23,8 @@ from torch.utils.data import Dataset
 import ice_prune
 from ice_prune import visualize
 from ice_prune.data import ImageNetSegmentation, SyntheticScenes
-from ice_prune.checkpoint import read_checkpoint, read_state_dict
+from ice_prune.checkpoint import read_checkpoint
 from ice_prune.training.engine import CHECKPOINT, LOG
-from ice_prune.head import HEAD_VARIANTS
 from ice_prune.loss import ICELoss, parse_lambda
 from ice_prune.maps import ice_explain, upsample
 from ice_prune.evaluation.paper import TABLES
@@ -126,24 +125,6 @@ def train(script: Any, argv: list[str], output: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # models and data the library-side stages read
-
-
-def create_model(scale: Scale, state: dict) -> torch.nn.Module:
-    """The scale's timm model with as many classes as the classifier in ``state``."""
-    return timm.create_model(scale.model, pretrained=False, img_size=scale.img_size,
-                             num_classes=state["head.weight"].shape[0], **scale.model_kwargs)
-
-
-def explanation_model(scale: Scale, checkpoint: str, variant: Optional[str] = None
-                      ) -> torch.nn.Module:
-    """An eval-mode model from ``checkpoint``; with ``variant``, the ICE head train/explain.py built
-    for that variant, as ``model.ice_head``, loaded from the checkpoint's ``ice_head.*`` keys."""
-    state = read_state_dict(checkpoint)
-    model = create_model(scale, state)
-    if variant is not None:
-        model.ice_head = HEAD_VARIANTS[variant].build(model, model.num_classes)
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def maps_dataset(scale: Scale) -> Dataset:
@@ -315,12 +296,10 @@ def pruned_models(context: Context, seed: int) -> dict[str, torch.nn.Module]:
     scale = context.scale
     models = {}
     for method, rate in [("none", 1.0)] + [(m, r) for r in scale.keep_rates for m in ("evit", "ice")]:
-        state = read_state_dict(context.checkpoint(prune_name(method, rate, seed)))
-        model = create_model(scale, state)
-        if method != "none":
-            ice_prune.patch(model, keep_rate=rate, method=method)
-        model.load_state_dict(state)
-        models[f"{method}-{rate:g}"] = model.eval()
+        models[f"{method}-{rate:g}"] = ice_prune.load_model(
+            scale.model, context.checkpoint(prune_name(method, rate, seed)),
+            method=None if method == "none" else method, keep_rate=rate,
+            img_size=scale.img_size, **scale.model_kwargs)
     return models
 
 
@@ -359,8 +338,11 @@ def _device_name() -> str:
 def _examples(context: Context, out: str) -> dict:
     """A grid: image | ICE | ICE-f | ICEv2-style | baselines | ICE's mask | ground truth."""
     scale = context.scale
-    base = explanation_model(scale, context.pretrained)
-    explainers = {variant: explanation_model(scale, context.checkpoint(f"explain-{variant}"), variant)
+    model_kwargs = dict(img_size=scale.img_size, **scale.model_kwargs)
+    base = ice_prune.load_model(scale.model, context.pretrained, **model_kwargs)
+    # each with the ICE head its explain run trained, as model.ice_head
+    explainers = {variant: ice_prune.load_model(scale.model, context.checkpoint(f"explain-{variant}"),
+                                                **model_kwargs)
                   for variant in VARIANTS}
     dataset = maps_dataset(scale)
     mean = torch.tensor(timm.data.IMAGENET_DEFAULT_MEAN)[:, None, None]
