@@ -8,7 +8,7 @@
 For every variant a profiled forward (ice_prune.breakdown: torch.profiler device time per op on a
 GPU, self CPU time on a CPU) split into matmul, attention, selection and other, each kind's speed-up
 over the baseline printed beside its MAC ratio. A kind whose speed-up is below its MAC ratio is where
-a pruned model loses speed to its MACs (issue 13, item 4); selection and other time the baseline
+a pruned model loses speed to its MACs; selection and other time the baseline
 lacks is overhead. Profiling adds its own overhead: read ratios, and the throughput from
 bench/throughput.py.
 """

@@ -1,4 +1,4 @@
-"""ice_prune.breakdown: time and MACs per kind of work (issue 13, item 4)."""
+"""ice_prune.breakdown: time and MACs per kind of work."""
 import json
 
 import pytest

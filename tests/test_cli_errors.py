@@ -1,5 +1,5 @@
-"""Every script answers a wrong command line with one ``error: ...`` line, exit status 2, no traceback
-(issue 16, item 4). Each case runs a script as a subprocess, as a user would; the bad input is caught
+"""Every script answers a wrong command line with one ``error: ...`` line, exit status 2, no traceback.
+Each case runs a script as a subprocess, as a user would; the bad input is caught
 before a model or a data set is built, so each case costs about the import of torch."""
 import os
 import re
