@@ -39,6 +39,7 @@ def patch(
     heads: str = "shared",
     num_classes: Optional[int] = None,
     trace: bool = False,
+    explain: bool = False,
     kernel: str = "auto",
 ) -> nn.Module:
     """Insert token selection into a Vision Transformer, in place; returns the model.
@@ -60,13 +61,17 @@ def patch(
         num_classes: ICE only: image classes of the head (background is added); default the model's
             (a transformers ``ViTModel`` / ``DeiTModel`` backbone has none: pass it).
         trace: record per selection point which patches were kept and fused (``model.ice_trace``).
+        explain: ICE only: every selection point scores all its tokens, even where it keeps them
+            all, and each forward leaves the ICE map over the full patch grid in
+            ``model.ice_explanation`` (an :class:`~ice_prune.integrations.common.ICEExplanation`),
+            with no second pass and the same logits. Toggle with ``model.explain = ...``.
         kernel: the kernels of the reorganize step and of ICE's fused score (eval without
             trace): ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or
             ``"torch"``.
     """
     return patch_model(integration_of(model), model, keep_rate=keep_rate, method=method, locs=locs,
                        placement=placement, fuse=fuse, heads=heads, num_classes=num_classes,
-                       trace=trace, kernel=kernel)
+                       trace=trace, explain=explain, kernel=kernel)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

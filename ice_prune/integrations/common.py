@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import numbers
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -25,18 +25,33 @@ from ice_prune.select import SELECTORS, KeepRate, Selector, check_keep_rate
 PLACEMENTS = ("attn", "block")
 HEADS = ("shared", "per_location")
 
+
+class ICEExplanation(NamedTuple):
+    """The ICE map of one pruned forward (``model.ice_explanation`` in explain mode), over the
+    image's patches in row-major order, prefix tokens excluded."""
+
+    #: ``[B, num_patches]`` fp32: ``1 - P(background)`` from the patch's last scoring as its own
+    #: token (its drop point, or the last selection point for a patch kept to the end)
+    foreground: Tensor
+    #: ``[B, num_patches]`` int64: the index into ``locs`` of the selection point of that scoring
+    point: Tensor
+    #: ``(rows, columns)`` of the patch grid: ``foreground.view(B, *grid)`` is the map
+    grid: tuple[int, int]
+
+
 class ICEState:
     """Configuration and per-forward record shared by a patched model and its selection blocks."""
 
     def __init__(self, selector: Selector, locs: tuple[int, ...], placement: str,
-                 keep_rate: tuple[float, ...], fuse: bool, trace: bool, kernel: str,
-                 num_prefix: int, heads: Optional[list[nn.Module]]) -> None:
+                 keep_rate: tuple[float, ...], fuse: bool, trace: bool, explain: bool,
+                 kernel: str, num_prefix: int, heads: Optional[list[nn.Module]]) -> None:
         self.selector = selector
         self.locs = locs
         self.placement = placement
         self.keep_rate = keep_rate
         self.fuse = fuse
         self.trace = trace
+        self.explain = explain
         self.kernel = kernel
         self.num_prefix = num_prefix
         self.heads = heads  # one (shared) head repeated per location, or one each; owned by the model
@@ -44,51 +59,93 @@ class ICEState:
         self.record_logits = False
         self.logits: list[Tensor] = []
         self.trace_out: Optional[dict] = None
-        self._positions: Optional[Tensor] = None
+        self.explanation: Optional[ICEExplanation] = None
+        self._grid: tuple[int, int] = (0, 0)
+        # with trace or explain: the original patch index of each current non-prefix token,
+        # num_patches for a fused token (which stands for no single patch)
+        self._patches: Optional[Tensor] = None
+        self._num_patches = 0
+        # explain: the last score and scoring point of each patch, plus a spare column for fused
+        # tokens, so that every update is one scatter (no data-dependent shapes, no host sync)
+        self._foreground: Optional[Tensor] = None
+        self._point: Optional[Tensor] = None
 
     def begin(self, training: bool, grid: tuple[int, int], patch_size: tuple[int, int]) -> None:
         """Reset the per-forward record; an integration calls it at the start of the model's forward
         with the images' patch ``grid`` (rows, columns) and ``patch_size``."""
         self.record_logits = training or self.trace
         self.logits = []
-        self._positions = None
+        self._grid = tuple(grid)
+        self._patches = self._foreground = self._point = self.explanation = None
         if self.trace:
             self.trace_out = {"grid": tuple(grid), "num_prefix": self.num_prefix,
                               "patch_size": tuple(patch_size), "locations": []}
 
+    def skips(self, keep: int, n: int) -> bool:
+        """Whether the selection point keeping ``keep`` of ``n`` tokens runs as the original layer:
+        nothing to drop and nothing to score (explain mode scores at every point)."""
+        return keep >= n and not self.explain
+
     def select(self, x: Tensor, h: Optional[Tensor], cls_attn: Optional[Tensor], keep: int,
                loc: int) -> Tensor:
+        """Score the non-prefix tokens of ``x`` and keep ``keep`` of them (``x`` itself where
+        ``keep`` is all of them: an explain-mode point that only scores)."""
+        B, n = x.shape[0], x.shape[1] - self.num_prefix
+        selects = keep < n
         head = self.heads[loc] if self.heads is not None else None
+        record_logits = self.record_logits and selects
         scores, logits = self.selector.scores(cls_attn, h, head, self.num_prefix,
-                                              logits_needed=self.record_logits, kernel=self.kernel)
-        if logits is not None and self.record_logits:
+                                              logits_needed=record_logits, kernel=self.kernel)
+        if logits is not None and record_logits:
             self.logits.append(logits)
+        if (self.trace or self.explain) and self._patches is None:
+            # the first point: the tokens are still the image's patches
+            self._patches = torch.arange(n, device=x.device).expand(B, n)
+            self._num_patches = n
+            if self.trace:
+                self.trace_out["num_patches"] = n
+        if self.explain:
+            self._score_patches(scores, loc)
+        if not selects:
+            return x
         out, order = reorganize(x, scores, keep, self.num_prefix, self.fuse,
                                 self.selector.normalize, self.kernel)
-        if self.trace:
-            self._record(loc, x.shape[1], out.shape[1], keep, order, scores)
+        if self._patches is not None:
+            kept = self._patches.gather(1, order[:, :keep])
+            if self.trace:
+                self._record(loc, x.shape[1], out.shape[1], keep, order, scores, kept)
+            if self.fuse:
+                kept = torch.cat([kept, kept.new_full((B, 1), self._num_patches)], dim=1)
+            self._patches = kept
         return out
 
+    def _score_patches(self, scores: Tensor, loc: int) -> None:
+        """Write the scores of this point over each token's patch: a later point overwrites an
+        earlier one, so each patch ends with its last scoring; a fused token's goes to the spare
+        column."""
+        P, index = self._num_patches, self._patches
+        if self._foreground is None:
+            self._foreground = scores.new_zeros(index.shape[0], P + 1, dtype=torch.float32)
+            self._point = index.new_zeros(index.shape[0], P + 1)
+        self._foreground = self._foreground.scatter(1, index, scores.detach().float())
+        self._point = self._point.scatter(1, index, index.new_full(index.shape, loc))
+        if loc == len(self.locs) - 1:  # explain mode runs every point: this one ends the map
+            self.explanation = ICEExplanation(self._foreground[:, :P].contiguous(),
+                                              self._point[:, :P].contiguous(), self._grid)
+
     def _record(self, loc: int, tokens_in: int, tokens_out: int, keep: int, order: Tensor,
-                scores: Tensor) -> None:
-        B, n = order.shape
-        if self._positions is None:  # first selection: tokens are still the image's patches
-            self._positions = torch.arange(n, device=order.device).expand(B, n)
-            self.trace_out["num_patches"] = n
-        num_patches = self.trace_out["num_patches"]
-        kept = self._positions.gather(1, order[:, :keep])
-        # patches that still stand as themselves; -1 marks a fused token, scattered to a spare column
-        mask = torch.zeros(B, num_patches + 1, dtype=torch.bool, device=order.device)
-        mask.scatter_(1, torch.where(kept >= 0, kept, num_patches), True)
-        fused = self._positions.gather(1, order[:, keep:])
+                scores: Tensor, kept: Tensor) -> None:
+        B, P = order.shape[0], self._num_patches
+        # patches that still stand as themselves; a fused token's index P is a spare column
+        mask = torch.zeros(B, P + 1, dtype=torch.bool, device=order.device)
+        mask.scatter_(1, kept, True)
+        fused = self._patches.gather(1, order[:, keep:])
+        fused = torch.where(fused < P, fused, -1)  # -1 marks a fused token in the trace
         self.trace_out["locations"].append({
             "block": self.locs[loc], "tokens_in": tokens_in, "tokens_out": tokens_out, "keep": keep,
-            "kept": kept, "fused": fused if self.fuse else None,
-            "dropped": None if self.fuse else fused, "mask": mask[:, :num_patches],
+            "kept": torch.where(kept < P, kept, -1), "fused": fused if self.fuse else None,
+            "dropped": None if self.fuse else fused, "mask": mask[:, :P],
             "scores": scores.detach(), "order": order})
-        if self.fuse:
-            kept = torch.cat([kept, kept.new_full((B, 1), -1)], dim=1)
-        self._positions = kept
 
 
 class ICEModel:
@@ -120,6 +177,22 @@ class ICEModel:
     @trace.setter
     def trace(self, value: bool) -> None:
         self._ice.trace = bool(value)
+
+    @property
+    def explain(self) -> bool:
+        return self._ice.explain
+
+    @explain.setter
+    def explain(self, value: bool) -> None:
+        _check_explain(self._ice.selector, value)
+        self._ice.explain = bool(value)
+
+    @property
+    def ice_explanation(self) -> Optional[ICEExplanation]:
+        """The ICE map of the last forward with ``explain=True`` (``None`` otherwise): an
+        :class:`ICEExplanation`. Each forward makes new tensors, except a CUDA-graph replay, which
+        writes over the captured ones: read or clone them before the next replay."""
+        return self._ice.explanation
 
     @property
     def ice_logits(self) -> list[Tensor]:
@@ -161,6 +234,12 @@ def cls_attention_row(q: Tensor, k: Tensor, scale: float) -> Tensor:
         return logits.float().softmax(dim=1).mean(dim=2)
     logits = q_cls[:, :, None] @ k.transpose(-2, -1)  # [B, H, 1, N]
     return logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def _check_explain(selector: Selector, explain: bool) -> None:
+    if explain and not selector.needs_head:
+        raise ValueError(f"explain=True reads the ICE head's scores, and method={selector.name!r} "
+                         f"has no ICE head; patch with method='ice' for the map")
 
 
 def _swap_class(obj: nn.Module, mixin: type) -> None:
@@ -240,23 +319,26 @@ class Integration(abc.ABC):
 
 def patch_model(integration: Integration, model: nn.Module, *, keep_rate: KeepRate, method: str,
                 locs: Sequence[int], placement: str, fuse: bool, heads: str,
-                num_classes: Optional[int], trace: bool, kernel: str) -> nn.Module:
+                num_classes: Optional[int], trace: bool, explain: bool,
+                kernel: str) -> nn.Module:
     """:func:`ice_prune.patch` (its arguments are documented there) for a model of
     ``integration``'s family: the checks, the ICE head(s) and the class swap of the model and of its
     layers at ``locs``, all sharing one :class:`ICEState`. In place; returns the model."""
     if isinstance(model, ICEModel):
         raise RuntimeError(
-            "this model is already patched; change model.keep_rate / model.fuse / model.trace in "
-            "place, or call ice_prune.unpatch(model) before patching with other settings")
+            "this model is already patched; change model.keep_rate / model.fuse / model.trace / "
+            "model.explain in place, or call ice_prune.unpatch(model) before patching with other "
+            "settings")
     integration.check_model(model)
     layers = integration.layers(model)
     locs, rates = _check_args(method, placement, heads, kernel, locs, keep_rate, len(layers))
     for i in locs:
         integration.check_layer(i, layers[i])
     selector = SELECTORS[method]()
+    _check_explain(selector, explain)
     head_list = _attach_heads(model, selector, heads, num_classes, integration, len(locs), method)
-    state = ICEState(selector, locs, placement, rates, bool(fuse), bool(trace), kernel,
-                     integration.num_prefix(model), head_list)
+    state = ICEState(selector, locs, placement, rates, bool(fuse), bool(trace), bool(explain),
+                     kernel, integration.num_prefix(model), head_list)
     model._ice = state
     _swap_class(model, integration.model_mixin)
     for j, i in enumerate(locs):

@@ -50,7 +50,7 @@ class ICEBlock:
         state, loc = self._ice, self._ice_loc
         n = x.shape[1] - state.num_prefix
         keep = keep_count(state.keep_rate[loc], n)
-        if keep >= n:  # nothing to drop: exactly the original block
+        if state.skips(keep, n):  # nothing to drop or score: exactly the original block
             return super().forward(x)
         if state.selector.needs_cls_attn:
             y, cls_attn = attention_with_cls_row(self.attn, self.norm1(x))

@@ -73,7 +73,7 @@ class ICETransformersLayer:
         x = hidden_states
         n = x.shape[1] - state.num_prefix
         keep = keep_count(state.keep_rate[loc], n)
-        if keep >= n:  # nothing to drop: exactly the original layer
+        if state.skips(keep, n):  # nothing to drop or score: exactly the original layer
             return super().forward(x, attention_mask, **kwargs)
         if attention_mask is not None:
             raise ValueError("attention masks are not supported on a token-pruned ViT")
