@@ -17,9 +17,13 @@ one; the torch cases run on CPU too (fp32, as a CPU has no fast bf16).
 
 The ICE score (``test_ice_score``) at the same selection point, DeiT-S's 1001-way head, as the patched
 model runs it: under autocast on a GPU (fp32 norm2 output and weight, bf16 arithmetic), fp32 on CPU.
-Three ways: ``ice_prune::ice_score`` with the Triton kernel and with the torch kernel (chunked over
-classes), and the logits path it replaces (linear layer, then ``foreground_score``'s logsumexp).
-``extra_info`` holds the median time per call and the head's TFLOP/s.
+Four ways: ``ice_prune::ice_score`` with the Triton kernel, the same with each token's top class
+(``top_class=True``, explain mode's op), with the torch kernel (chunked over classes), and the
+logits path it replaces (linear layer, then ``foreground_score``'s logsumexp). ``extra_info`` holds
+the median time per call and the head's TFLOP/s; for the Triton cases also the config (the shipped
+table's, or the autotuner's with ``ICE_PRUNE_AUTOTUNE=1``), the first call's time (compile included:
+a cold or warm Triton cache, as the machine has it) and the first call at another batch size (no
+compile: ``T`` is not specialized).
 """
 import statistics
 import time
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 import ice_prune
 from ice_prune.kernels import ice_score, reorganize, reorganize_reference
 from ice_prune.kernels.ops import triton_ice_score, triton_reorganize
+from ice_prune.kernels.tuning import autotune_enabled
 from ice_prune.select import foreground_score, keep_count, token_schedule
 from two_launch_reorganize import reorganize_triton_two_launch  # bench/, beside this file
 
@@ -138,8 +143,13 @@ def test_reorganize_step(benchmark, impl, B):
         benchmark.extra_info.update({"graph_step_us": graph_step * 1e6,
                                      "graph_GBps": nbytes / graph_step / 1e9})
         if impl == "triton" and not triton_reorganize.INTERPRETED:
-            best = triton_reorganize._reorganize_launch.best_config
-            benchmark.extra_info["config"] = {**best.kwargs, "num_warps": best.num_warps}
+            if autotune_enabled():
+                best = triton_reorganize._reorganize_autotuned.best_config
+                config = {**best.kwargs, "num_warps": best.num_warps}
+            else:
+                config = {**triton_reorganize.INTERPRETER_CONFIG,
+                          "num_warps": triton_reorganize.NUM_WARPS}
+            benchmark.extra_info["config"] = config
 
 
 @pytest.mark.parametrize("B", BATCHES)
@@ -214,6 +224,7 @@ def test_reorganize_share_of_pruned_forward(benchmark, B):
 SCORE_CLASSES = 1000  # ImageNet: a 384 x 1001 head
 SCORE_IMPLS = {
     "triton": lambda h, w: ice_score(h, w, kernel="triton"),
+    "triton_top_class": lambda h, w: ice_score(h, w, kernel="triton", top_class=True),
     "torch": lambda h, w: ice_score(h, w, kernel="torch"),
     "logits_logsumexp": lambda h, w: foreground_score(F.linear(h, w)),
 }
@@ -222,14 +233,21 @@ SCORE_IMPLS = {
 @pytest.mark.parametrize("impl", list(SCORE_IMPLS))
 @pytest.mark.parametrize("B", BATCHES)
 def test_ice_score(benchmark, impl, B):
-    if impl == "triton" and not CUDA:
+    if impl.startswith("triton") and not CUDA:
         pytest.skip("the Triton kernels are benchmarked on a CUDA GPU only")
     h = torch.randn(B, NUM_PATCHES, DIM, device=DEVICE)
     weight = torch.randn(SCORE_CLASSES + 1, DIM, device=DEVICE) / DIM ** 0.5
     fn = SCORE_IMPLS[impl]
     autocast = torch.autocast(DEVICE.type, dtype=DTYPE, enabled=CUDA)
+    first_calls = {}
     with torch.no_grad(), autocast:
-        for _ in range(3):  # warm-up: Triton compile, allocator
+        for name, tokens in (("first_call_s", h), ("first_call_new_batch_s", h[:B - 3])):
+            _sync()
+            start = time.perf_counter()
+            fn(tokens, weight)
+            _sync()
+            first_calls[name] = time.perf_counter() - start
+        for _ in range(3):  # warm-up: allocator
             fn(h, weight)
         _sync()
         benchmark.pedantic(_timed(fn, h, weight), rounds=30 if CUDA else 20, warmup_rounds=2)
@@ -239,7 +257,12 @@ def test_ice_score(benchmark, impl, B):
         "dtype": f"autocast {DTYPE}" if CUDA else str(DTYPE), "B": B, "n": NUM_PATCHES, "D": DIM,
         "classes": SCORE_CLASSES + 1, "median_step_us": step * 1e6,
         "TFLOPs": 2 * B * NUM_PATCHES * DIM * (SCORE_CLASSES + 1) / step / 1e12})
-    if impl == "triton" and not triton_ice_score.INTERPRETED:  # the autotuner's choice
-        best = triton_ice_score._ice_score_launch.best_config
-        benchmark.extra_info["config"] = {**best.kwargs, "num_warps": best.num_warps,
-                                          "num_stages": best.num_stages}
+    if impl.startswith("triton") and not triton_ice_score.INTERPRETED:
+        if autotune_enabled():
+            best = triton_ice_score._ice_score_autotuned.best_config
+            config = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+        else:
+            kind = triton_ice_score.compute_kind(DTYPE, "tf32")
+            arch = torch.cuda.get_device_capability()[0]
+            config = triton_ice_score.config_for(arch, kind, DIM)._asdict()
+        benchmark.extra_info.update(config=config, **first_calls)

@@ -37,6 +37,7 @@ SDPA_OPS = (
 ZERO_OPS = ("aten::topk", "aten::argsort", "aten::sort", "aten::gather", "aten::take_along_dim")
 REORGANIZE_OP = "ice_prune::reorganize"
 ICE_SCORE_OP = "ice_prune::ice_score"
+ICE_SCORE_TOP_CLASS_OP = "ice_prune::ice_score_top_class"
 
 
 def sdpa_macs(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
@@ -99,6 +100,7 @@ def fvcore_handles() -> dict[str, Optional[Callable]]:
     handles.update({name: None for name in ZERO_OPS})
     handles[REORGANIZE_OP] = _reorganize_flop_jit
     handles[ICE_SCORE_OP] = _ice_score_flop_jit
+    handles[ICE_SCORE_TOP_CLASS_OP] = _ice_score_flop_jit  # the same head product, same schema
     handles["aten::einsum"] = _einsum_flop_jit
     return handles
 

@@ -56,13 +56,15 @@ class Selector(abc.ABC):
 
     @abc.abstractmethod
     def scores(self, cls_attn: Optional[Tensor], h: Tensor, head: Optional[nn.Module],
-               num_prefix: int, logits_needed: bool = True,
-               kernel: str = "auto") -> tuple[Tensor, Optional[Tensor]]:
+               num_prefix: int, logits_needed: bool = True, kernel: str = "auto",
+               top_class: bool = False) -> tuple[Optional[Tensor], ...]:
         """Return ``(scores [B, n], head logits [B, n, C+1] or None)`` for the non-prefix tokens.
 
         ``logits_needed``: the caller keeps the logits (the training loss, a trace); without it a
         selector may skip computing them. ``kernel``: the patch's kernel choice, for selectors
-        that run one of the library's ops.
+        that run one of the library's ops. ``top_class`` (selectors with a head): also return each
+        token's best image class and its probability, ``(scores, logits, top_class [B, n] int64,
+        top_prob [B, n] fp32)`` (:func:`top_class_of`).
         """
 
 
@@ -71,7 +73,10 @@ class EViTSelector(Selector):
     needs_cls_attn = True
     normalize = False
 
-    def scores(self, cls_attn, h, head, num_prefix, logits_needed=True, kernel="auto"):
+    def scores(self, cls_attn, h, head, num_prefix, logits_needed=True, kernel="auto",
+               top_class=False):
+        if top_class:
+            raise ValueError("EViT scores tokens by attention: it has no classes")
         return cls_attn[:, num_prefix:], None
 
 
@@ -80,13 +85,16 @@ class ICESelector(Selector):
     needs_head = True
     normalize = True
 
-    def scores(self, cls_attn, h, head, num_prefix, logits_needed=True, kernel="auto"):
+    def scores(self, cls_attn, h, head, num_prefix, logits_needed=True, kernel="auto",
+               top_class=False):
         tokens = h[:, num_prefix:]
         if not logits_needed:
-            scores = fused_foreground_score(head, tokens, kernel)
-            if scores is not None:
-                return scores, None
+            fused = fused_foreground_score(head, tokens, kernel, top_class)
+            if fused is not None:
+                return (fused[0], None, *fused[1:]) if top_class else (fused, None)
         logits = head(tokens)
+        if top_class:
+            return (foreground_score(logits), logits, *top_class_of(logits.detach()))
         return foreground_score(logits), logits
 
 
@@ -99,9 +107,21 @@ def foreground_score(logits: Tensor) -> Tensor:
     return torch.sigmoid(torch.logsumexp(logits[..., :-1], dim=-1) - logits[..., -1])
 
 
-def fused_foreground_score(head: nn.Module, tokens: Tensor, kernel: str = "auto") -> Optional[Tensor]:
+def top_class_of(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``(top_class int64, top_prob fp32)`` of head logits ``[..., C + 1]``: the best image class
+    (argmax over the first ``C``, background excluded; ties to the lowest index) and its probability
+    under the softmax over all ``C + 1``, what ``ice_score(..., top_class=True)`` returns beside the
+    scores."""
+    z = logits.float()
+    top = z[..., :-1].argmax(dim=-1)
+    return top, z.softmax(dim=-1).gather(-1, top[..., None])[..., 0]
+
+
+def fused_foreground_score(head: nn.Module, tokens: Tensor, kernel: str = "auto",
+                           top_class: bool = False) -> Union[Tensor, tuple[Tensor, ...], None]:
     """:func:`foreground_score` of ``head(tokens)`` through the fused op ``ice_prune::ice_score``
-    (fp32 scores, no ``[B, n, C + 1]`` logits), or ``None`` where the op does not apply.
+    (fp32 scores, no ``[B, n, C + 1]`` logits), or ``None`` where the op does not apply. With
+    ``top_class``, ``(scores, top_class, top_prob)`` (:func:`ice_prune.kernels.ice_score`).
 
     It applies to an :class:`~ice_prune.head.ICEHead`, an ``nn.Linear`` or an ``nn.Sequential``
     ending in one, whose output is the ``C + 1 >= 2`` logits. An MLP head runs its first layers in
@@ -125,7 +145,7 @@ def fused_foreground_score(head: nn.Module, tokens: Tensor, kernel: str = "auto"
         return None
     for layer in layers:
         tokens = layer(tokens)
-    return ice_score(tokens, last.weight, last.bias, kernel)
+    return ice_score(tokens, last.weight, last.bias, kernel, top_class)
 
 
 def keep_count(keep_rate: float, n: int) -> int:

@@ -6,6 +6,7 @@ import copy
 import pytest
 import timm
 import torch
+import triton.language as tl
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -308,11 +309,10 @@ def test_patched_model_fused_score_equals_logits_path(kernel, keep_rate, spies):
     model = _model(kernel, keep_rate=keep_rate)
     images = torch.randn(4, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
-        model.trace = True  # a trace keeps the logits: today's path
-        expected = model(images)
-        assert not calls and len(model.ice_logits) == 3
+        with torch.enable_grad():  # autograd through the head: the logits path
+            expected = model(images).detach()
+        assert not calls and model.ice_logits == []  # eval keeps no logits
         kept_expected, kept[:] = list(kept), []
-        model.trace = False
         out = model(images)
     assert len(calls) == 3 and model.ice_logits == []
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -354,9 +354,8 @@ def test_compiled_patched_model_fullgraph(kernel, spies):
     model = _model(kernel, keep_rate=0.5)
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
-        model.trace = True
-        expected = model(images)
-        model.trace = False
+        with torch.enable_grad():  # the logits path
+            expected = model(images).detach()
         backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
         compiled = torch.compile(model, fullgraph=True, backend=backend)
         torch.testing.assert_close(compiled(images), expected, rtol=1e-4, atol=1e-4)
@@ -370,24 +369,301 @@ def test_compiled_patched_model_inductor_cpu():
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
     reference = copy.deepcopy(model)
     with torch.no_grad():
-        reference.trace = True
-        expected = reference(images)
+        with torch.enable_grad():  # the logits path
+            expected = reference(images).detach()
         compiled = torch.compile(model, fullgraph=True, backend="inductor")
         torch.testing.assert_close(compiled(images), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_autotune_configs_clamp_to_small_problems():
-    """The GPU autotuner's configs, clamped to the problem by the pruning hook: DeiT-S's shape keeps
-    all of them; a 2-row head on 10 tokens of width 32 gets 16 x 16 x 32 tiles, each (tiles, warps,
-    stages) once."""
-    from ice_prune.kernels import triton_ice_score as S
+# ----------------------------------------------------------------------------- configs
+from ice_prune.kernels import triton_ice_score as S  # noqa: E402
+from ice_prune.kernels.tuning import AUTOTUNE_ENV, autotune_enabled  # noqa: E402
 
-    big = S._prune_configs(S.AUTOTUNE_CONFIGS, {"T": 256 * 196, "C": 1000, "D": 384})
-    assert [(c.kwargs, c.num_warps, c.num_stages) for c in big] == \
-        [(c.kwargs, c.num_warps, c.num_stages) for c in S.AUTOTUNE_CONFIGS]
-    small = S._prune_configs(S.AUTOTUNE_CONFIGS, {"T": 10, "C": 1, "D": 32})
-    assert {tuple(c.kwargs.values()) for c in small} == {(16, 16, 32)}
-    launch = {(c.num_warps, c.num_stages) for c in S.AUTOTUNE_CONFIGS}
-    assert sorted((c.num_warps, c.num_stages) for c in small) == sorted(launch)
-    assert S.AUTOTUNE_CONFIGS[0].kwargs == {"BLOCK_T": S._BLOCK_T, "BLOCK_C": S._BLOCK_C,
-                                            "BLOCK_D": S._BLOCK_D}  # the interpreter's first
+SHIPPED = sorted({row[3] for row in S.CONFIGS})
+
+
+def test_config_table():
+    """The shipped configs: one per (GPU generation, compute kind, width); no batch size anywhere."""
+    assert S.held_chunks(384) == (128, 3) and S.held_chunks(192) == (64, 3)
+    assert S.held_chunks(768) == (256, 3) and S.held_chunks(70) == (32, 3)
+    assert S.held_chunks(8) == (16, 1) and S.held_chunks(1000) == (256, 4)
+    assert S.config_for(9, "16-bit", 384) == S.ScoreConfig(128, 64, 8, 2)  # DeiT-S under autocast
+    assert S.config_for(9, "16-bit", 768) == S.ScoreConfig(64, 32, 8, 2)
+    assert S.config_for(9, "tf32", 384) == S.ScoreConfig(64, 32, 4, 2)
+    assert S.config_for(8, "16-bit", 192) == S.ScoreConfig(64, 64, 4, 2)
+    for arch, kind, D in ((9, "16-bit", 1024), (9, "ieee", 384), (8, "tf32", 384), (10, "16-bit", 384),
+                          (7, "tf32", 64)):
+        assert not S.config_for(arch, kind, D).hold  # the tokens reloaded per class tile
+    # tiles from the head alone: C + 1 = 7 classes clamp BLOCK_C, nothing clamps BLOCK_T
+    meta = S._meta(S.ScoreConfig(128, 64, 8, 2), C=6, D=384, itemsize=2)
+    assert meta == dict(BLOCK_T=128, BLOCK_C=16, BLOCK_K=128, NUM_K=3, num_warps=8, num_stages=2)
+    assert S._meta(S.ScoreConfig(64, 32, 4, 2, hold=False), 1000, 384, 4)["NUM_K"] == 0
+    assert "T" not in S.AUTOTUNE_KEY
+    kernel = S._ice_score_kernel
+    assert list(kernel.kwargs["do_not_specialize"] if S.INTERPRETED
+                else kernel.do_not_specialize) == ["T"]
+
+
+def test_autotune_is_opt_in(monkeypatch):
+    monkeypatch.delenv(AUTOTUNE_ENV, raising=False)
+    assert not autotune_enabled()
+    for value, on in (("1", True), ("true", True), ("0", False), ("", False)):
+        monkeypatch.setenv(AUTOTUNE_ENV, value)
+        assert autotune_enabled() is on
+    pruned = S._prune_configs([S._tuning_config(c) for c in S.AUTOTUNE_CONFIGS],
+                              {"C": 1000, "D": 384}, COMPUTE=tl.bfloat16)
+    assert len(pruned) == len(S.AUTOTUNE_CONFIGS)
+    assert all(c.kwargs["NUM_K"] in (0, 3) and c.kwargs["BLOCK_K"] in (64, 128) for c in pruned)
+    small = S._prune_configs([S._tuning_config(c) for c in S.AUTOTUNE_CONFIGS],
+                             {"C": 1, "D": 32}, COMPUTE=tl.float32)
+    assert {c.kwargs["BLOCK_C"] for c in small} == {16}
+    assert {(c.kwargs["BLOCK_K"], c.kwargs["NUM_K"]) for c in small} == {(32, 1), (32, 0)}
+
+
+def class_oracle(h, weight, bias=None):
+    """fp64 logits and softmax of the head by hand, and a per-token bound on a logit's error."""
+    h, weight = h.detach().cpu().double(), weight.detach().cpu().double()
+    logits = h @ weight.T
+    magnitude = h.abs() @ weight.abs().T
+    if bias is not None:
+        logits = logits + bias.detach().cpu().double()
+        magnitude = magnitude + bias.detach().cpu().double().abs()
+    err = h.shape[-1] * EPS32 * magnitude.amax(dim=-1) + 1e-7
+    return logits, logits.softmax(dim=-1), err
+
+
+def check_top_class(top_class, top_prob, h, weight, bias=None):
+    """The kernel's class is the fp64 argmax wherever the top two image logits are farther apart
+    than the logits' error, else within that error of the max; its probability matches the fp64
+    softmax at that class."""
+    logits, probs, err = class_oracle(h, weight, bias)
+    assert top_class.dtype == torch.int64 and top_prob.dtype == torch.float32
+    top_class, top_prob = top_class.cpu(), top_prob.cpu().double()
+    classes = logits[..., :-1]
+    two = classes.topk(min(2, classes.shape[-1]), dim=-1).values
+    clear = (two[..., 0] - two[..., -1] > 2 * err) | (classes.shape[-1] == 1)
+    assert torch.equal(top_class[clear], classes.argmax(dim=-1)[clear])
+    chosen = classes.gather(-1, top_class[..., None])[..., 0]
+    assert (chosen >= two[..., 0] - 2 * err).all()
+    want = probs.gather(-1, top_class[..., None])[..., 0]
+    assert ((top_prob - want).abs() <= want * (4 * err + 16 * EPS32) + 1e-7).all()
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=str)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("B,n,D,C,bias", [(2, 37, 70, 1000, True), (3, 17, 33, 6, False),
+                                          (1, 65, 384, 127, True)])
+def test_every_shipped_config(config, dtype, B, n, D, C, bias):
+    """Each shipped config in the interpreter, every compute dtype, with and without bias, D ragged
+    against every chunk, C + 1 = 1001 and a small odd head: scores against the fp64 oracle, top class
+    and probability against the softmax by hand, the scores the same with and without them."""
+    h = torch.randn(B, n, D, device=DEVICE).to(dtype)
+    weight, b = random_head(C, D, bias=bias)
+    weight, b = weight.to(dtype), None if b is None else b.to(dtype)
+    scores, top_class, top_prob = S.ice_score_triton(h, weight, b, dtype, True, config)
+    check(scores, *oracle(h, weight, b))
+    check_top_class(top_class, top_prob, h, weight, b)
+    torch.testing.assert_close(S.ice_score_triton(h, weight, b, dtype, False, config), scores,
+                               rtol=0, atol=0)
+    # the torch path sums the same rounded products in fp32: much closer than the worst case
+    ref_scores, ref_class, ref_prob = ice_score_reference(h, weight, b, dtype, top_class=True)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(top_prob, ref_prob, rtol=1e-5, atol=1e-7)
+    assert (top_class == ref_class).float().mean() > 0.99  # near-ties may differ
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("bias", (False, True))
+def test_top_class_matches_softmax_by_hand(kernel, bias):
+    h = torch.randn(2, 40, 96, device=DEVICE)
+    weight, b = random_head(1000, 96, bias=bias)
+    scores, top_class, top_prob = ice_score(h, weight, b, kernel=kernel, top_class=True)
+    assert torch.equal(scores, ice_score(h, weight, b, kernel=kernel))
+    check_top_class(top_class, top_prob, h, weight, b)
+    logits = nn.functional.linear(h, weight, b)
+    want_class, want_prob = ice_prune.select.top_class_of(logits)  # the logits path's version
+    assert torch.equal(top_class, want_class)
+    torch.testing.assert_close(top_prob, want_prob, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("chunk", (1, 13 * 32, None))
+def test_top_class_across_torch_tiles(chunk):
+    """The torch path's class chunks fold the running argmax like the kernel's class tiles."""
+    h = torch.randn(3, 30, 24, device=DEVICE)
+    weight, b = random_head(100, 24, bias=True)
+    scores, top_class, top_prob = ice_score_reference(h, weight, b, top_class=True, chunk=chunk)
+    assert torch.equal(scores, ice_score_reference(h, weight, b, chunk=chunk))
+    check_top_class(top_class, top_prob, h, weight, b)
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+@pytest.mark.parametrize("chunk", (None, 32 * 7))
+def test_top_class_ties_go_to_the_lowest_index(kernel, chunk):
+    """Integer tokens and weights make every logit exact, so ties are exact: the lowest tied index
+    wins, as torch.argmax, within a class tile (70 and 71), across tiles (5 and 700: BLOCK_C is at
+    most 64) and across the torch path's class chunks (chunk=224: 7 classes per chunk)."""
+    D, C = 16, 1000
+    h = torch.randint(-2, 3, (2, 32, D), device=DEVICE).float()
+    weight = torch.randint(-1, 2, (C + 1, D), device=DEVICE).float()
+    weight[-1] = 0  # background logit 0
+    for tied in ((70, 71), (5, 700), (12, 13, 990)):
+        w = weight.clone()
+        w[list(tied)] = 4 * torch.randint(1, 3, (D,), device=DEVICE).float()  # the largest rows
+        h[..., :] = h.abs() + 1  # positive tokens: the tied rows win every token
+        if kernel == "torch":
+            _, top_class, top_prob = ice_score_reference(h, w, top_class=True, chunk=chunk)
+        else:
+            _, top_class, top_prob = ice_score(h, w, kernel=kernel, top_class=True)
+        assert (top_class == tied[0]).all()
+        assert torch.equal(top_class, (h @ w[:-1].T).argmax(dim=-1))
+        # logits up to about 400: fp32 exp(z - lse) is good to about |z| eps
+        want = torch.softmax(h.double() @ w.double().T, dim=-1)[..., tied[0]]
+        torch.testing.assert_close(top_prob.double(), want, rtol=1e-4, atol=1e-12)
+    # all class rows equal: class 0, with probability P(foreground) / C
+    w = torch.randint(-1, 2, (D,), device=DEVICE).float().expand(C + 1, D).contiguous()
+    scores, top_class, top_prob = ice_score(h, w, kernel=kernel, top_class=True)
+    assert (top_class == 0).all()
+    torch.testing.assert_close(top_prob, scores / C, rtol=1e-6, atol=0)
+
+
+def test_top_class_op_registration_and_flops():
+    h = torch.randn(2, 9, 20, device=DEVICE)
+    weight, b = random_head(10, 20, bias=True)
+    for kernel in KERNEL_NAMES:
+        for args in ((h, weight, None, torch.float32, kernel), (h, weight, b, torch.bfloat16, kernel)):
+            torch.library.opcheck(torch.ops.ice_prune.ice_score_top_class.default, args)
+    with FlopCounterMode(display=False) as counter:
+        ice_score(h, weight, b, top_class=True)
+    assert counter.get_total_flops() == 2 * ice_score_macs(2, 9, 20, 10)
+    with torch.no_grad():
+        empty = ice_score(h[:0], weight, b, top_class=True)
+    assert [t.shape for t in empty] == [(0, 9)] * 3 and empty[1].dtype == torch.int64
+
+
+# ----------------------------------------------------------------------------- explain mode
+def _explained(kernel, keep_rate=0.5, **kw):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              depth=4, num_classes=5)
+    model = ice_prune.patch(model.to(DEVICE).eval(), keep_rate=keep_rate, method="ice",
+                            locs=(1, 2, 3), explain=True, kernel=kernel, num_classes=7, **kw)
+    with torch.no_grad():  # a head that separates tokens and classes
+        for p in model.ice_head.parameters():
+            p.normal_(std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("path", ("fused-torch", "fused-triton", "logits"))
+@pytest.mark.parametrize("heads", ("shared", "per_location"))
+def test_explanation_top_class_by_hand(monkeypatch, path, heads):
+    """``ice_explanation.top_class`` / ``top_prob``: each patch's best image class and its
+    probability from a plain softmax of the head's logits by hand, on the tokens the selector scored
+    at the patch's last scoring (tokens and orders recorded by spies): on the fused path (eval,
+    no grad) with either kernel, and on the logits path (train mode, the loss's logits)."""
+    kernel = path.split("-")[1] if path.startswith("fused") else "torch"
+    model = _explained(kernel, heads=heads)
+    points, orders = [], []
+    scores_of, reorganize = ice_prune.select.ICESelector.scores, ice_prune.integrations.common.reorganize
+
+    def spy_scores(self, cls_attn, h, head, num_prefix, *args, **kwargs):
+        points.append((h[:, num_prefix:].detach().clone(), head))
+        return scores_of(self, cls_attn, h, head, num_prefix, *args, **kwargs)
+
+    def spy_reorganize(x, scores, keep, *args):
+        out, order = reorganize(x, scores, keep, *args)
+        orders.append(order[:, :keep])
+        return out, order
+
+    monkeypatch.setattr(ice_prune.select.ICESelector, "scores", spy_scores)
+    monkeypatch.setattr(ice_prune.integrations.common, "reorganize", spy_reorganize)
+    calls = []
+    score = ice_prune.select.ice_score
+    monkeypatch.setattr(ice_prune.select, "ice_score",
+                        lambda *a, **k: calls.append(1) or score(*a, **k))
+    images = torch.randn(3, 3, 32, 32, device=DEVICE)
+    if path == "logits":
+        model.train()
+        model(images)
+        assert not calls and len(model.ice_logits) == 3
+    else:
+        with torch.no_grad():
+            model(images)
+        assert len(calls) == 3 and model.ice_logits == []
+    e = model.ice_explanation
+    B, P = 3, 16
+    want_class = torch.full((B, P), -1, dtype=torch.int64)
+    want_prob = torch.full((B, P), float("nan"), dtype=torch.float64)
+    gap = torch.zeros(B, P, dtype=torch.float64)
+    patches = torch.arange(P).expand(B, P)
+    for j, (tokens, head) in enumerate(points):
+        fc = head.fc
+        logits = tokens.cpu().double() @ fc.weight.detach().cpu().double().T
+        if fc.bias is not None:
+            logits = logits + fc.bias.detach().cpu().double()
+        probs = logits.softmax(dim=-1)
+        top2 = logits[..., :-1].topk(2, dim=-1)
+        for b in range(B):
+            for r, patch in enumerate(patches[b].tolist()):
+                if patch < P:
+                    want_class[b, patch] = top2.indices[b, r, 0]
+                    want_prob[b, patch] = probs[b, r, top2.indices[b, r, 0]]
+                    gap[b, patch] = top2.values[b, r, 0] - top2.values[b, r, 1]
+        if j < len(orders):
+            kept = patches.gather(1, orders[j].cpu())
+            patches = torch.cat([kept, torch.full((B, 1), P)], dim=1)  # fused token last
+    assert e.top_class.shape == e.top_prob.shape == (B, P)
+    assert e.top_class.dtype == torch.int64 and e.top_prob.dtype == torch.float32
+    clear = gap > 1e-4
+    assert clear.float().mean() > 0.9
+    assert torch.equal(e.top_class.cpu()[clear], want_class[clear])
+    torch.testing.assert_close(e.top_prob.cpu().double(), want_prob, rtol=0, atol=2e-5)
+    # the rest of the map is what it was: the foreground at the same scoring
+    fg_ref = torch.full((B, P), float("nan"), dtype=torch.float64)
+    patches = torch.arange(P).expand(B, P)
+    for j, (tokens, head) in enumerate(points):
+        logits = tokens.cpu().double() @ head.fc.weight.detach().cpu().double().T
+        if head.fc.bias is not None:
+            logits = logits + head.fc.bias.detach().cpu().double()
+        fg = 1 - logits.softmax(dim=-1)[..., -1]
+        for b in range(B):
+            for r, patch in enumerate(patches[b].tolist()):
+                if patch < P:
+                    fg_ref[b, patch] = fg[b, r]
+        if j < len(orders):
+            patches = torch.cat([patches.gather(1, orders[j].cpu()), torch.full((B, 1), P)], dim=1)
+    torch.testing.assert_close(e.foreground.cpu().double(), fg_ref, rtol=0, atol=2e-5)
+
+
+def test_explanation_top_class_at_keep_rate_one():
+    """Keep rate 1: every patch is scored last at the last point; its class is the argmax of the
+    head's softmax over the tokens the last point scored."""
+    model = _explained("auto", keep_rate=1.0)
+    tokens = []
+    scores_of = model._ice.selector.scores
+
+    def spy(cls_attn, h, head, num_prefix, *args, **kwargs):
+        tokens.append(h[:, num_prefix:].detach().clone())
+        return scores_of(cls_attn, h, head, num_prefix, *args, **kwargs)
+
+    model._ice.selector.scores = spy
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32, device=DEVICE))
+        probs = model.ice_head(tokens[-1]).double().softmax(dim=-1)
+    e = model.ice_explanation
+    assert torch.equal(e.top_class, probs[..., :-1].argmax(dim=-1))
+    torch.testing.assert_close(e.top_prob.double(), probs.gather(-1, e.top_class[..., None])[..., 0],
+                               rtol=0, atol=1e-6)
+    assert (e.point == 2).all()
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+def test_explanation_top_class_under_fullgraph_compile(kernel):
+    """The top-class op traces through its fake: no graph break, the same classes as eager."""
+    model = _explained(kernel)
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        model(images)
+        eager = model.ice_explanation
+        torch.compile(model, fullgraph=True, backend="aot_eager")(images)
+        compiled = model.ice_explanation
+    assert torch.equal(compiled.top_class, eager.top_class)
+    torch.testing.assert_close(compiled.top_prob, eager.top_prob, rtol=1e-5, atol=1e-7)

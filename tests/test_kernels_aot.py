@@ -6,6 +6,7 @@ every CPU test and still fail to compile on a GPU. Triton ships ptxas, so compil
 sm_90 catches that here, in CI, for every dtype and flag combination the launchers use.
 """
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -142,72 +143,194 @@ def test_one_launch_forward_compiles_for_sm90_without_a_gpu(tmp_path):
     configs = int(res.stdout.split("configs")[-1])
     assert f"compiled {15 + configs} " in res.stdout
 
+
+# The score kernel compiled as the JIT compiles it at run time: the launcher's own arguments
+# (``kernel_arguments``: the head cast to the compute dtype, contiguous) on CPU tensors of the real
+# shapes, bound and specialized by Triton's JIT binder for the target (unit strides constant,
+# divisibility by 16, T left unspecialized), then compiled for it. Prepended: the resource usage.
 ICE_SCORE_SCRIPT = RESOURCE_USAGE + textwrap.dedent('''
     import itertools
-    import triton
-    import triton.language as tl
+    import torch
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
     from ice_prune.kernels import triton_ice_score as S
+    from ice_prune.kernels import triton_reorganize as R
 
-    target = GPUTarget("cuda", 90, 32)
-    # the launcher's configuration: tiles, warps, pipeline stages
-    consts = {"UPCAST": False, "BLOCK_T": S._BLOCK_T, "BLOCK_C": S._BLOCK_C, "BLOCK_D": S._BLOCK_D}
-    options = {"num_warps": S._NUM_WARPS, "num_stages": S._NUM_STAGES}
-    ints = ("T", "n", "C", "D", "stride_hb", "stride_hn", "stride_hd", "stride_wc", "stride_wd",
-            "stride_bias")
-    flags = ("HAS_BIAS", "COMPUTE", "UPCAST", "INPUT_PRECISION", "BLOCK_T", "BLOCK_C", "BLOCK_D")
-    # (stored dtype, compute dtype, fp32 dot precision): bf16 / fp16 models, fp32 under autocast,
-    # plain fp32 with and without TF32
-    cases = [("bf16", "bf16", "tf32"), ("fp16", "fp16", "tf32"), ("fp32", "bf16", "tf32"),
-             ("fp32", "fp16", "tf32"), ("fp32", "fp32", "ieee"), ("fp32", "fp32", "tf32")]
-    dtypes = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+    # a block's shared memory: an H100 / H200 227 KiB, an sm_86 / sm_89 GPU 99 KiB
+    SHARED = {90: 227 * 1024, 86: 99 * 1024}
+    BACKENDS = {arch: make_backend(GPUTarget("cuda", arch, 32)) for arch in SHARED}
+
+    def bind(kernel, arch, args, kwargs):
+        """(signature, constexprs, attrs, options, the JIT's specialization) of a launch."""
+        backend = BACKENDS[arch]
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, spec, options = binder(*args, **kwargs)
+        options, sig, consts, attrs = kernel._pack_args(backend, options, bound, spec, options)
+        return sig, consts, attrs, options, spec
+
+    def score_call(B, n, D, C, h_dtype, compute, bias, top_class, config):
+        """The launcher's arguments, flags and tiles for one call."""
+        h = torch.randn(B, n + 1, D).to(h_dtype)[:, 1:]  # the selector's view, prefix token off
+        weight = torch.randn(C + 1, D)  # the head's fp32 parameters
+        out = torch.empty(B, n)
+        top = torch.empty(B, n, dtype=torch.int64) if top_class else out
+        top_prob = torch.empty(B, n) if top_class else out
+        args, flags = S.kernel_arguments(h, weight, torch.randn(C + 1) if bias else None, compute,
+                                         out, top, top_prob)
+        return args, {**flags, **S._meta(config, C, D, compute.itemsize)}
+
+    # ---- IR reading: which kernel argument each global read comes from, and in how many loops
+    REF = re.compile(r"%[\\w.$-]+")
+    READS = ("tt.load ", "ttg.async_copy_global_to_local ", "tt.descriptor_load ",
+             "ttng.async_tma_copy_global_to_local ")
+
+    def ops(ir):
+        """``(op text, scf.for depth)`` per op; defs: result name -> operand names (an scf.for's
+        iteration arguments -> their initial values); the kernel's argument names."""
+        defs, args, stack, out = {}, set(), [], []
+        for line in ir.splitlines():
+            text = line.strip()
+            if text.endswith(")") and " loc(" in text:  # the op's location, not its regions
+                text = text.rsplit(" loc(", 1)[0]
+            if text.startswith("}"):
+                stack.pop()
+            depth = stack.count("for")
+            if text.startswith("tt.func"):
+                args = set(re.findall(r"(%[\\w.$-]+):", text))
+            m = re.match(r"(%[\\w.$-]+)(?::\\d+)? = (.*)", text)
+            if m:
+                name, op = m.groups()
+                defs[name] = REF.findall(op)
+                if op.startswith("scf.for"):
+                    iv = re.match(r"scf.for (%[\\w.$-]+) = ", op).group(1)
+                    defs[iv] = []
+                    for a, b in re.findall(r"(%[\\w.$-]+) = (%[\\w.$-]+)", op.split("iter_args", 1)[-1]):
+                        defs[a] = [b]
+                out.append((op, depth))
+            if text.endswith("{"):
+                stack.append("for" if "scf.for" in text else "other")
+        return out, defs, args
+
+    def roots(name, defs, args, seen=None):
+        seen = set() if seen is None else seen
+        if name in args:
+            return {name}
+        if name in seen:
+            return set()
+        seen.add(name)
+        return set().union(*(roots(x, defs, args, seen) for x in defs.get(name, [])))
+
+    def reads(ir):
+        """Per global read: (the kernel argument its pointer comes from, scf.for depth); and per
+        f32 -> 16-bit rounding of the tokens, its depth."""
+        lines, defs, args = ops(ir)
+        found, rounds = [], []
+        for op, depth in lines:
+            refs = REF.findall(op)
+            if op.startswith(READS):
+                found.append((frozenset(roots(refs[0], defs, args)), depth))
+            if op.startswith(("arith.truncf", "tt.fp_to_fp")) and "%h_ptr" in roots(refs[0], defs, args):
+                rounds.append(depth)
+        return found, rounds
+
+    # ---- the cases: every shipped config, its dtypes, flags and widths
+    KIND_DTYPES = {"16-bit": [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                              (torch.float16, torch.float16)],
+                   "tf32": [(torch.float32, torch.float32)], "ieee": [(torch.float32, torch.float32)]}
+    cases = []
+    for row, (arch, kind, width, config) in enumerate(S.CONFIGS):
+        targets = {9: [90], 8: [86], None: [90, 86]}[arch]
+        dtypes = KIND_DTYPES[kind] if arch is not None else KIND_DTYPES[kind][:1]
+        shapes = [(width, 1000)] if width else [(384, 1000), (1280, 1000)]
+        if row == 0:
+            shapes.append((192, 9))  # DeiT-Ti's width, a 10-way head: BLOCK_C clamped to 16
+        for target in targets:
+            for (h_dtype, compute), (D, C) in itertools.product(dtypes, shapes):
+                flag_sets = [(False, False), (True, True)]
+                if row == 0 and D == 384 and h_dtype == torch.float32:
+                    flag_sets += [(True, False), (False, True)]
+                for bias, top_class in flag_sets:
+                    cases.append((target, kind, config, h_dtype, compute, D, C, bias, top_class))
+
     compiled = 0
-    for (dt, compute, precision), bias in itertools.product(cases, (False, True)):
-        sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "out_ptr": "*fp32",
-               **{k: "i32" for k in ints}, **{f: "constexpr" for f in flags}}
-        flag_values = {**consts, "HAS_BIAS": bias, "COMPUTE": dtypes[compute],
-                       "INPUT_PRECISION": precision}
-        kernel = triton.compile(
-            ASTSource(fn=S._ice_score_kernel, signature=sig, constexprs=flag_values),
-            target=target, options=options)
-        assert len(kernel.asm["cubin"]) > 0
-        # an H100 block has at most 227 KiB of shared memory
-        assert kernel.metadata.shared <= 227 * 1024, (dt, compute, kernel.metadata.shared)
-        # bf16 / fp16 dots run on Hopper's tensor cores (warp-group MMA)
-        if compute != "fp32":
-            assert "wgmma" in kernel.asm["ptx"], (dt, compute)
-        compiled += 1
-    # every autotune config at DeiT-S's shape (batch 256, the 1001-way head), bf16 under autocast:
-    # within an H100's shared memory, on the tensor cores; registers and stack printed (pytest -s)
-    configs = S._prune_configs(S.AUTOTUNE_CONFIGS, {"T": 256 * 196, "C": 1000, "D": 384})
-    assert len(configs) == len(S.AUTOTUNE_CONFIGS)  # nothing to clamp at this size
-    sig = {"h_ptr": "*bf16", "w_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*fp32",
-           **{k: "i32" for k in ints}, **{f: "constexpr" for f in flags}}
-    for config in configs:
-        flag_values = {**config.kwargs, "UPCAST": False, "HAS_BIAS": False,
-                       "COMPUTE": tl.bfloat16, "INPUT_PRECISION": "tf32"}
-        kernel = triton.compile(
-            ASTSource(fn=S._ice_score_kernel, signature=sig, constexprs=flag_values),
-            target=target, options={"num_warps": config.num_warps,
-                                    "num_stages": config.num_stages})
-        assert kernel.metadata.shared <= 227 * 1024, (config, kernel.metadata.shared)
-        assert "wgmma" in kernel.asm["ptx"], config
+    for target, kind, config, h_dtype, compute, D, C, bias, top_class in cases:
+        torch.backends.cuda.matmul.allow_tf32 = kind == "tf32"
+        args, kwargs = score_call(2, 196, D, C, h_dtype, compute, bias, top_class, config)
+        sig, consts, attrs, options, _ = bind(S._ice_score_kernel, target, args, kwargs)
+        kernel = triton.compile(ASTSource(S._ice_score_kernel, sig, consts, attrs),
+                                target=GPUTarget("cuda", target, 32), options=options.__dict__)
         regs, stack = resource_usage(kernel)
-        print("config", config.kwargs, "warps", config.num_warps, "stages", config.num_stages,
-              "shared", kernel.metadata.shared, "regs", regs.group(1) if regs else "?",
-              "stack", stack.group(1) if stack else "?")
-        assert stack is None or stack.group(1) == "0", ("register spill", config)
+        name = (f"sm_{target} {kind} {str(h_dtype)[6:]}->{str(compute)[6:]} D={D} C={C} "
+                f"bias={bias} top_class={top_class} {tuple(config)}")
+        num_k, shared = kwargs["NUM_K"], kernel.metadata.shared
+        assert shared <= SHARED[target], (name, shared)
+        assert stack is None or stack.group(1) == "0", ("register spill", name, stack.group(1))
+        tensor_cores = target == 90 and kind != "ieee"
+        assert ("wgmma" in kernel.asm["ptx"]) == tensor_cores, name
+        summary = []
+        for ir in ("ttir", "ttgir"):
+            found, rounds = reads(kernel.asm[ir])
+            h = [depth for arg, depth in found if "%h_ptr" in arg]
+            w = [depth for arg, depth in found if "%w_ptr" in arg]
+            assert h and w, (name, ir)
+            if num_k:  # held: the token tile read NUM_K times, before the class loop, rounded there
+                assert len(h) == num_k and max(h) == 0, (name, ir, h)
+                assert max(w) >= 1, (name, ir, w)  # the weight streamed in the loop
+                assert len(rounds) == (num_k if h_dtype != compute else 0), (name, ir, rounds)
+                assert all(depth == 0 for depth in rounds), (name, ir, rounds)
+            else:  # reloaded per class tile
+                assert max(h) >= 1, (name, ir, h)
+            summary.append(f"{ir} h reads {len(h)} (in loops {sum(d > 0 for d in h)})")
+        print(name, "| tiles", {k: kwargs[k] for k in ("BLOCK_T", "BLOCK_C", "BLOCK_K", "NUM_K")},
+              "shared", shared, "regs", regs.group(1) if regs else "?",
+              "stack", stack.group(1) if stack else "0", "wgmma", tensor_cores, "|",
+              "; ".join(summary))
         compiled += 1
-    print("compiled", compiled)
+
+    # ---- a new batch size: the same specialization, so the same compiled kernel (no recompile)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = S.config_for(9, "16-bit", 384)
+    specs = set()
+    for B in (1, 2, 3, 5, 8, 64, 256, 1024):
+        args, kwargs = score_call(B, 196, 384, 1000, torch.float32, torch.bfloat16, False, False,
+                                  config)
+        *_, spec = bind(S._ice_score_kernel, 90, args, kwargs)
+        specs.add((str(spec), str(sorted(kwargs.items(), key=str))))
+    assert len(specs) == 1, specs
+    specs = set()
+    for B in (1, 2, 3, 5, 8, 64, 256, 1024):
+        x, scores = torch.randn(B, 197, 384, dtype=torch.bfloat16), torch.rand(B, 196)
+        order, out = torch.empty(B, 196, dtype=torch.int64), torch.empty(B, 1 + 138 + 1, 384)
+        args, flags = R.kernel_arguments(x, scores, order, out.bfloat16(), 138, 1, True, False)
+        *_, spec = bind(R._reorganize_kernel, 90, args,
+                        {**flags, **R.INTERPRETER_CONFIG, "num_warps": R.NUM_WARPS})
+        specs.add(str(spec))
+    assert len(specs) == 1, specs
+    print("compiled", compiled, "of", len(cases), "; batch sizes 1 to 1024: one specialization each")
 ''')
 
 
 def test_ice_score_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
+    """Every shipped score config (``CONFIGS``: Hopper's on sm_90, Ampere's on sm_86 with its
+    99 KiB, the fallback on both), its dtypes (fp32 tokens under bf16 autocast, bf16, fp16; TF32;
+    exact fp32), with and without bias and top class, at DeiT-S's width and each row's widest:
+
+    * it fits the block's shared memory and spills no register (cuobjdump's STACK is 0);
+    * on sm_90 the dots are warp-group MMA (``wgmma`` in the PTX), except exact fp32;
+    * a held token tile is read from global memory once: in the TTIR and in the TTGIR after
+      pipelining, the ops that read global memory through a pointer derived from ``h_ptr`` number
+      ``NUM_K`` and sit outside every ``scf.for``, the weight's inside the class loop, and fp32
+      tokens are rounded (``arith.truncf``) ``NUM_K`` times, outside the loop too;
+    * batch sizes 1 to 1024 give the JIT the same specialization (``T`` unspecialized), and so
+      does the reorganize kernel (the batch only sets its grid): no new compile per batch size.
+
+    Each config's registers, shared memory and reads are printed (``pytest -s``)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     res = subprocess.run([sys.executable, "-c", ICE_SCORE_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     print(res.stdout)
-    assert "compiled 20" in res.stdout
+    compiled, total = re.search(r"compiled (\d+) of (\d+)", res.stdout).groups()
+    assert compiled == total and int(total) > 40

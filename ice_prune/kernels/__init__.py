@@ -9,8 +9,13 @@ non-prefix token it writes ``[prefix, kept tokens, fused token]``. It is the tor
 plain-torch reference (``reference.py``) as the CPU path and the test oracle.
 
 ``ice_score`` is ICE's foreground score ``1 - P(background)`` per token from the tokens and the head's
-weight, without the ``[B, n, C + 1]`` logits: the op ``ice_prune::ice_score``, one Triton kernel on CUDA
-(``triton_ice_score.py``) and a torch path tiled over tokens and classes (``reference.py``).
+weight, without the ``[B, n, C + 1]`` logits: the op ``ice_prune::ice_score`` (with ``top_class=True``
+its twin ``ice_prune::ice_score_top_class``, which also returns each token's best image class and its
+probability), one Triton kernel on CUDA (``triton_ice_score.py``) and a torch path tiled over tokens
+and classes (``reference.py``).
+
+Both Triton kernels launch with shipped configs; ``ICE_PRUNE_AUTOTUNE=1`` autotunes them instead
+(``tuning.py``).
 """
 from .ops import (KERNELS, SCORE_KERNELS, ice_score, ice_score_macs, reorganize, reorganize_macs,
                   resolve_kernel)

@@ -14,11 +14,13 @@ once, with :func:`resolve_kernel`; the ops take the resolved name.
 resolved by :func:`ice_score`, for ``ice_score_reference`` (torch, in tiles of tokens and
 classes) and ``triton_ice_score``; a fake implementation and a FLOP formula, no autograd formula
 (it serves inference; :func:`ice_score` refuses inputs that need a gradient).
+``ice_prune::ice_score_top_class`` is the same pass returning each token's best image class and its
+probability beside the score (explain mode's class information).
 """
 from __future__ import annotations
 
 import numbers
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -37,7 +39,8 @@ class Kernel(NamedTuple):
 KERNELS: dict[str, Kernel] = {
     "torch": Kernel(reorganize_reference, reorganize_backward_reference, runs_on_cpu=True),
 }
-#: the ICE score's implementations, by the same names: ``(h, weight, bias, compute_dtype) -> scores``
+#: the ICE score's implementations, by the same names: ``(h, weight, bias, compute_dtype,
+#: top_class=False) -> scores``, or ``(scores, top_class, top_prob)`` with ``top_class``
 SCORE_KERNELS: dict[str, Callable[..., Tensor]] = {"torch": ice_score_reference}
 try:
     from . import triton_ice_score, triton_reorganize
@@ -192,14 +195,30 @@ def _ice_score_fake(h, weight, bias, compute_dtype, kernel):
     return h.new_empty(h.shape[:2], dtype=torch.float32)
 
 
+@torch.library.custom_op("ice_prune::ice_score_top_class", mutates_args=())
+def ice_score_top_class_op(h: Tensor, weight: Tensor, bias: Optional[Tensor],
+                           compute_dtype: torch.dtype, kernel: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(scores [B, n] fp32, top_class [B, n] int64, top_prob [B, n] fp32)``: the foreground scores
+    of :func:`ice_score_op` (the same values) and each token's best image class with its
+    probability, from the same pass; see :func:`ice_score`."""
+    return SCORE_KERNELS[kernel](h, weight, bias, compute_dtype, top_class=True)
+
+
+@ice_score_top_class_op.register_fake
+def _ice_score_top_class_fake(h, weight, bias, compute_dtype, kernel):
+    shape = h.shape[:2]
+    return (h.new_empty(shape, dtype=torch.float32), h.new_empty(shape, dtype=torch.int64),
+            h.new_empty(shape, dtype=torch.float32))
+
+
 def ice_score_macs(B: int, n: int, D: int, C: int) -> int:
     """Multiply-adds of the ICE score of ``B x n`` tokens of width ``D`` under a head of ``C`` classes
     plus background: the ``C + 1`` logits per token, as the linear layer it replaces counts them
-    (the exponentials, like every elementwise op, count zero)."""
+    (the exponentials and the top class, like every elementwise op, count zero)."""
     return B * n * D * (C + 1)
 
 
-@register_flop_formula(torch.ops.ice_prune.ice_score)
+@register_flop_formula([torch.ops.ice_prune.ice_score, torch.ops.ice_prune.ice_score_top_class])
 def _ice_score_flop(h_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     B, n, D = h_shape
     return 2 * ice_score_macs(B, n, D, weight_shape[0] - 1)
@@ -210,7 +229,8 @@ def ice_score(
     weight: Tensor,
     bias: Optional[Tensor] = None,
     kernel: str = "auto",
-) -> Tensor:
+    top_class: bool = False,
+) -> Union[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """ICE's foreground score ``1 - P(background)`` of every token through the op
     ``ice_prune::ice_score``, without materializing the head's logits.
 
@@ -223,9 +243,14 @@ def ice_score(
         weight: ``[C + 1, D]`` the head's last linear layer, background last (``C >= 1``).
         bias: ``[C + 1]`` or ``None``.
         kernel: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or ``"torch"``.
+        top_class: also return each token's best image class (the argmax over the ``C`` image
+            logits, background excluded; ties to the lowest index, as ``torch.argmax``) and its
+            probability under the softmax over all ``C + 1`` classes, from the same pass (the op
+            ``ice_prune::ice_score_top_class``; the scores are the same values).
 
     Returns:
-        ``[B, n]`` fp32 scores. Inputs are rounded to the autocast dtype inside an autocast region
+        ``[B, n]`` fp32 scores; with ``top_class`` the tuple ``(scores, top_class [B, n] int64,
+        top_prob [B, n] fp32)``. Inputs are rounded to the autocast dtype inside an autocast region
         (as ``nn.Linear`` rounds them), else computed in their own dtype, with fp32 accumulation.
 
     Inference only: there is no backward, and inputs that need a gradient raise; compute
@@ -260,4 +285,6 @@ def ice_score(
             raise TypeError(f"kernel='triton' computes the ICE score in {TRITON_SCORE_DTYPES}, got "
                             f"{compute_dtype}; use kernel='torch' or 'auto'")
         resolved = "torch"
+    if top_class:
+        return ice_score_top_class_op(h, weight, bias, compute_dtype, resolved)
     return ice_score_op(h, weight, bias, compute_dtype, resolved)

@@ -2,7 +2,7 @@
 Triton kernels."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -124,8 +124,9 @@ def ice_score_reference(
     weight: Tensor,
     bias: Optional[Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
+    top_class: bool = False,
     chunk: Optional[int] = None,
-) -> Tensor:
+) -> Union[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """ICE's foreground score ``1 - P(background)`` per token, without the ``[B, n, C + 1]`` logits.
 
     ``sigmoid(logsumexp_c(W_c h + b_c) - (w_bg . h + b_bg))`` for the image classes ``c < C`` and the
@@ -141,10 +142,13 @@ def ice_score_reference(
         bias: ``[C + 1]`` or ``None``.
         compute_dtype: the inputs are rounded to it (as autocast rounds a linear layer's inputs), then
             multiplied and summed in fp32; default the promoted dtype of ``h`` and ``weight``.
+        top_class: also return each token's best image class (ties to the lowest index) and its
+            probability under the softmax over all ``C + 1`` classes.
         chunk: (token, class) pairs per tile; default :func:`default_chunk` of the device.
 
     Returns:
-        ``[B, n]`` fp32 scores.
+        ``[B, n]`` fp32 scores; with ``top_class`` the tuple ``(scores, top_class [B, n] int64,
+        top_prob [B, n] fp32)``, the scores the same values.
     """
     if compute_dtype is None:
         compute_dtype = torch.promote_types(h.dtype, weight.dtype)
@@ -162,13 +166,16 @@ def ice_score_reference(
         return t.to(compute_dtype).float()
 
     out = torch.empty(T, dtype=torch.float32, device=h.device)
+    if top_class:
+        top = torch.empty(T, dtype=torch.int64, device=h.device)
+        top_prob = torch.empty(T, dtype=torch.float32, device=h.device)
     # explicit dtypes: an autocast region around the call must not recast the fp32 arithmetic
     with torch.autocast(h.device.type, enabled=False):
         x, w = rounded(h).reshape(T, D), rounded(weight)
         b = None if bias is None else rounded(bias)
         for t0 in range(0, T, tokens_step):
             tile = x[t0:t0 + tokens_step]
-            lse = None
+            lse = best = best_logit = None
             for c0 in range(0, classes, classes_step):
                 c1 = min(c0 + classes_step, classes)
                 logits = F.linear(tile, w[c0:c1], None if b is None else b[c0:c1])
@@ -177,5 +184,21 @@ def ice_score_reference(
                 if logits.shape[1]:
                     part = logits.logsumexp(dim=-1)
                     lse = part if lse is None else torch.logaddexp(lse, part)
-            out[t0:t0 + tokens_step] = torch.sigmoid(lse - background)
+                    if top_class:
+                        arg = logits.argmax(dim=-1)
+                        value = logits.gather(1, arg[:, None])[:, 0]
+                        if best is None:
+                            best, best_logit = arg + c0, value
+                        else:  # strictly greater: a tie keeps the earlier chunk's lower index
+                            better = value > best_logit
+                            best = torch.where(better, arg + c0, best)
+                            best_logit = torch.where(better, value, best_logit)
+            score = torch.sigmoid(lse - background)
+            out[t0:t0 + tokens_step] = score
+            if top_class:
+                # P(top) = P(foreground) * P(top | image classes)
+                top[t0:t0 + tokens_step] = best
+                top_prob[t0:t0 + tokens_step] = score * torch.exp(best_logit - lse)
+    if top_class:
+        return out.view(B, n), top.view(B, n), top_prob.view(B, n)
     return out.view(B, n)

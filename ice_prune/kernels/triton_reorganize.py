@@ -18,13 +18,16 @@ per batch row and block of ``BLOCK_D`` channels:
 There is no ``topk``, ``.item()`` or ``nonzero``: the step captures into a CUDA graph.
 ``_order_kernel`` ranks alone (:func:`argsort_descending`), for a step with no channels to move.
 
-Tuning: on a GPU ``_reorganize_kernel`` is wrapped in ``triton.autotune`` over ``AUTOTUNE_CONFIGS``
-(``BLOCK_D`` 64 / 128 / 256, ``BLOCK_I`` 32 / 64, 2 / 4 / 8 warps; tiles wider than the row or over
-128 elements a thread pruned), keyed on n, D, keep, the flags and the dtypes. The first call per key
-compiles and benchmarks the configs (seconds), so it must happen before a CUDA graph capture: warm
-up first (``ice_prune.throughput``'s capture runs the model three times on a side stream first,
-which does it). The autotuner reruns the kernel on the real buffers, which is harmless: nothing is
-accumulated in global memory. The interpreter runs one fixed config (``INTERPRETER_CONFIG``).
+Tuning: the kernel runs one fixed config, ``INTERPRETER_CONFIG`` on ``NUM_WARPS`` warps (the
+interpreter's too; chosen from the structure, not timed: 128 channels divide D = 384 into three
+programs per row). No argument depends on the batch size (it only sets the grid), so a new batch
+size does not compile again. ``ICE_PRUNE_AUTOTUNE=1`` wraps the kernel in ``triton.autotune`` over
+``AUTOTUNE_CONFIGS`` instead (``BLOCK_D`` 64 / 128 / 256, ``BLOCK_I`` 32 / 64, 2 / 4 / 8 warps;
+tiles wider than the row or over 128 elements a thread pruned), keyed on n, D, keep, the flags and
+the dtypes, never the batch size. The first call per key then compiles and times the configs
+(seconds), so it must happen before a CUDA graph capture: warm up first (``ice_prune.throughput``'s
+capture runs the model three times on a side stream first, which does it). The autotuner reruns the
+kernel on the real buffers, which is harmless: nothing is accumulated in global memory.
 
 The backward kernel scatters through ``order``: each input row is written once, with its output
 row's gradient or ``w_i`` times the fused row's gradient, so no atomics are needed. The score
@@ -41,6 +44,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .reference import EPS
+from .tuning import autotune_enabled
 
 # The backward's tiles: [BLOCK_R rows x BLOCK_D channels] per step, one program per batch row and
 # 128 channels (B * 3 programs at D = 384). Not tuned.
@@ -241,15 +245,17 @@ def argsort_descending(scores: Tensor) -> Tensor:
 
 
 # The one-launch forward's tiles: BLOCK_I tokens by BLOCK_D channels moved per step, the ranking in
-# BLOCK_I x BLOCK_J comparisons. On a GPU the autotuner picks among these (per n, D, keep, flags and
-# dtypes); configs whose tile is much wider than the row, or over 128 elements a thread, are pruned.
+# BLOCK_I x BLOCK_J comparisons. With ICE_PRUNE_AUTOTUNE=1 the autotuner picks among these (per n, D,
+# keep, flags and dtypes); configs whose tile is much wider than the row, or over 128 elements a
+# thread, are pruned.
 _BLOCK_J = 32
 AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_D": bd, "BLOCK_I": bi, "BLOCK_J": _BLOCK_J}, num_warps=w)
     for bd in (64, 128, 256) for bi in (32, 64) for w in (2, 4, 8)
 ]
-#: the config the interpreter runs (autotuning does not work there)
+#: the config every call runs unless ICE_PRUNE_AUTOTUNE=1 (the interpreter's always), on NUM_WARPS
 INTERPRETER_CONFIG = {"BLOCK_D": 128, "BLOCK_I": 32, "BLOCK_J": _BLOCK_J}
+NUM_WARPS = 4
 AUTOTUNE_KEY = ["n", "D", "keep", "FUSE", "NORMALIZE", "KEY_FP64"]  # + every tensor's dtype
 
 
@@ -263,19 +269,16 @@ def _prune_configs(configs, named_args, **kwargs):
     return pruned or configs[:1]
 
 
-if INTERPRETED:
-    _reorganize_launch = _reorganize_kernel
-else:
-    _reorganize_launch = triton.autotune(
-        AUTOTUNE_CONFIGS, key=AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": _prune_configs})(_reorganize_kernel)
+_reorganize_autotuned = None if INTERPRETED else triton.autotune(
+    AUTOTUNE_CONFIGS, key=AUTOTUNE_KEY,
+    prune_configs_by={"early_config_prune": _prune_configs})(_reorganize_kernel)
 
 
 def reorganize_triton(x: Tensor, scores: Tensor, keep: int, num_prefix: int, fuse: bool,
                       normalize: bool) -> tuple[Tensor, Tensor]:
-    """The forward step in one launch of ``_reorganize_kernel`` (the op's Triton forward). On a GPU
-    the first call per (n, D, keep, flags, dtypes) autotunes the blocks: make it before a CUDA graph
-    capture."""
+    """The forward step in one launch of ``_reorganize_kernel`` (the op's Triton forward). With
+    ``ICE_PRUNE_AUTOTUNE=1`` the first call per (n, D, keep, flags, dtypes) autotunes the blocks:
+    make it before a CUDA graph capture."""
     B, N, D = x.shape
     n = N - num_prefix
     out = torch.empty(B, num_prefix + keep + int(fuse), D, dtype=x.dtype, device=x.device)
@@ -286,17 +289,28 @@ def reorganize_triton(x: Tensor, scores: Tensor, keep: int, num_prefix: int, fus
     return out, order
 
 
+def kernel_arguments(x: Tensor, scores: Tensor, order: Tensor, out: Tensor, keep: int,
+                     num_prefix: int, fuse: bool, normalize: bool) -> tuple[tuple, dict]:
+    """``_reorganize_kernel``'s positional arguments and flags (all but the blocks) for one call:
+    the batch size is in none of them (it only sets the grid)."""
+    N, D = x.shape[1], x.shape[2]
+    args = (x, scores, order, out, num_prefix, N - num_prefix, keep, D,
+            *x.stride(), *scores.stride(), out.stride(0), out.stride(1))
+    flags = dict(FUSE=fuse, NORMALIZE=normalize, KEY_FP64=scores.dtype == torch.float64, EPS_=EPS)
+    return args, flags
+
+
 def launch_reorganize(x: Tensor, scores: Tensor, order: Tensor, out: Tensor, keep: int,
                       num_prefix: int, fuse: bool, normalize: bool) -> None:
     """One launch of ``_reorganize_kernel`` into preallocated, contiguous ``order [B, n]`` int64 and
     ``out [B, P + keep (+1), D]`` (x's dtype), both fully overwritten; ``B * D > 0``."""
-    B, N, D = x.shape
-    extra = INTERPRETER_CONFIG if INTERPRETED else {}
-    _reorganize_launch[lambda meta: (B, triton.cdiv(D, meta["BLOCK_D"]))](
-        x, scores, order, out, num_prefix, N - num_prefix, keep, D,
-        *x.stride(), *scores.stride(), out.stride(0), out.stride(1),
-        FUSE=fuse, NORMALIZE=normalize, KEY_FP64=scores.dtype == torch.float64, EPS_=EPS,
-        **extra)
+    B, D = x.shape[0], x.shape[2]
+    args, flags = kernel_arguments(x, scores, order, out, keep, num_prefix, fuse, normalize)
+    if not INTERPRETED and autotune_enabled():
+        _reorganize_autotuned[lambda meta: (B, triton.cdiv(D, meta["BLOCK_D"]))](*args, **flags)
+    else:
+        _reorganize_kernel[(B, triton.cdiv(D, INTERPRETER_CONFIG["BLOCK_D"]))](
+            *args, **flags, **INTERPRETER_CONFIG, num_warps=NUM_WARPS)
 
 
 def reorganize_backward_triton(grad_out: Tensor, x: Tensor, scores: Tensor, order: Tensor,
