@@ -13,8 +13,9 @@ which ONNX does not know. :data:`ONNX_TRANSLATIONS` maps each to a function of s
   the background logit, ``Sigmoid`` (the logits exist inside the ONNX graph; the op's tiling is a
   memory optimization of its torch and Triton kernels).
 
-Everything else (the blocks, the EViT [CLS] attention row) is ordinary torch that the exporter's own
-library translates. Needs the ``export`` extra: ``pip install 'ice_prune[export]'`` (onnx,
+Everything else (the blocks, the EViT [CLS] attention row, explain mode's map: ``ScatterElements``
+of each point's scores over the patches its tokens stand for) is ordinary torch that the exporter's
+own library translates. Needs the ``export`` extra: ``pip install 'ice_prune[export]'`` (onnx,
 onnxscript, onnxruntime).
 """
 from __future__ import annotations
@@ -86,15 +87,48 @@ def ice_score_onnx(h, weight, bias=None, compute_dtype: int = 1, kernel: str = "
     return op.Squeeze(op.Sigmoid(op.Sub(lse, background)), _ints(2))
 
 
+def ice_score_top_class_onnx(h, weight, bias=None, compute_dtype: int = 1, kernel: str = "auto"):
+    """``ice_prune::ice_score_top_class`` in ONNX operators: the score of :func:`ice_score_onnx`,
+    the image classes' ``ArgMax`` (the first of ties, as the kernels) and its probability
+    ``exp(max - logsumexp) * score``."""
+    op = _op()
+    logits = op.MatMul(op.Cast(h, to=1), op.Transpose(op.Cast(weight, to=1), perm=[1, 0]))
+    if bias is not None:
+        logits = op.Add(logits, op.Cast(bias, to=1))
+    classes = op.Slice(logits, _ints(0), _ints(-1), _ints(2))
+    background = op.Slice(logits, _ints(-1), _ints(_INT64_MAX), _ints(2))
+    lse = op.ReduceLogSumExp(classes, _ints(2), keepdims=1)
+    score = op.Sigmoid(op.Sub(lse, background))
+    top_class = op.ArgMax(classes, axis=2, keepdims=0, select_last_index=0)
+    top_prob = op.Mul(op.Exp(op.Sub(op.ReduceMax(classes, _ints(2), keepdims=1), lse)), score)
+    return op.Squeeze(score, _ints(2)), top_class, op.Squeeze(top_prob, _ints(2))
+
+
 #: ``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)``
 ONNX_TRANSLATIONS = {
     torch.ops.ice_prune.reorganize.default: reorganize_onnx,
     torch.ops.ice_prune.ice_score.default: ice_score_onnx,
+    torch.ops.ice_prune.ice_score_top_class.default: ice_score_top_class_onnx,
 }
 
 
+class _WithExplanation(nn.Module):
+    """A patched ICE model in explain mode whose forward returns the map beside the logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.training = model.training
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits = self.model(images)
+        e = self.model.ice_explanation
+        return logits, e.foreground, e.point
+
+
 def export_onnx(model: nn.Module, example: Tensor, path: Union[str, os.PathLike],
-                dynamic_batch: bool = True, opset_version: Optional[int] = OPSET, **kwargs):
+                dynamic_batch: bool = True, opset_version: Optional[int] = OPSET,
+                explain: bool = False, **kwargs):
     """Export a (patched or plain) timm ViT to an ONNX file at ``path`` with the library's op
     translations; returns the ``torch.onnx.ONNXProgram``.
 
@@ -104,19 +138,36 @@ def export_onnx(model: nn.Module, example: Tensor, path: Union[str, os.PathLike]
         example: an example batch ``[B, 3, H, W]``; H and W are fixed in the graph.
         path: where to write the ``.onnx`` file.
         dynamic_batch: the batch axis of the input and output is dynamic (named ``batch``).
+        explain: a model patched with ``method="ice"`` exports in explain mode (whatever
+            ``model.explain`` says; the knob is left as it was), with the map as further outputs.
         kwargs: passed on to ``torch.onnx.export``.
 
-    The graph's input is ``images``, its output ``logits``.
+    The graph's input is ``images``, its output ``logits``; with ``explain=True`` also
+    ``foreground`` ``[batch, num_patches]`` fp32 and ``point`` ``[batch, num_patches]`` int64, the
+    fields of :class:`~ice_prune.integrations.common.ICEExplanation`.
     """
     _op()
     if model.training:
         raise ValueError("export the model in eval mode (model.eval()): training mode records "
                          "logits and drops paths that an exported graph does not have")
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
-    with torch.no_grad():
-        program = torch.onnx.export(
-            model, (example,), dynamo=True, custom_translation_table=ONNX_TRANSLATIONS,
-            dynamic_shapes=dynamic_shapes, input_names=["images"], output_names=["logits"],
-            opset_version=opset_version, **kwargs)
+    names = ["logits"]
+    module = model
+    if explain:
+        if not hasattr(model, "ice_explanation"):
+            raise ValueError("explain=True exports the ICE map of a patched model: patch it with "
+                             "ice_prune.patch(model, method='ice') first")
+        was = model.explain
+        model.explain = True  # refused, naming the fix, for a model without an ICE head
+        module, names = _WithExplanation(model), names + ["foreground", "point"]
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, custom_translation_table=ONNX_TRANSLATIONS,
+                dynamic_shapes=dynamic_shapes, input_names=["images"], output_names=names,
+                opset_version=opset_version, **kwargs)
+    finally:
+        if explain:
+            model.explain = was
     program.save(os.fspath(path))
     return program

@@ -60,13 +60,15 @@ def patch(
             or one ``"per_location"``.
         num_classes: ICE only: image classes of the head (background is added); default the model's
             (a transformers ``ViTModel`` / ``DeiTModel`` backbone has none: pass it).
-        trace: record per selection point which patches were kept and fused (``model.ice_trace``).
+        trace: record per selection point which patches were kept and fused (``model.ice_trace``,
+            what :func:`ice_prune.restore` reads); it records no head logits, so an eval forward
+            keeps ICE's fused score.
         explain: ICE only: every selection point scores all its tokens, even where it keeps them
             all, and each forward leaves the ICE map over the full patch grid in
             ``model.ice_explanation`` (an :class:`~ice_prune.integrations.common.ICEExplanation`),
             with no second pass and the same logits. Toggle with ``model.explain = ...``.
-        kernel: the kernels of the reorganize step and of ICE's fused score (eval without
-            trace): ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or
+        kernel: the kernels of the reorganize step and of ICE's fused score (eval, no
+            gradient): ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or
             ``"torch"``.
     """
     return patch_model(integration_of(model), model, keep_rate=keep_rate, method=method, locs=locs,

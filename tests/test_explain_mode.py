@@ -161,11 +161,11 @@ def test_fused_and_logits_score_paths_agree():
         model(x)  # eval, no trace, no grad: the fused score, no logits
         fused = model.ice_explanation
         assert calls == [] and model.ice_logits == []
-        model.trace = True  # the logits path
-        model(x)
+        with torch.enable_grad():  # autograd through the head: the logits path
+            model(x)
         unfused = model.ice_explanation
     hook.remove()
-    assert len(calls) == len(LOCS) and len(model.ice_logits) == len(LOCS)
+    assert len(calls) == len(LOCS) and model.ice_logits == []
     torch.testing.assert_close(fused.foreground, unfused.foreground, atol=1e-5, rtol=0)
     assert torch.equal(fused.point, unfused.point)
 

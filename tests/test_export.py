@@ -1,6 +1,6 @@
 """ONNX export of patched ViTs (ice_prune.export): onnxruntime's outputs against PyTorch's, fp32, at
-keep rates 1.0 / 0.7 / 0.5, batch 1 and 8 through one graph with a dynamic batch axis; the op
-translations against the torch kernels, ties included."""
+keep rates 1.0 / 0.7 / 0.5, batch 1 and 8 through one graph with a dynamic batch axis, and explain
+mode's map as further outputs; the op translations against the torch kernels, ties included."""
 import numpy as np
 import pytest
 import timm
@@ -58,6 +58,54 @@ def test_prefix_tokens_and_no_fusion_export(method, fuse, tmp_path):
     model = timm.create_model("vit_small_patch14_reg4_dinov2", img_size=56, num_classes=10).eval()
     ice_prune.patch(model, keep_rate=(0.7, 0.5, 0.6), method=method, fuse=fuse)
     check_export(model, tmp_path, (56, 56), batches=(3,))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep_rate", [0.7, 1.0])
+def test_explain_mode_exports_the_map_as_further_outputs(keep_rate, tmp_path):
+    """``explain=True``: outputs logits, foreground and point, each against PyTorch's explain-mode
+    forward at batch 1 and 4 through one graph; the model's own knob is left off."""
+    import onnx
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              depth=4, num_classes=5).eval()
+    ice_prune.patch(model, keep_rate=keep_rate, method="ice", locs=(1, 2, 3))
+    with torch.no_grad():  # a head that separates tokens (the fresh one scores them all alike)
+        model.ice_head.fc.weight.normal_(std=0.05)
+    path = tmp_path / "explain.onnx"
+    export_onnx(model, torch.randn(2, 3, 32, 32), path, explain=True)
+    assert model.explain is False
+    outputs = onnx.load(str(path)).graph.output
+    assert [o.name for o in outputs] == ["logits", "foreground", "point"]
+    assert [[d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+            for o in outputs] == [["batch", 5], ["batch", 16], ["batch", 16]]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model.explain = True
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            logits = model(x)
+        e = model.ice_explanation
+        got_logits, foreground, point = session.run(None, {"images": x.numpy()})
+        np.testing.assert_allclose(got_logits, logits.numpy(), rtol=0, atol=TOL)
+        np.testing.assert_allclose(foreground, e.foreground.numpy(), rtol=0, atol=TOL)
+        assert point.dtype == np.int64
+        np.testing.assert_array_equal(point, e.point.numpy())
+    if keep_rate < 1.0:
+        assert set(np.unique(point)) == {0, 1, 2}  # patches dropped at each point
+    else:
+        assert (point == 2).all()
+
+
+def test_explain_export_needs_an_ice_model(tmp_path):
+    evit = ice_prune.patch(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
+                                             depth=4).eval(), method="evit", locs=(1, 2))
+    with pytest.raises(ValueError, match="method='ice'"):
+        export_onnx(evit, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx", explain=True)
+    plain = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4).eval()
+    with pytest.raises(ValueError, match="patch it with"):
+        export_onnx(plain, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx", explain=True)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 class Reorganize(torch.nn.Module):

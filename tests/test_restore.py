@@ -1,5 +1,6 @@
 """ice_prune.restore: pruned tokens back on the full patch grid, checked against the trace's recorded
-positions and against a plain re-computation of which token each patch ends up in."""
+positions, against a plain re-computation of which token each patch ends up in, and against explain
+mode's map of the same forward."""
 import pytest
 import timm
 import torch
@@ -108,3 +109,53 @@ def test_restore_reads_the_tokens_of_the_traced_forward():
         ice_prune.restore(tokens[:1], trace)
     with pytest.raises(ValueError, match="model.trace = True"):
         ice_prune.restore(tokens, None)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("keep_rate", [0.5, 0.7])
+def test_restore_and_explanation_agree_on_the_fused_score_path(keep_rate, fuse, monkeypatch):
+    """One eval forward with ``trace=True`` and ``explain=True`` runs ICE's fused score (the
+    head's linear layer is never called, no logits kept), and restore's tokens and the map index
+    the same patches: a patch kept to the end gets its own token in restore and the last point in
+    the map; a patch dropped at point j reads what the trace says and has point j, its score from
+    that point."""
+    locs = (1, 2, 3)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              depth=4, num_classes=5).eval()
+    ice_prune.patch(model, keep_rate=keep_rate, method="ice", locs=locs, fuse=fuse, trace=True,
+                    explain=True)
+    with torch.no_grad():  # a head that separates tokens (the fresh one scores them all alike)
+        model.ice_head.fc.weight.normal_(std=0.05)
+    fc_calls, fused_calls = [], []
+    model.ice_head.fc.register_forward_hook(lambda *a: fc_calls.append(1))
+    score = ice_prune.select.ice_score
+    monkeypatch.setattr(ice_prune.select, "ice_score",
+                        lambda *a, **k: fused_calls.append(1) or score(*a, **k))
+    with torch.no_grad():
+        tokens = model.forward_features(torch.randn(3, 3, 32, 32))
+    trace, e = model.ice_trace, model.ice_explanation
+    assert fc_calls == [] and len(fused_calls) == len(locs) and model.ice_logits == []
+    out = ice_prune.restore(tokens, trace)
+    P, last = model.num_prefix_tokens, len(locs) - 1
+    assert len(trace["locations"]) == len(locs)
+    for b in range(tokens.shape[0]):
+        seen = set()
+        for j, loc in enumerate(trace["locations"]):
+            order, scores, keep = loc["order"][b], loc["scores"][b], loc["keep"]
+            gone = loc["fused"] if fuse else loc["dropped"]
+            for r, p in enumerate(gone[b].tolist(), start=keep):  # dropped here, rank r
+                if p >= 0:
+                    assert int(e.point[b, p]) == j and float(e.foreground[b, p]) == scores[order[r]]
+                    seen.add(p)
+            if j < last:
+                continue
+            for r, p in enumerate(loc["kept"][b].tolist()):  # kept to the end, at final rank r
+                if p >= 0:
+                    assert torch.equal(out[b, P + p], tokens[b, P + r])
+                    assert int(e.point[b, p]) == last
+                    assert float(e.foreground[b, p]) == scores[order[r]]
+                    seen.add(p)
+        assert seen == set(range(16))  # every patch: kept to the end or dropped at one point
+        for p, j in enumerate(plain_sources(trace, b)):  # restore of the dropped ones
+            expected = tokens[b, P + j] if j >= 0 else torch.zeros(tokens.shape[2])
+            assert torch.equal(out[b, P + p], expected)

@@ -37,6 +37,11 @@ class ICEExplanation(NamedTuple):
     point: Tensor
     #: ``(rows, columns)`` of the patch grid: ``foreground.view(B, *grid)`` is the map
     grid: tuple[int, int]
+    #: ``[B, num_patches]`` int64: the best image class at that scoring (argmax of the head's ``C``
+    #: image logits, background excluded; ties to the lowest index)
+    top_class: Tensor
+    #: ``[B, num_patches]`` fp32: that class's probability under the softmax over all ``C + 1``
+    top_prob: Tensor
 
 
 class ICEState:
@@ -72,8 +77,10 @@ class ICEState:
 
     def begin(self, training: bool, grid: tuple[int, int], patch_size: tuple[int, int]) -> None:
         """Reset the per-forward record; an integration calls it at the start of the model's forward
-        with the images' patch ``grid`` (rows, columns) and ``patch_size``."""
-        self.record_logits = training or self.trace
+        with the images' patch ``grid`` (rows, columns) and ``patch_size``. Only training keeps the
+        head's logits (the ICE loss reads them): a trace records the token order and scores, so an
+        eval forward with ``trace=True`` still runs the fused score."""
+        self.record_logits = training
         self.logits = []
         self._grid = tuple(grid)
         self._patches = self._foreground = self._point = self.explanation = None
@@ -94,8 +101,9 @@ class ICEState:
         selects = keep < n
         head = self.heads[loc] if self.heads is not None else None
         record_logits = self.record_logits and selects
-        scores, logits = self.selector.scores(cls_attn, h, head, self.num_prefix,
-                                              logits_needed=record_logits, kernel=self.kernel)
+        scores, logits, *top = self.selector.scores(cls_attn, h, head, self.num_prefix,
+                                                    logits_needed=record_logits, kernel=self.kernel,
+                                                    top_class=self.explain)
         if logits is not None and record_logits:
             self.logits.append(logits)
         if (self.trace or self.explain) and self._patches is None:
@@ -105,7 +113,7 @@ class ICEState:
             if self.trace:
                 self.trace_out["num_patches"] = n
         if self.explain:
-            self._score_patches(scores, loc)
+            self._score_patches(scores, loc, *top)
         if not selects:
             return x
         out, order = reorganize(x, scores, keep, self.num_prefix, self.fuse,
@@ -119,19 +127,25 @@ class ICEState:
             self._patches = kept
         return out
 
-    def _score_patches(self, scores: Tensor, loc: int) -> None:
-        """Write the scores of this point over each token's patch: a later point overwrites an
-        earlier one, so each patch ends with its last scoring; a fused token's goes to the spare
-        column."""
+    def _score_patches(self, scores: Tensor, loc: int, top_class: Tensor,
+                       top_prob: Tensor) -> None:
+        """Write the scores and top classes of this point over each token's patch: a later point
+        overwrites an earlier one, so each patch ends with its last scoring; a fused token's go to
+        the spare column."""
         P, index = self._num_patches, self._patches
-        if self._foreground is None:
+        if self._foreground is None:  # the first point of a forward
             self._foreground = scores.new_zeros(index.shape[0], P + 1, dtype=torch.float32)
             self._point = index.new_zeros(index.shape[0], P + 1)
+            self._top_class = index.new_zeros(index.shape[0], P + 1)
+            self._top_prob = torch.zeros_like(self._foreground)
         self._foreground = self._foreground.scatter(1, index, scores.detach().float())
         self._point = self._point.scatter(1, index, index.new_full(index.shape, loc))
+        self._top_class = self._top_class.scatter(1, index, top_class)
+        self._top_prob = self._top_prob.scatter(1, index, top_prob.detach().float())
         if loc == len(self.locs) - 1:  # explain mode runs every point: this one ends the map
-            self.explanation = ICEExplanation(self._foreground[:, :P].contiguous(),
-                                              self._point[:, :P].contiguous(), self._grid)
+            self.explanation = ICEExplanation(
+                self._foreground[:, :P].contiguous(), self._point[:, :P].contiguous(), self._grid,
+                self._top_class[:, :P].contiguous(), self._top_prob[:, :P].contiguous())
 
     def _record(self, loc: int, tokens_in: int, tokens_out: int, keep: int, order: Tensor,
                 scores: Tensor, kept: Tensor) -> None:
@@ -196,8 +210,9 @@ class ICEModel:
 
     @property
     def ice_logits(self) -> list[Tensor]:
-        """ICE head logits ``[B, n, C+1]`` per selection point of the last forward (train mode or
-        ``trace=True``; ``[]`` otherwise)."""
+        """ICE head logits ``[B, n, C+1]`` per selection point that dropped tokens in the last
+        forward, in train mode, for the ICE loss; ``[]`` in eval, with or without ``trace`` (under
+        ``torch.no_grad()`` ICE's fused score never makes them)."""
         return self._ice.logits
 
     @property
@@ -205,7 +220,8 @@ class ICEModel:
         """What the last forward with ``trace=True`` kept and fused, per selection point: ``kept`` /
         ``fused`` (or ``dropped``) original patch positions (-1 for a fused token), ``mask``,
         ``scores`` and ``order`` (the reorganize step's ranking of the incoming tokens, which
-        :func:`ice_prune.restore` composes)."""
+        :func:`ice_prune.restore` composes). It holds no head logits, so a traced eval forward
+        still runs ICE's fused score."""
         return self._ice.trace_out
 
 
