@@ -5,6 +5,7 @@
     python bench/throughput.py --device cuda --dtype bf16 --batch-size max --json r.json --plot r.png
     python bench/throughput.py --latency-only --threads 1          # batch-1 latency: median, p90
     python bench/throughput.py --device cuda --dtype bf16 --evit-reference --cuda-graphs
+    python bench/throughput.py --explain                           # + ICE with its map, vs ICE
 
 All variants are timed interleaved in one run (ice_prune.benchmark_models); a speed-up is the ratio of
 the variant's median img/s to the baseline's. GMACs are fvcore counts with the SDPA and reorganize
@@ -20,13 +21,17 @@ is on while timing. ``--cuda-graphs`` replays each eager variant as a captured C
 throughput run too, and compiles with mode="reduce-overhead" (small, launch-bound models).
 ``--evit-reference`` adds, per keep rate, EViT with timm's non-fused attention in every block (the
 full attention matrix materialized, as the official EViT code computes it) and reports our EViT's
-throughput over it.
+throughput over it. ``--explain`` adds, per keep rate, ICE in explain mode (``ice-explain@RATE``: the
+map from the pruned forward, ``model.ice_explanation``; the ``ice@RATE`` model's own weight tensors)
+and reports its throughput over ICE's: the ratio of medians, and the per-repetition ratios' median,
+quartiles and range.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -42,7 +47,7 @@ from ice_prune.checkpoint import read_state_dict, split_ice_head
 from ice_prune.training.cli import (TRUST_HELP, ArgumentParser, check_keep_rate_arg, check_model_name,
                                     check_output_file, run_script)
 from ice_prune.throughput import (DEFAULTS, LATENCY_DEFAULTS, benchmark_models, latency,
-                                  max_batch_size, check_device)
+                                  max_batch_size, check_device, percentile)
 from ice_prune.flops import count_flops
 from ice_prune.kernels.ops import KERNEL_CHOICES
 from ice_prune.evaluation.paper import TABLE5, TABLE5_KEEP_RATES, TABLE5_SOURCE, Efficiency
@@ -50,6 +55,8 @@ from ice_prune.evaluation.paper import TABLE5, TABLE5_KEEP_RATES, TABLE5_SOURCE,
 METHODS = ("evit", "ice")
 #: the method name of --evit-reference's variants: EViT materializing the attention matrix
 REFERENCE = "evit-ref"
+#: the method name of --explain's variants: ICE with the map from the pruned forward
+EXPLAIN = "ice-explain"
 
 
 def published(method: str, keep_rate: float = 1.0) -> Optional[Efficiency]:
@@ -109,6 +116,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="also time, per keep rate, EViT materializing the attention matrix "
                              "(timm's non-fused attention, as the official EViT code) and report "
                              "our EViT's throughput over it")
+    parser.add_argument("--explain", action="store_true",
+                        help=f"also time, per keep rate, ICE in explain mode ({EXPLAIN}@RATE: one "
+                             f"pruned forward also gives the map; the ice@RATE model's weights) and "
+                             f"report its throughput over ICE's")
     lat = parser.add_argument_group("batch-1 latency")
     lat.add_argument("--latency", action="store_true",
                      help="also measure batch-1 latency (median and p90 of single-image forwards, "
@@ -144,7 +155,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def build_variants(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module], dict[str, dict]]:
     """The baseline and EViT / ICE at every keep rate, sharing the baseline's weights; the ICE models
-    get the checkpoint's ICE head, if it has one."""
+    get the checkpoint's ICE head, if it has one. With ``--explain``, ``ice-explain@RATE`` is
+    ``ice@RATE`` in explain mode, holding the same weight tensors."""
     kwargs = {} if args.img_size is None else {"img_size": args.img_size}
     state = read_state_dict(args.checkpoint, args.trust_checkpoint) if args.checkpoint else None
     base = ice_prune.load_model(args.model, split_ice_head(state)[0] if state else None,
@@ -159,6 +171,11 @@ def build_variants(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module]
             models[name] = ice_prune.load_model(copy.deepcopy(base), state, method=method,
                                                 keep_rate=rate, patch_kwargs=patch_kwargs)
             meta[name] = {"method": method, "keep_rate": rate}
+        if args.explain:
+            name = f"{EXPLAIN}@{rate:g}"
+            models[name] = sharing_weights(models[f"ice@{rate:g}"])
+            models[name].explain = True
+            meta[name] = {"method": EXPLAIN, "keep_rate": rate}
         if args.evit_reference:
             name = f"{REFERENCE}@{rate:g}"
             models[name] = materialize_attention(ice_prune.load_model(
@@ -166,6 +183,12 @@ def build_variants(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module]
                 patch_kwargs={"kernel": args.kernel}))
             meta[name] = {"method": REFERENCE, "keep_rate": rate}
     return models, meta
+
+
+def sharing_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` (its own knobs) that holds ``model``'s parameter and buffer tensors."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def materialize_attention(model: torch.nn.Module) -> torch.nn.Module:
@@ -222,6 +245,13 @@ def print_table(rows: list[dict], header: str) -> None:
             ratio = paper_ice.img_per_s / paper_evit.img_per_s
             line += f"; the paper's ICE: {100 * (ratio - 1):+.1f}%"
         print(line)
+    for row in rows:
+        if row.get("vs_ice") is not None:
+            reps = row["vs_ice_reps"]
+            print(f"{row['name']}: {row['vs_ice']:.3f} of ICE's img/s at the same keep rate (per "
+                  f"repetition: median {row['vs_ice_paired']:.3f}, quartiles "
+                  f"{percentile(reps, 25):.3f}-{percentile(reps, 75):.3f}, range {min(reps):.3f}-"
+                  f"{max(reps):.3f}; goal: at least 0.98 on a GPU at batch 256 bf16)")
     for row in rows:
         if row.get("vs_reference") is not None:
             print(f"{row['name']}: {row['vs_reference']:.2f}x the img/s of EViT materializing the "
@@ -372,8 +402,10 @@ def measure_throughput(args, models, meta, stats, input_size, device, info) -> d
 def throughput_rows(run, meta: dict, stats: dict) -> list[dict]:
     """The rows of the throughput tables, every ratio taken inside ``run``: ``speedup`` /
     ``paired_speedup`` over the baseline of the same kind (eager over eager, compiled over compiled);
-    ``vs_evit``: ICE's median img/s over EViT's at the same keep rate; ``vs_reference``: EViT's over
-    the --evit-reference variant's; ``vs_eager``: a compiled variant's over its eager self."""
+    ``vs_evit``: ICE's median img/s over EViT's at the same keep rate; ``vs_ice``: the --explain
+    variant's over ICE's (``vs_ice_paired``: the median of ``vs_ice_reps``, ICE's time over the
+    variant's in each repetition); ``vs_reference``: EViT's over the --evit-reference variant's;
+    ``vs_eager``: a compiled variant's over its eager self."""
     rows = []
     for measured in run.to_dict()["results"]:
         row = variant_row(measured, meta, stats)
@@ -382,6 +414,11 @@ def throughput_rows(run, meta: dict, stats: dict) -> list[dict]:
         row["paired_speedup"] = run.paired_speedup(name, "baseline" + suffix)
         rate = f"{row['keep_rate']:g}"
         row["vs_evit"] = run.speedup(name, f"evit@{rate}{suffix}") if row["method"] == "ice" else None
+        ice = f"ice@{rate}{suffix}"
+        explains = row["method"] == EXPLAIN
+        row["vs_ice"] = run.speedup(name, ice) if explains else None
+        row["vs_ice_paired"] = run.paired_speedup(name, ice) if explains else None
+        row["vs_ice_reps"] = run.paired_ratios(name, ice) if explains else None
         reference = f"{REFERENCE}@{rate}{suffix}"
         row["vs_reference"] = (run.speedup(name, reference)
                                if row["method"] == "evit" and reference in run.measurements else None)

@@ -19,13 +19,17 @@ The methods live in the :data:`METHODS` registry under the names ``train/evaluat
 * ``generic``: Chefer et al. ICCV 2021, "Generic attention-model explainability" for self-attention
   (``generate_relevance``): ``R = I``; per block ``R += mean_h((grad * A)^+) @ R``; the [CLS] row.
 * ``pm-style``: see :func:`pm_style_map`.
+* ``ice-pruned``: ICE's map from a patched ICE model's own pruned forward (explain mode,
+  ``model.ice_explanation``): each patch's ``1 - P(background)`` from its last scoring at a selection
+  point; see :func:`pruned_forward_map`. It needs a model patched with ``method="ice"``
+  (:data:`PRUNED_FORWARD_METHODS`), runs at the model's keep rate and explains no class.
 
 Gradient methods back-propagate the explained class's logit of the model's own classifier.
 Attention and its gradient are read with a forward hook on each block's ``attn.attn_drop`` (the
 module timm applies to the softmax output) while ``fused_attn`` is switched off;
 :func:`record_attention` restores the model on exit. A model patched by :func:`ice_prune.patch`
 runs with ``keep_rate=1.0`` (every token kept, exactly the unpatched network) while it is explained,
-since the maps need every patch.
+since the maps need every patch; ``ice-pruned`` alone runs at the model's keep rate.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ice_prune.head import ICEHead, forward_with_tokens
+from ice_prune.integrations.common import ICEModel
 from ice_prune.loss import ice_image_logits
 
 Target = Optional[Union[int, Tensor]]
@@ -269,6 +274,29 @@ def ice_map(model: nn.Module, images: Tensor, target: Target = None,
     return ice_explain(model, images, head=head, target=target).class_map
 
 
+@torch.no_grad()
+def pruned_forward_map(model: nn.Module, images: Tensor, target: Target = None) -> Tensor:
+    """ICE's map from the pruned forward of a model patched with ``method="ice"``, ``[B, gh, gw]``:
+    one eval-mode forward at the model's keep rate in explain mode (switched on for the call and
+    restored after), each patch's ``1 - P(background)`` from its last scoring as its own token
+    (``model.ice_explanation.foreground``). The map is a foreground probability, the same for every
+    class: ``target`` is accepted and ignored. At ``keep_rate=1.0`` it is the head on every patch at
+    the last selection point."""
+    if not isinstance(model, ICEModel):
+        raise ValueError("the ice-pruned map reads a model patched with method='ice' "
+                         "(ice_prune.patch or ice_prune.load_model(..., method='ice')); this one is "
+                         "not patched")
+    saved = model.explain
+    model.explain = True  # refused, with the reason, for a selector without an ICE head
+    try:
+        with eval_mode(model):
+            model(images)
+        explanation = model.ice_explanation
+    finally:
+        model.explain = saved
+    return explanation.foreground.view(-1, *explanation.grid)
+
+
 def pm_classify_patches(model: nn.Module, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
     """The model's own classifier (final ``norm``, ``fc_norm``, ``head_drop``, ``head``) applied to
     every patch token of ``tokens [B, N, D]`` (the last block's output before the final norm, as
@@ -353,7 +381,21 @@ METHODS: dict[str, MapFn] = {
     "gradcam": attention_gradcam,
     "generic": generic_attention,
     "pm-style": pm_style_map,
+    "ice-pruned": pruned_forward_map,
 }
+
+def gives_pruned_forward_maps(model: nn.Module) -> bool:
+    """Whether ``model`` gives the :data:`PRUNED_FORWARD_METHODS` maps: patched with an ICE head."""
+    return isinstance(model, ICEModel) and model._ice.selector.needs_head
+
+
+#: the maps read from a patched ICE model's own forward, not from any model: a foreground
+#: probability, whose mask is the map above :data:`FOREGROUND_THRESHOLD`
+PRUNED_FORWARD_METHODS = ("ice-pruned",)
+#: a foreground probability's mask: ``1 - P(background) > 0.5``, the patches the head deems more
+#: likely foreground than background (not quite ICE's argmax rule, which compares the background
+#: with each class alone)
+FOREGROUND_THRESHOLD = 0.5
 
 
 def explain(model: nn.Module, images: Tensor, method: str = "ice", target: Target = None,

@@ -97,12 +97,16 @@ class BenchmarkRun(_Run):
         baseline = self.baseline if baseline is None else baseline
         return self.measurements[name].median / self.measurements[baseline].median
 
+    def paired_ratios(self, name: str, baseline: Optional[str] = None) -> list[float]:
+        """The baseline's time over ``name``'s in each repetition (a pair shares the load it saw)."""
+        baseline = self.baseline if baseline is None else baseline
+        pairs = zip(self.measurements[baseline].times, self.measurements[name].times)
+        return [base / t for base, t in pairs]
+
     def paired_speedup(self, name: str, baseline: Optional[str] = None) -> float:
         """Median over repetitions of the baseline's time over ``name``'s in the same repetition: on a
         machine whose load changes during the run (shared CPUs) a pair shares the load it saw."""
-        baseline = self.baseline if baseline is None else baseline
-        pairs = zip(self.measurements[baseline].times, self.measurements[name].times)
-        return statistics.median(base / t for base, t in pairs)
+        return statistics.median(self.paired_ratios(name, baseline))
 
     def to_dict(self) -> dict:
         return {"baseline": self.baseline, "device": self.device, "dtype": self.dtype,

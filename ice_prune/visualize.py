@@ -1,7 +1,8 @@
-"""Pictures: EViT's masked-image figure from ``model.ice_trace``, map overlays and the explanation grid."""
+"""Pictures: EViT's masked-image figure from ``model.ice_trace``, map overlays, ICE's map from the
+pruned forward beside the kept patches, and the explanation grid."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -66,10 +67,12 @@ def _resize_map(values: np.ndarray, size: tuple[int, int], nearest: bool) -> np.
     return torch.nn.functional.interpolate(t, size=size, **mode)[0, 0].numpy()
 
 
-def overlay(image: ImageLike, saliency: ImageLike, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
-    """``image`` blended with ``saliency`` (``[h, w]``, any range; min-max normalized, a constant map
-    shows as zeros) coloured by a matplotlib colormap; the map is resized bilinearly to the image.
-    Returns ``[H, W, 3]`` uint8."""
+def overlay(image: ImageLike, saliency: ImageLike, cmap: str = "jet", alpha: float = 0.5,
+            vrange: Optional[tuple[float, float]] = None) -> np.ndarray:
+    """``image`` blended with ``saliency`` (``[h, w]``) coloured by a matplotlib colormap; the map is
+    resized bilinearly to the image. ``vrange``: the values at the colormap's ends (a probability:
+    ``(0, 1)``), values outside clipped; default the map's min and max (a constant map shows as
+    zeros). Returns ``[H, W, 3]`` uint8."""
     import matplotlib
 
     img = to_uint8_image(image)
@@ -77,10 +80,51 @@ def overlay(image: ImageLike, saliency: ImageLike, cmap: str = "jet", alpha: flo
     if s.ndim != 2:
         raise ValueError(f"saliency must be one map [h, w], got shape {s.shape}")
     s = _resize_map(s, img.shape[:2], nearest=False).astype(np.float64)
-    span = s.max() - s.min()
-    s = (s - s.min()) / span if span > 0 else np.zeros_like(s)
+    low, high = (s.min(), s.max()) if vrange is None else vrange
+    s = np.clip((s - low) / (high - low), 0, 1) if high > low else np.zeros_like(s)
     heat = matplotlib.colormaps[cmap](s)[..., :3] * 255
     return ((1 - alpha) * img + alpha * heat).round().clip(0, 255).astype(np.uint8)
+
+
+def pruned_forward_row(image: ImageLike, explanation, trace: dict, index: int = 0,
+                       location: int = -1, cmap: str = "jet", alpha: float = 0.5
+                       ) -> dict[str, np.ndarray]:
+    """One image of a forward run with ``explain`` and ``trace`` on, side by side: ``{"image",
+    "map", "kept"}``, each ``[H, W, 3]`` uint8 (a row of :func:`save_grid`).
+
+    ``"map"``: ICE's map from the pruned forward (``explanation``: ``model.ice_explanation``), each
+    patch's ``1 - P(background)`` over the image, the colormap spanning 0 to 1. ``"kept"``: the
+    patches still standing as their own tokens after selection point ``location`` of ``trace``
+    (``model.ice_trace``), the others greyed (:func:`kept_patches`). ``index``: the image in the
+    batch; ``image``: that image as it is to be shown.
+    """
+    grid = tuple(explanation.grid)
+    foreground = explanation.foreground[index].detach().float().reshape(grid)
+    return {"image": to_uint8_image(image),
+            "map": overlay(image, foreground, cmap=cmap, alpha=alpha, vrange=(0.0, 1.0)),
+            "kept": kept_patches(image, trace, location=location, index=index)}
+
+
+def pruned_forward_rows(model: torch.nn.Module, images: torch.Tensor,
+                        shown: Optional[Sequence[ImageLike]] = None, location: int = -1
+                        ) -> list[dict[str, np.ndarray]]:
+    """:func:`pruned_forward_row` for every image of one eval-mode forward of ``model`` (patched with
+    ICE, keep rate below 1) on ``images``, run with ``explain`` and ``trace`` on (both restored
+    after). ``shown``: the images as they are to be drawn (e.g. without the input normalization);
+    default ``images``."""
+    from ice_prune.maps import eval_mode
+
+    explain, trace = model.explain, model.trace
+    model.explain = model.trace = True
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(images)
+        explanation, record = model.ice_explanation, model.ice_trace
+    finally:
+        model.explain, model.trace = explain, trace
+    shown = images if shown is None else shown
+    return [pruned_forward_row(shown[i], explanation, record, index=i, location=location)
+            for i in range(images.shape[0])]
 
 
 def mask_overlay(image: ImageLike, mask: ImageLike, color: tuple[int, int, int] = (255, 0, 0),

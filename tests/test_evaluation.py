@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.stats
 import timm
 import torch
 from PIL import Image
@@ -111,6 +112,32 @@ def test_patch_mask():
     assert np.array_equal(evaluation.patch_mask("gradcam", patch_map), [[False, True], [False, True]])
     foreground = torch.tensor([[True, False], [False, False]])
     assert np.array_equal(evaluation.patch_mask("ice", patch_map, foreground), foreground.numpy())
+    # a foreground probability: above 0.5, not Chefer's threshold (which would keep 1.0 and 0.9 only)
+    probability = torch.tensor([[0.45, 0.55], [0.6, 1.0]])
+    assert np.array_equal(evaluation.patch_mask("ice-pruned", probability),
+                          [[False, True], [True, True]])
+    masks = dict(evaluation.jaccard_masks(None, None, "ice-pruned", probability, (4, 4), None))
+    assert list(masks) == ["mask"]
+    assert torch.equal(masks["mask"], torch.tensor([[False, True], [True, True]])
+                       .repeat_interleave(2, 0).repeat_interleave(2, 1))
+
+
+def test_map_agreement_by_hand():
+    first = torch.tensor([[[0.9, 0.8], [0.2, 0.1]],    # masks {0, 1} and {0, 2}: IoU 1/3
+                          [[0.1, 0.2], [0.3, 0.4]],    # both empty: they agree, IoU 1
+                          [[0.7, 0.7], [0.7, 0.7]]])   # constant: no rank correlation
+    second = torch.tensor([[[0.6, 0.3], [0.7, 0.2]],
+                           [[0.4, 0.3], [0.2, 0.1]],
+                           [[0.1, 0.9], [0.2, 0.3]]])
+    iou, rho = metrics.map_agreement(first, second)
+    np.testing.assert_allclose(iou, [1 / 3, 1.0, 0.25])
+    # image 0: ranks (4, 3, 2, 1) and (3, 2, 4, 1): d^2 = 1 + 1 + 4 + 0, rho = 1 - 6 * 6 / 60
+    np.testing.assert_allclose(rho[:2], [0.4, -1.0])
+    assert np.isnan(rho[2])
+    iou, _ = metrics.map_agreement(first, second, threshold=0.15)
+    assert iou[1] == 0.5  # {1, 2, 3} against {0, 1, 2}
+    with pytest.raises(ValueError, match="one shape"):
+        metrics.map_agreement(first, second[:, 0])
 
 
 def test_evaluate_maps_against_the_library(gtsegs, checkpoint):
@@ -231,19 +258,114 @@ def center_map(model, images, target=None):
 def test_a_registered_map_reaches_evaluate_maps_and_the_command_line(gtsegs, checkpoint, tmp_path,
                                                                      monkeypatch):
     monkeypatch.setitem(maps.METHODS, "center", center_map)  # removed again after the test
-    assert evaluate.parser().parse_args(["explain", "--data", "x"]).methods.split(",")[-1] == "center"
+    assert evaluate.parser().parse_args(["explain", "--data", "x"]).methods is None  # every map
     path, _ = checkpoint
     model = ice_prune.load_model("vit_tiny_patch16_224", path, img_size=32, patch_size=8)
     head = model.ice_head
     dataset = evaluation.open_dataset("imagenet-seg", gtsegs, image_size=32)
     every = evaluation.evaluate_maps(model, head, dataset, ("segmentation",), limit=1)
-    assert list(every["methods"]) == list(maps.METHODS)
+    # an unpatched model gives every map but the pruned forward's
+    assert list(every["methods"]) == evaluation.default_methods(model) == [
+        m for m in maps.METHODS if m not in maps.PRUNED_FORWARD_METHODS]
+    assert evaluation.default_methods(model)[-1] == "center"
+    pruned = ice_prune.load_model("vit_tiny_patch16_224", path, method="ice", keep_rate=0.7,
+                                  img_size=32, patch_size=8)
+    assert evaluation.default_methods(pruned) == list(maps.METHODS)
     res = evaluate.main(["explain", "--data", f"imagenet-seg:{gtsegs}", "--checkpoint", path, *MODEL,
                          "--methods", "center", "--out", str(tmp_path / "out"), "--grid", "0", "--quiet"])
     meter = metrics.ImageNetSegMeter()
     for image, mask in dataset:
         meter.update(maps.upsample(center_map(model, image[None]), (32, 32))[0], mask)
     assert res["methods"]["center"] == pytest.approx(meter.compute())
+
+
+def pruned_checkpoint(tmp_path, keep_rate=0.5):
+    """A 5-class tiny ViT pruned by ICE, with a head that tells patches apart, saved as train/prune.py
+    saves."""
+    model = tiny_vit(5)
+    ice_prune.patch(model, keep_rate=keep_rate, method="ice", num_classes=5)
+    with torch.no_grad():
+        model.ice_head.fc.weight.normal_(std=0.5)
+    path = str(tmp_path / "pruned.pth")
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def test_pruned_forward_maps_command_against_the_library(gtsegs, tmp_path):
+    path = pruned_checkpoint(tmp_path)
+    dataset = evaluation.open_dataset("imagenet-seg", gtsegs, image_size=32)
+    for keep_rate in (0.5, 1.0):
+        res = evaluate.main(["explain", "--data", f"imagenet-seg:{gtsegs}", "--checkpoint", path,
+                             *MODEL, "--method", "ice", "--keep-rate", str(keep_rate), "--methods",
+                             "ice-pruned,rollout", "--out", str(tmp_path / "out"), "--grid", "1",
+                             "--quiet"])
+        assert (res["method"], res["keep_rate"], list(res["methods"])) == (
+            "ice", keep_rate, ["ice-pruned", "rollout"])
+        model = ice_prune.load_model("vit_tiny_patch16_224", path, method="ice", keep_rate=keep_rate,
+                                     img_size=32, patch_size=8)
+        meter = metrics.ImageNetSegMeter()
+        for image, mask in dataset:
+            meter.update(maps.upsample(maps.pruned_forward_map(model, image[None]), (32, 32))[0],
+                         mask)
+        assert res["methods"]["ice-pruned"] == pytest.approx(meter.compute())
+    with pytest.raises(ValueError, match="the ice-pruned map reads a model patched with ICE"):
+        evaluate.main(["explain", "--data", f"imagenet-seg:{gtsegs}", "--checkpoint", path, *MODEL,
+                       "--methods", "ice-pruned", "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="the ice-pruned map reads a model patched with ICE"):
+        evaluation.evaluate_maps(tiny_vit(5), None, dataset, ("segmentation",), ["ice-pruned"])
+
+
+def test_agreement_command_against_a_plain_count(gtsegs, tmp_path):
+    path = pruned_checkpoint(tmp_path)
+    out = tmp_path / "agree"
+    res = evaluate.main(["agreement", "--data", f"imagenet-seg:{gtsegs}", "--checkpoint", path,
+                         *MODEL, "--keep-rate", "0.5", "--batch-size", "2", "--out", str(out),
+                         "--quiet"])
+    with open(out / "agreement.json") as f:
+        assert json.load(f) == res
+    model = ice_prune.load_model("vit_tiny_patch16_224", path, method="ice", keep_rate=0.5,
+                                 img_size=32, patch_size=8)
+    images = torch.stack([image for image, _ in evaluation.open_dataset("imagenet-seg", gtsegs,
+                                                                        image_size=32)])
+    pruned = maps.pruned_forward_map(model, images).flatten(1)
+    model.keep_rate = 1.0
+    reference = maps.pruned_forward_map(model, images).flatten(1)
+    ious, rhos = [], []
+    for a, b in zip(pruned, reference):  # each image counted here
+        fa, fb = a > 0.5, b > 0.5
+        ious.append(1.0 if not (fa | fb).any() else float((fa & fb).sum() / (fa | fb).sum()))
+        rhos.append(scipy.stats.spearmanr(a.numpy(), b.numpy()).statistic)
+    assert not torch.equal(pruned, reference)  # dropped patches were scored at earlier points
+    assert (res["images"], res["keep_rate"], res["reference_keep_rate"]) == (3, 0.5, 1.0)
+    assert res["foreground_iou"] == pytest.approx(100 * np.mean(ious))
+    assert res["spearman"] == pytest.approx(np.mean(rhos)) and res["spearman_images"] == 3
+    assert res["foreground_share"] == pytest.approx(100 * float((pruned > 0.5).float().mean()))
+    assert res["reference_foreground_share"] == pytest.approx(
+        100 * float((reference > 0.5).float().mean()))
+    assert res["logits_identical"] and res["logits_differing_images"] == 0
+    assert res["logits_max_abs_diff"] == 0.0
+    with pytest.raises(ValueError, match="--reference-keep-rate 0: keep_rate must be in"):
+        evaluate.main(["agreement", "--data", f"imagenet-seg:{gtsegs}", "--checkpoint", path,
+                       *MODEL, "--reference-keep-rate", "0", "--out", str(out)])
+
+
+def test_agreement_restores_the_model_and_counts_changed_logits(gtsegs, tmp_path, monkeypatch):
+    model = ice_prune.load_model("vit_tiny_patch16_224", pruned_checkpoint(tmp_path), method="ice",
+                                 keep_rate=0.5, img_size=32, patch_size=8)
+    dataset = evaluation.open_dataset("imagenet-seg", gtsegs, image_size=32)
+    forward = type(model).forward
+
+    def nudged(self, x):  # explain mode that changed the output
+        return forward(self, x) + (1e-6 if self.explain else 0.0)
+
+    monkeypatch.setattr(type(model), "forward", nudged)
+    res = evaluation.evaluate_agreement(model, dataset, 0.7, limit=2)
+    assert (res["images"], res["reference_keep_rate"]) == (2, 0.7)
+    assert not res["logits_identical"] and res["logits_differing_images"] == 2
+    assert res["logits_max_abs_diff"] == pytest.approx(1e-6, rel=0.2)
+    assert model.keep_rate == 0.5 and not model.explain
+    with pytest.raises(ValueError, match="needs a model patched with ICE"):
+        evaluation.evaluate_agreement(tiny_vit(5), dataset)
 
 
 def test_format_table():

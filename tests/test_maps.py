@@ -118,6 +118,7 @@ def model_settings(model):
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "grad": [n for n, p in model.named_parameters() if p.grad is not None],
         "keep_rate": model.keep_rate,
+        "explain": model.explain,
     }
 
 
@@ -146,7 +147,7 @@ def test_train_eval_mix_left_as_it_was(model, images):
     model.train()
     model.blocks[0].eval()  # a frozen block inside a model in training
     modes = {n: m.training for n, m in model.named_modules()}
-    for method in sorted(set(maps.METHODS) - {"ice"}):
+    for method in sorted(set(maps.METHODS) - {"ice", *maps.PRUNED_FORWARD_METHODS}):
         maps.explain(model, images, method)
         assert {n: m.training for n, m in model.named_modules()} == modes, method
 
@@ -222,9 +223,12 @@ def test_every_method_runs_on_a_timm_model():
     m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, pretrained=False,
                           num_classes=5).eval()
     x = torch.randn(1, 3, 32, 32)
+    patched = ice_prune.patch(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
+                                                pretrained=False, num_classes=5), method="ice")
     for name in maps.METHODS:
         kw = {"head": ICEHead(192, 5)} if name == "ice" else {}
-        out = maps.explain(m, x, name, size=(32, 32), **kw)
+        explained = patched if name in maps.PRUNED_FORWARD_METHODS else m
+        out = maps.explain(explained, x, name, size=(32, 32), **kw)
         assert out.shape == (1, 32, 32) and torch.isfinite(out).all(), name
 
 
@@ -250,3 +254,41 @@ def test_ice_explain_can_explain_ices_own_prediction(model, images):
     torch.testing.assert_close(e.class_map, p[torch.arange(2), :, e.target].reshape(2, 2, 2))
     with pytest.raises(ValueError, match="'ice' \\(ICE's own prediction\\)"):
         maps.ice_explain(model, images, head=head, target="classifier")
+
+
+def test_pruned_forward_map(model, images):
+    ice_prune.patch(model, keep_rate=0.5, method="ice", num_classes=C, locs=(0, 1))
+    with torch.no_grad():
+        model.ice_head.fc.weight.normal_()
+    model.train()
+    got = maps.explain(model, images, "ice-pruned")
+    assert got.shape == (2, 2, 2)
+    assert not model.explain and model.training and model.keep_rate == 0.5  # restored
+    # the map of a forward in explain mode, which leaves the logits as they are
+    with torch.no_grad():
+        plain = model.eval()(images)
+        model.explain = True
+        logits = model(images)
+        model.explain = False
+    assert torch.equal(logits, plain)
+    assert torch.equal(got, model.ice_explanation.foreground.view(2, 2, 2))
+    assert torch.equal(maps.explain(model, images, "ice-pruned", target=1), got)  # any class
+    # keep rate 1: the head on every patch at the last point (block 1, after attention)
+    model.keep_rate = 1.0
+    with torch.no_grad():
+        t = model.blocks[0](model._pos_embed(model.patch_embed(images)))
+        blk = model.blocks[1]
+        t = t + blk.attn(blk.norm1(t))
+        expected = 1 - model.ice_head(blk.norm2(t)[:, 1:]).softmax(-1)[..., -1]
+    torch.testing.assert_close(maps.pruned_forward_map(model, images), expected.view(2, 2, 2))
+    assert maps.gives_pruned_forward_maps(model)
+
+
+def test_pruned_forward_map_needs_a_model_patched_with_ice(model, images):
+    with pytest.raises(ValueError, match="patched with method='ice'.*not patched"):
+        maps.pruned_forward_map(model, images)
+    assert not maps.gives_pruned_forward_maps(model)
+    ice_prune.patch(model, keep_rate=0.5, method="evit", locs=(1,))
+    with pytest.raises(ValueError, match="has no ICE head"):
+        maps.pruned_forward_map(model, images)
+    assert not model.explain and not maps.gives_pruned_forward_maps(model)

@@ -36,7 +36,7 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     logs.clear()
     results = repro.run(scale, out, log=logs.append)
     assert [line for line in logs if "reused" in line] == [
-        "[1/24] pretrain: done before, reused", "[2/24] explain-ice: done before, reused"]
+        "[1/25] pretrain: done before, reused", "[2/25] explain-ice: done before, reused"]
     names = [s.name for s in repro.plan(scale)]
     assert names == ["pretrain", "explain-ice", "explain-ice-f", "explain-icev2-style",
                      "explain-ice-literal", "explain-ice-alpha1-literal", "explain-ice-alpha1",
@@ -45,12 +45,13 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
                      "maps-baselines", "explain-pm-style", "explain-pm-style-pseudo",
                      "explain-pm-style-no-masks", "classes-3-generic", "classes-3-lambda-paper",
                      "classes-3-lambda-auto", "classes-3-lambda-0.5", "prune-none-1-s0",
-                     "prune-evit-0.5-s0", "prune-ice-0.5-s0", "speed", "examples"]
+                     "prune-evit-0.5-s0", "prune-ice-0.5-s0", "pruned-map-ice-0.5-s0", "speed",
+                     "examples"]
     for name in names:
         assert os.path.exists(os.path.join(out, "work", name, repro.DONE))
     for f in ("REPORT.md", "results.json", "figures/examples.png",
               "figures/accuracy_vs_keep_rate.png", "figures/speedup_vs_gmacs.png",
-              "figures/miou_vs_lambda.png"):
+              "figures/miou_vs_lambda.png", "figures/pruned_forward_map.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     def meta(stage):
         return torch.load(os.path.join(out, "work", stage, "last.pth"), map_location="cpu",
@@ -104,6 +105,22 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     assert speed["evit-0.5"]["gmacs"] < speed["none-1"]["gmacs"]
     assert speed["ice-0.5"]["gmacs"] > speed["evit-0.5"]["gmacs"]
     assert speed["ice-0.5"]["params_m"] > speed["evit-0.5"]["params_m"] == speed["none-1"]["params_m"]
+    # ICE's map from the pruned forward of prune-ice-0.5-s0 and the same weights at keep rate 1:
+    # scored by train/evaluate.py explain, compared by train/evaluate.py agreement, logits unchanged
+    pruned_map = results["stages"]["pruned-map-ice-0.5-s0"]
+    assert pruned_map["checkpoint"] == os.path.join(out, "work", "prune-ice-0.5-s0", "last.pth")
+    assert (pruned_map["keep_rate"], pruned_map["seed"], pruned_map["images"]) == (0.5, 0, 4)
+    for name, keep in (("pruned", 0.5), ("unpruned", 1.0)):
+        with open(os.path.join(out, "work", "pruned-map-ice-0.5-s0", name, "explain.json")) as f:
+            written = json.load(f)
+        assert (written["method"], written["keep_rate"], list(written["methods"])) == (
+            "ice", keep, ["ice-pruned"])
+        assert pruned_map[name] == written["methods"]["ice-pruned"]
+    agreement = pruned_map["agreement"]
+    assert (agreement["keep_rate"], agreement["reference_keep_rate"], agreement["images"]) == (
+        0.5, 1.0, 4)
+    assert agreement["logits_identical"] and agreement["logits_max_abs_diff"] == 0.0
+    assert 0 <= agreement["foreground_iou"] <= 100
 
     # a second run reuses every stage: no done.json is rewritten
     stamps = {n: os.path.getmtime(os.path.join(out, "work", n, repro.DONE)) for n in names}
@@ -126,6 +143,13 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     done["maps"]["rollout"]["miou"] = 99.876
     with open(path, "w") as f:
         json.dump(done, f)
+    path = os.path.join(out, "work", "pruned-map-ice-0.5-s0", repro.DONE)
+    with open(path) as f:
+        done = json.load(f)
+    done["pruned"]["miou"], done["unpruned"]["miou"] = 41.234, 43.5
+    done["agreement"]["foreground_iou"], done["agreement"]["spearman"] = 87.654, 0.9123
+    with open(path, "w") as f:
+        json.dump(done, f)
     repro.run(scale, out, log=logs.append)
     with open(os.path.join(out, "results.json")) as f:
         written = json.load(f)
@@ -146,6 +170,33 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     ice_miou = written["summary"]["maps"]["ice"]["miou"]
     assert f"ICE beats the best baseline map (rollout) on mIoU: **no**, by {ice_miou - 99.876:+.2f}" \
         in report
+    # ICE's map from the pruned forward: its table beside the unpruned pass, the explanation run's
+    # ICE map and the best baseline, and its claims
+    study = written["summary"]["pruned_maps"]["0.5"]
+    assert study["pruned"]["miou"] == 41.234 and study["unpruned"]["miou"] == 43.5
+    assert "## ICE's map from the pruned forward" in report
+    pruned_row = next(line for line in report.splitlines()
+                      if line.startswith("| pruned forward, prune-ice-0.5-s0 | 0.5 |"))
+    assert "| 41.23 |" in pruned_row and pruned_row.endswith("| 87.65 | 0.912 | yes |")
+    unpruned_row = next(line for line in report.splitlines()
+                        if line.startswith("| unpruned pass of the same weights | 1 |"))
+    assert "| 43.50 |" in unpruned_row
+    assert f"| ICE, explanation run (last block) | - | {written['summary']['maps']['ice']['pixel_accuracy']:.2f} |" \
+        in report
+    assert "| rollout (best baseline) | - |" in report and "99.88" in report
+    assert ("ICE's map from the pruned forward at keep rate 0.5 is within 2 mIoU points of the "
+            "unpruned pass of the same weights: **no**, by -2.27 points") in report
+    assert ("The map leaves the logits of the ICE model pruned at keep rate 0.5 bit-identical "
+            "(eager, 4 images): **yes**, 0 images differ") in report
+    assert "![pruned-forward map](figures/pruned_forward_map.png)" in report
+    # a run without these stages (an older results.json) reports without them
+    older = {**results, "stages": {k: v for k, v in results["stages"].items()
+                                   if not k.startswith("pruned-map-")}}
+    older["stages"]["examples"] = {k: v for k, v in older["stages"]["examples"].items()
+                                   if k != "pruned_forward_figure"}
+    older["summary"] = repro.summarize(older)
+    assert older["summary"]["pruned_maps"] == {}
+    assert "pruned forward" not in repro.render(older)
 
 
 def test_pipeline_stage_interrupted_resumes_from_its_checkpoint(tmp_path):

@@ -92,6 +92,7 @@ def test_paired_speedup_pairs_each_repetition(monkeypatch):
     run = timing.benchmark_models({"base": base, "slow": slow}, (1, 2, 2), batch_size=2, device="cpu",
                               reps=3, warmup=0)
     assert run.speedup("slow") == 1.0
+    assert run.paired_ratios("slow") == [2.0, 2.0, 2 / 3]
     assert run.paired_speedup("slow") == 2.0  # per repetition: 2/1, 4/2, 2/3
 
 
@@ -415,3 +416,40 @@ def test_script_evit_reference_reports_the_ratio(tmp_path, throughput, capsys):
         rows["evit@0.5"]["median_img_per_s"] / rows["evit-ref@0.5"]["median_img_per_s"])
     assert data["settings"]["compile"] is False and data["settings"]["cudnn_benchmark"] is False
     assert not any(r["compiled"] for r in rows.values())
+
+
+def test_explain_variant_is_ice_in_explain_mode_on_the_same_weights(throughput):
+    models, meta = throughput.build_variants(throughput.parse_args(
+        TINY + ["--keep-rates", "0.5", "--explain"]))
+    assert list(models) == ["baseline", "evit@0.5", "ice@0.5", "ice-explain@0.5"]
+    assert meta["ice-explain@0.5"] == {"method": "ice-explain", "keep_rate": 0.5}
+    ice, explained = models["ice@0.5"].eval(), models["ice-explain@0.5"].eval()
+    assert explained.explain and not ice.explain  # its own knobs
+    assert explained.keep_rate == ice.keep_rate == 0.5
+    ours, theirs = list(explained.parameters()), list(ice.parameters())
+    assert len(ours) == len(theirs) and all(a is b for a, b in zip(ours, theirs))
+    assert explained.ice_head.fc.weight is ice.ice_head.fc.weight
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(explained(x), ice(x))
+    assert explained.ice_explanation.foreground.shape == (2, 4) and ice.ice_explanation is None
+    assert "ice-explain@0.5" not in throughput.build_variants(throughput.parse_args(
+        TINY + ["--keep-rates", "0.5"]))[0]  # not in the default run
+
+
+def test_script_explain_reports_the_ratio_to_ice(tmp_path, throughput, capsys):
+    out = tmp_path / "explain.json"
+    throughput.main(TINY + ["--keep-rates", "0.5", "--explain", "--batch-size", "2", "--reps", "3",
+                            "--warmup", "1", "--threads", "1", "--json", str(out)])
+    table = capsys.readouterr().out
+    assert "ice-explain@0.5" in table and "of ICE's img/s at the same keep rate" in table
+    rows = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["baseline", "evit@0.5", "ice@0.5", "ice-explain@0.5"]
+    ice, explained = rows["ice@0.5"], rows["ice-explain@0.5"]
+    assert explained["vs_ice"] == pytest.approx(explained["median_img_per_s"]
+                                                / ice["median_img_per_s"])
+    assert explained["vs_ice_reps"] == pytest.approx(
+        [i / e for i, e in zip(ice["times_s"], explained["times_s"])])
+    assert explained["vs_ice_paired"] == pytest.approx(statistics.median(explained["vs_ice_reps"]))
+    assert (explained["macs"], explained["params"]) == (ice["macs"], ice["params"])
+    assert all(rows[n]["vs_ice"] is None for n in ("baseline", "evit@0.5", "ice@0.5"))

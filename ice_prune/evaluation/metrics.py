@@ -8,6 +8,8 @@
   VOC07/12 trainval (ICE Table 4).
 * :func:`box_iou_inclusive`, :class:`CUBLocMeter`: CUB-200-2011 GT-known and top-1 localization with
   the inclusive-pixel IoU of the WSOL code TokenCut and TS-CAM evaluate with (ICE Table 4).
+* :func:`map_agreement`: how far two maps of the same images agree (IoU of their foreground masks,
+  rank correlation of their scores).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Sequence, Union
 
 import numpy as np
 import torch
-from scipy import ndimage
+from scipy import ndimage, stats
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -224,3 +226,29 @@ class CUBLocMeter:
         n = max(self.n, 1)
         return {"top1_cls": 100 * self.cls / n, "gt_known_loc": 100 * self.gt_known / n,
                 "top1_loc": 100 * self.top1_loc / n, "images": self.n}
+
+
+def map_agreement(first: ArrayLike, second: ArrayLike, threshold: float = 0.5
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, how far two maps ``[B, ...]`` of the same images agree: ``(iou [B], spearman
+    [B])``.
+
+    ``iou``: the IoU of the foreground masks ``map > threshold`` (1.0 where both are empty: they
+    agree that nothing is foreground). ``spearman``: Spearman's rank correlation of the two maps'
+    values over the image's patches (``scipy.stats.spearmanr``, ties ranked by their mean), NaN where
+    either map is constant (no ranking to compare).
+    """
+    a = _np(first).astype(np.float64)
+    b = _np(second).astype(np.float64)
+    if a.shape != b.shape or a.ndim < 2:
+        raise ValueError(f"map_agreement needs two maps [B, ...] of one shape, got {a.shape} and "
+                         f"{b.shape}")
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    fa, fb = a > threshold, b > threshold
+    inter, union = (fa & fb).sum(1), (fa | fb).sum(1)
+    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    rho = np.full(a.shape[0], np.nan)
+    for i in range(a.shape[0]):
+        if np.ptp(a[i]) > 0 and np.ptp(b[i]) > 0:
+            rho[i] = stats.spearmanr(a[i], b[i]).statistic
+    return iou, rho

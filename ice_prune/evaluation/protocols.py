@@ -7,7 +7,10 @@
 >>> print(format_table(results, "imagenet-seg"))
 
 Map methods are those of the :data:`ice_prune.maps.METHODS` registry: a map registered there is
-evaluated like the built-in ones. Each map explains the model's own top-1 class.
+evaluated like the built-in ones. Each map explains the model's own top-1 class; ``ice-pruned``
+(ICE's map from the pruned forward) is the foreground of any class, and needs a model patched with
+ICE (:func:`default_methods`). :func:`evaluate_agreement` compares that map at the model's keep rate
+with the same weights' at keep rate 1, and checks that the map leaves the logits unchanged.
 
 Protocols, and the dataset items each reads:
 
@@ -145,8 +148,17 @@ def _progress(loader: DataLoader, desc: str, progress: bool):
 # ---------------------------------------------------------------------------------------------
 # explanation maps
 
-def check_methods(methods: Sequence[str], head: Optional[ICEHead]) -> None:
-    """Every method is registered in :data:`ice_prune.maps.METHODS`; ``ice`` has a head."""
+def default_methods(model: nn.Module) -> list[str]:
+    """Every map of :data:`ice_prune.maps.METHODS` that ``model`` gives: the pruned-forward maps
+    (:data:`ice_prune.maps.PRUNED_FORWARD_METHODS`) only for a model patched with ICE."""
+    pruned = maps.gives_pruned_forward_maps(model)
+    return [m for m in maps.METHODS if pruned or m not in maps.PRUNED_FORWARD_METHODS]
+
+
+def check_methods(methods: Sequence[str], head: Optional[ICEHead],
+                  model: Optional[nn.Module] = None) -> None:
+    """Every method is registered in :data:`ice_prune.maps.METHODS`; ``ice`` has a head; with
+    ``model``, the pruned-forward maps have a model patched with ICE."""
     choices = ",".join(maps.METHODS)
     unknown = [m for m in methods if m not in maps.METHODS]
     if unknown:
@@ -158,6 +170,11 @@ def check_methods(methods: Sequence[str], head: Optional[ICEHead]) -> None:
         raise ValueError("the ice map needs an ICE head, and there is none: the checkpoint has no "
                          "ice_head.* keys (train one with train/explain.py), or leave ice out of "
                          "the methods")
+    pruned = [m for m in methods if m in maps.PRUNED_FORWARD_METHODS]
+    if pruned and model is not None and not maps.gives_pruned_forward_maps(model):
+        raise ValueError(f"the {', '.join(pruned)} map reads a model patched with ICE, and this one "
+                         f"is not: load the pruning checkpoint with --method ice --keep-rate K "
+                         f"(ice_prune.load_model(..., method='ice')), or leave it out of the methods")
 
 
 ICE_TARGETS = ("classifier", "ice")
@@ -187,10 +204,12 @@ def compute_maps(model: nn.Module, head: Optional[ICEHead], images: Tensor, meth
 
 def patch_mask(method: str, patch_map: Tensor, ice_foreground: Optional[Tensor] = None) -> np.ndarray:
     """Foreground patches ``[gh, gw]`` for the box protocols: ICE's argmax mask
-    (``ice_foreground``); for the other maps Chefer et al.'s threshold (min-max normalized map above
-    its mean)."""
+    (``ice_foreground``); a pruned-forward map above :data:`ice_prune.maps.FOREGROUND_THRESHOLD`;
+    for the other maps Chefer et al.'s threshold (min-max normalized map above its mean)."""
     if method == "ice":
         return ice_foreground.cpu().numpy()
+    if method in maps.PRUNED_FORWARD_METHODS:
+        return (patch_map > maps.FOREGROUND_THRESHOLD).cpu().numpy()
     return metrics.chefer_binarize(patch_map)[0]
 
 
@@ -200,13 +219,16 @@ def jaccard_masks(model: nn.Module, image: Tensor, method: str, patch_map: Tenso
     """``(variant, predicted foreground)`` pairs the Jaccard protocol compares, for one ``image [1,
     3, H, W]`` and its ``patch_map [gh, gw]``, masks upsampled to ``size``.
 
-    ICE: its foreground mask (no threshold, as in ICE Table 3). Raw attention: DINO/Naseer's
-    cumulative-mass threshold tau on the head-mean row (``mean@tau``) and on every head with the best
-    head taken per class (``best-head@tau``, masks ``[H_heads, *size]``). The other maps: the same
-    threshold on the map.
+    ICE: its foreground mask (no threshold, as in ICE Table 3); a pruned-forward map: its foreground
+    probability above :data:`ice_prune.maps.FOREGROUND_THRESHOLD`, also ``"mask"``. Raw attention:
+    DINO/Naseer's cumulative-mass threshold tau on the head-mean row (``mean@tau``) and on every head
+    with the best head taken per class (``best-head@tau``, masks ``[H_heads, *size]``). The other
+    maps: the same threshold on the map.
     """
-    if method == "ice":
-        yield "mask", maps.upsample(ice_foreground[None].float(), size, mode="nearest")[0] > 0.5
+    if method == "ice" or method in maps.PRUNED_FORWARD_METHODS:
+        foreground = (ice_foreground if method == "ice"
+                      else patch_map > maps.FOREGROUND_THRESHOLD)
+        yield "mask", maps.upsample(foreground[None].float(), size, mode="nearest")[0] > 0.5
         return
     heads = (maps.raw_attention(model, image, target=target, per_head=True)[0]
              if method == "raw-attention" else None)
@@ -227,13 +249,14 @@ def evaluate_maps(model: nn.Module, head: Optional[ICEHead], dataset: Dataset,
     """Score each method's maps on ``dataset`` (its first ``limit`` images) under ``protocols``
     (``DATASETS[kind].protocols`` for the built-in kinds; see the module docstring).
 
-    ``methods`` default to every map of :data:`ice_prune.maps.METHODS`; ``ice`` reads ``head`` and
-    explains the classifier's top-1 class, or with ``ice_target="ice"`` ICE's own prediction.
+    ``methods`` default to every map of :data:`ice_prune.maps.METHODS` the model gives
+    (:func:`default_methods`); ``ice`` reads ``head`` and explains the classifier's top-1 class, or
+    with ``ice_target="ice"`` ICE's own prediction.
     Returns ``{"images": n, "methods": {method: figures}}``, figures in percent: the segmentation
     meter's, ``jaccard`` per variant, ``corloc``, or the CUB meter's. The model is put in eval mode.
     """
-    methods = list(maps.METHODS) if methods is None else list(methods)
-    check_methods(methods, head)
+    methods = default_methods(model) if methods is None else list(methods)
+    check_methods(methods, head, model)
     unknown = [p for p in protocols if p not in PROTOCOL_NAMES]
     if unknown or not protocols:
         raise ValueError(f"protocols must be some of {PROTOCOL_NAMES}, got {list(protocols)}: maps "
@@ -285,6 +308,64 @@ def evaluate_maps(model: nn.Module, head: Optional[ICEHead], dataset: Dataset,
             figures.update(cub[m].compute())
         results["methods"][m] = figures
     return results
+
+
+def evaluate_agreement(model: nn.Module, dataset: Dataset, reference_keep_rate: float = 1.0, *,
+                       batch_size: int = 16, workers: int = 0, limit: Optional[int] = None,
+                       progress: bool = False) -> dict:
+    """ICE's map from the pruned forward of ``model`` (patched with ICE) at its keep rate against the
+    same weights' at ``reference_keep_rate`` (1: nothing dropped, the head read at the selection
+    points, the last one for every patch), on the first ``limit`` images of ``dataset``; and whether
+    explain mode leaves the logits unchanged (eager forwards with it off and on).
+
+    Returns ``{"images", "keep_rate", "reference_keep_rate", "threshold", "foreground_iou",
+    "spearman", "spearman_images", "foreground_share", "reference_foreground_share",
+    "logits_identical", "logits_differing_images", "logits_max_abs_diff"}``: the mean over images of
+    :func:`~ice_prune.evaluation.metrics.map_agreement`'s foreground IoU (percent) and rank
+    correlation (over the ``spearman_images`` images where neither map is constant, ``None`` if
+    none), each map's share of foreground patches (percent), and the logits compared bit for bit.
+    The model's keep rate and explain setting are restored.
+    """
+    if not maps.gives_pruned_forward_maps(model):
+        raise ValueError("the agreement of ICE's pruned-forward maps needs a model patched with ICE "
+                         "(ice_prune.load_model(..., method='ice'))")
+    threshold = maps.FOREGROUND_THRESHOLD
+    loader, n = _loader(dataset, limit, batch_size, workers)
+    keep_rate, explain = model.keep_rate, model.explain
+    ious, rhos, shares = [], [], ([], [])
+    differing, max_diff = 0, 0.0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in _progress(loader, "agreement", progress):
+                images = batch[0]
+                model.explain = False
+                plain = model(images)
+                model.explain = True
+                logits = model(images)
+                pruned = model.ice_explanation.foreground
+                model.keep_rate = reference_keep_rate
+                model(images)
+                reference = model.ice_explanation.foreground
+                model.keep_rate = keep_rate
+                differing += int((plain != logits).any(-1).sum())
+                max_diff = max(max_diff, float((plain.float() - logits.float()).abs().max()))
+                iou, rho = metrics.map_agreement(pruned, reference, threshold)
+                ious.extend(iou.tolist())
+                rhos.extend(rho.tolist())
+                for share, fg in zip(shares, (pruned, reference)):
+                    share.extend((fg > threshold).float().mean(1).tolist())
+    finally:
+        model.keep_rate, model.explain = keep_rate, explain
+    defined = [r for r in rhos if not np.isnan(r)]
+    return {"images": n, "keep_rate": keep_rate, "reference_keep_rate": reference_keep_rate,
+            "threshold": threshold, "foreground_iou": 100 * float(np.mean(ious)),
+            "spearman": float(np.mean(defined)) if defined else None,
+            "spearman_images": len(defined),
+            "foreground_share": 100 * float(np.mean(shares[0])),
+            "reference_foreground_share": 100 * float(np.mean(shares[1])),
+            "logits_identical": differing == 0, "logits_differing_images": differing,
+            "logits_max_abs_diff": max_diff}
 
 
 def grid_row(image: Tensor, upsampled: dict[str, Tensor], ice_foreground: Optional[Tensor] = None,

@@ -26,8 +26,13 @@ and ``OUT/figures/*.png`` from those ``done.json`` files only, beside the paper'
 3. ``prune-<method>-<rate>-s<seed>``: ``train/prune.py`` with ICE and EViT at each keep rate (and the
    unpruned model, ``none``, at keep rate 1 with the same budget), then ``train/evaluate.py accuracy``
    on one common validation set; ``speed``: parameters, GMACs and the speed-up over the unpruned model
-   measured with all variants interleaved in one run.
-4. ``examples``: a grid of maps on a few validation images.
+   measured with all variants interleaved in one run; ``pruned-map-ice-<rate>-s<seed>`` (first seed):
+   ICE's map from the pruned forward of the ICE pruning checkpoint at its keep rate and at keep rate
+   1 (the unpruned pass of the same weights), scored by ``train/evaluate.py explain --method ice
+   --methods ice-pruned``, and their agreement with the logits-unchanged check
+   (``train/evaluate.py agreement``).
+4. ``examples``: a grid of maps on a few validation images, and the pruned-forward maps beside the
+   kept patches (``visualize.pruned_forward_rows``).
 
 Modules: ``scales`` (:class:`Scale`, :class:`TrainSpec`, the ``smoke`` / ``cpu`` / ``gpu`` factories
 in :data:`SCALES`), ``stages`` (the stages, :func:`plan`, :func:`run`, :func:`collect`), ``summary``

@@ -35,7 +35,11 @@ def write_report(results: dict, out: str) -> str:
     plot_speed(summary, os.path.join(figures, "speedup_vs_gmacs.png"))
     if summary["classes"]:
         plot_class_counts(summary, os.path.join(figures, "miou_vs_lambda.png"))
-    shutil.copyfile(results["stages"]["examples"]["figure"], os.path.join(figures, "examples.png"))
+    examples = results["stages"]["examples"]
+    shutil.copyfile(examples["figure"], os.path.join(figures, "examples.png"))
+    if "pruned_forward_figure" in examples:
+        shutil.copyfile(examples["pruned_forward_figure"],
+                        os.path.join(figures, "pruned_forward_map.png"))
     write_json(os.path.join(out, "results.json"), results)
     path = os.path.join(out, "REPORT.md")
     with open(path, "w") as f:
@@ -56,8 +60,11 @@ def render(results: dict) -> str:
     if summary["classes"]:
         lines.extend(_render_class_counts(summary["classes"], scale["num_classes"]))
     lines += _render_pruning(results)
+    if summary["pruned_maps"]:
+        lines += _render_pruned_maps(summary)
     lines += _render_claims(summary["comparisons"])
-    lines += _render_figures(bool(summary["classes"]))
+    lines += _render_figures(bool(summary["classes"]),
+                             "pruned_forward_figure" in results["stages"]["examples"])
     lines += _render_stage_times(results["stages"])
     return "\n".join(lines)
 
@@ -213,20 +220,68 @@ def _render_pruning(results: dict) -> list[str]:
     return lines
 
 
+def _render_pruned_maps(summary: dict) -> list[str]:
+    """ICE's map from the pruned forward beside the unpruned pass of the same weights, the
+    explanation run's ICE map and the best baseline."""
+    maps, best = summary["maps"], summary["best_baseline"]
+    lines = ["## ICE's map from the pruned forward", "",
+             "The ICE pruning runs' checkpoints (first seed) in explain mode: one pruned forward "
+             "gives the logits and the map, each patch's 1 - P(background) from its last scoring "
+             "at a selection point (`train/evaluate.py explain --method ice --keep-rate K --methods "
+             "ice-pruned`). The unpruned pass is the same weights at keep rate 1: the head read at "
+             "the selection points, the last one for every patch. Same protocols and images as the "
+             "maps above; beside them the explanation run's ICE map (its own head on the last block) "
+             "and the best baseline. Agreement with the unpruned pass (`train/evaluate.py "
+             "agreement`), mean over images: IoU of the foreground masks (1 - P(background) > 0.5) "
+             "and Spearman's rank correlation of the scores; logits: with the map on and off, eager.",
+             "",
+             "| map | keep rate | pixel acc. | mIoU | mAP | Jaccard | fg share | fg IoU with keep 1 "
+             "| Spearman with keep 1 | logits unchanged |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for rate, study in summary["pruned_maps"].items():
+        agreement = study["agreement"]
+        for label, keep, ours, pruned in (
+                (f"pruned forward, prune-ice-{rate}-s{study['seed']}", rate, study["pruned"], True),
+                ("unpruned pass of the same weights", "1", study["unpruned"], False)):
+            unchanged = ("yes" if agreement["logits_identical"] else
+                         f"no ({agreement['logits_differing_images']} images)")
+            lines.append(f"| {label} | {keep} | {_number(ours['pixel_accuracy'])} | "
+                         f"{_number(ours['miou'])} | {_number(ours['map'])} | "
+                         f"{_number(ours['jaccard'])} | {_number(ours['fg_share'], 1)} | "
+                         f"{_number(agreement['foreground_iou']) if pruned else ''} | "
+                         f"{_number(agreement['spearman'], 3) if pruned else ''} | "
+                         f"{unchanged if pruned else ''} |")
+    for label, ours in (("ICE, explanation run (last block)", maps["ice"]),
+                        (f"{best} (best baseline)", maps[best])):
+        lines.append(f"| {label} | - | {_number(ours['pixel_accuracy'])} | {_number(ours['miou'])} | "
+                     f"{_number(ours['map'])} | {_number(ours['jaccard'])} | "
+                     f"{_number(ours.get('fg_share'), 1)} | | | |")
+    lines.append("")
+    lines.append("Fg share: the percentage of patches called foreground, by 1 - P(background) > 0.5 "
+                 "on the maps images for the pruned-forward rows, by the head's argmax on its "
+                 "validation images for the explanation run. Jaccard: the foreground mask (the same "
+                 "rules).")
+    lines.append("")
+    return lines
+
+
 def _render_claims(comparisons: list[dict]) -> list[str]:
     """Each of the paper's claims and whether it holds here."""
     lines = []
     lines.append("## Where ours agree with the paper")
     lines.append("")
     for comparison in comparisons:
-        lines.append(f"- {comparison['claim']}: **{'yes' if comparison['holds'] else 'no'}**, by "
-                     f"{comparison['by']:+.2f}{comparison['unit']} ({comparison['paper']}).")
+        found = (comparison["detail"] if "detail" in comparison
+                 else f"by {comparison['by']:+.2f}{comparison['unit']}")
+        lines.append(f"- {comparison['claim']}: **{'yes' if comparison['holds'] else 'no'}**, "
+                     f"{found} ({comparison['paper']}).")
     lines.append("")
     return lines
 
 
-def _render_figures(class_counts: bool) -> list[str]:
-    """The figures, with the class-count one where that study ran."""
+def _render_figures(class_counts: bool, pruned_forward: bool) -> list[str]:
+    """The figures, with the class-count one where that study ran and the pruned-forward one where
+    the examples stage drew it."""
     lines = []
     lines.append("## Figures")
     lines.append("")
@@ -235,6 +290,12 @@ def _render_figures(class_counts: bool) -> list[str]:
     lines.append("")
     lines.append("![examples](figures/examples.png)")
     lines.append("")
+    if pruned_forward:
+        lines.append("ICE's map from the pruned forward (1 - P(background), 0 blue to 1 red) beside "
+                     "the patches kept to the end (the others greyed), per keep rate, first seed:")
+        lines.append("")
+        lines.append("![pruned-forward map](figures/pruned_forward_map.png)")
+        lines.append("")
     lines.append("![accuracy vs keep rate](figures/accuracy_vs_keep_rate.png)")
     lines.append("")
     lines.append("![speed-up vs GMACs](figures/speedup_vs_gmacs.png)")

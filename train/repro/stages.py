@@ -83,9 +83,9 @@ def synthetic_eval_kwargs(scale: Scale, num_classes: Optional[int] = None) -> di
 
 def eval_argv(scale: Scale, command: str, checkpoint: str, out: str,
               num_classes: Optional[int] = None) -> list[str]:
-    """train/evaluate.py ``explain`` / ``accuracy`` on the scale's evaluation data (SyntheticScenes
-    with ``num_classes`` classes, default the scale's)."""
-    data = scale.maps_data if command == "explain" else scale.accuracy_data
+    """train/evaluate.py ``explain`` / ``agreement`` (on the maps data) or ``accuracy`` on the scale's
+    evaluation data (SyntheticScenes with ``num_classes`` classes, default the scale's)."""
+    data = scale.accuracy_data if command == "accuracy" else scale.maps_data
     argv = [command, "--data", data, "--checkpoint", checkpoint, "--model", scale.model,
             "--model-kwargs", scale.model_kwargs_json, "--img-size", str(scale.img_size),
             "--out", out, "--quiet", "--batch-size", "32"]
@@ -291,6 +291,34 @@ def _prune_stage(method: str, rate: float, seed: int) -> Callable[[Context, str]
     return fn
 
 
+def pruned_map_name(rate: float, seed: int) -> str:
+    return f"pruned-map-ice-{rate:g}-s{seed}"
+
+
+def _pruned_map_stage(rate: float, seed: int) -> Callable[[Context, str], dict]:
+    """ICE's map from the pruned forward of the ``prune-ice-<rate>-s<seed>`` checkpoint
+    (``train/evaluate.py explain --method ice --keep-rate <rate> --methods ice-pruned``), the
+    unpruned pass of the same weights (the same at keep rate 1: the head read at the selection
+    points, the last one for every patch), and their agreement with the logits-unchanged check
+    (``train/evaluate.py agreement``)."""
+
+    def fn(context: Context, out: str) -> dict:
+        scale = context.scale
+        checkpoint = context.checkpoint(prune_name("ice", rate, seed))
+        figures = {}
+        for name, keep in (("pruned", rate), ("unpruned", 1.0)):
+            scored = evaluate.main(eval_argv(scale, "explain", checkpoint, os.path.join(out, name))
+                                   + ["--methods", "ice-pruned", "--method", "ice",
+                                      "--keep-rate", str(keep)])
+            figures[name] = scored["methods"]["ice-pruned"]
+        agreement = evaluate.main(eval_argv(scale, "agreement", checkpoint,
+                                            os.path.join(out, "agreement"))
+                                  + ["--keep-rate", str(rate)])
+        return {"keep_rate": rate, "seed": seed, "checkpoint": checkpoint, **figures,
+                "agreement": agreement, "images": scored["images"]}
+    return fn
+
+
 def pruned_models(context: Context, seed: int) -> dict[str, torch.nn.Module]:
     """name -> eval-mode model of the seed's pruning runs (``none-1`` is the unpruned one)."""
     scale = context.scale
@@ -336,7 +364,9 @@ def _device_name() -> str:
 
 
 def _examples(context: Context, out: str) -> dict:
-    """A grid: image | ICE | ICE-f | ICEv2-style | baselines | ICE's mask | ground truth."""
+    """Two grids: image | ICE | ICE-f | ICEv2-style | baselines | ICE's mask | ground truth
+    (``examples.png``), and the first seed's ICE pruning runs at each keep rate, their map from the
+    pruned forward beside the patches they keep to the end (``pruned_forward_map.png``)."""
     scale = context.scale
     model_kwargs = dict(img_size=scale.img_size, **scale.model_kwargs)
     base = ice_prune.load_model(scale.model, context.pretrained, **model_kwargs)
@@ -369,7 +399,34 @@ def _examples(context: Context, out: str) -> dict:
         rows.append(row)
     path = os.path.join(out, "examples.png")
     visualize.save_grid(rows, path, cell_inches=1.1)  # small enough to commit
-    return {"figure": path, "images": len(rows)}
+    pruned_path = os.path.join(out, "pruned_forward_map.png")
+    _pruned_forward_figure(context, dataset, pruned_path)
+    return {"figure": path, "pruned_forward_figure": pruned_path, "images": len(rows)}
+
+
+def _pruned_forward_figure(context: Context, dataset: Dataset, path: str) -> None:
+    """image | per keep rate: ICE's map from the pruned forward, the patches kept to the end |
+    ground truth, for the first ``grid_images`` images and the first seed's ICE pruning runs."""
+    scale = context.scale
+    count = scale.grid_images
+    images = torch.stack([dataset[i][0] for i in range(count)])
+    mean = torch.tensor(timm.data.IMAGENET_DEFAULT_MEAN)[:, None, None]
+    std = torch.tensor(timm.data.IMAGENET_DEFAULT_STD)[:, None, None]
+    shown = (images * std + mean).clamp(0, 1)
+    rows = [{"image": visualize.to_uint8_image(image)} for image in shown]
+    for rate in scale.keep_rates:
+        model = ice_prune.load_model(scale.model,
+                                     context.checkpoint(prune_name("ice", rate, scale.seeds[0])),
+                                     method="ice", keep_rate=rate, img_size=scale.img_size,
+                                     **scale.model_kwargs)
+        for row, drawn in zip(rows, visualize.pruned_forward_rows(model, images, shown)):
+            row[f"map, keep {rate:g}"] = drawn["map"]
+            row[f"kept, keep {rate:g}"] = drawn["kept"]
+    for i, row in enumerate(rows):
+        mask = torch.as_tensor(dataset[i][-1])
+        row["ground truth"] = visualize.mask_overlay(shown[i], (mask > 0) & (mask != 255),
+                                                     color=(0, 255, 0))
+    visualize.save_grid(rows, path, cell_inches=1.1)
 
 
 def plan(scale: Scale) -> list[Stage]:
@@ -394,6 +451,9 @@ def plan(scale: Scale) -> list[Stage]:
             for method in ("evit", "ice"):
                 stages.append(Stage(prune_name(method, rate, seed), _prune_stage(method, rate, seed),
                                     "prune"))
+    for rate in scale.keep_rates:
+        stages.append(Stage(pruned_map_name(rate, scale.seeds[0]),
+                            _pruned_map_stage(rate, scale.seeds[0]), "pruned-map"))
     stages.append(Stage("speed", _speed, "speed"))
     stages.append(Stage("examples", _examples, "examples"))
     return stages

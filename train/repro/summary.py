@@ -16,6 +16,9 @@ GOOD_REGION_MIOU = 5.0
 # Table 6's rows and how the report names them
 ABLATION_LABELS = {"ice": "ICE (alpha 0.5, lambda 0.975)", "ice-alpha1": "alpha 1.0",
                    "ice-lambda0.5": "lambda 0.5", "ice-alpha1-lambda0.5": "alpha 1.0, lambda 0.5"}
+# the map from the pruned forward should be within this many mIoU points of the unpruned pass of
+# the same weights (the goal, stated at keep rate 0.7, applied to every keep rate run)
+PRUNED_MAP_MIOU = 2.0
 # the PM paper states only an abstract: what each comparison of a trained PM-style map rests on
 PM_ABSTRACT = ("the PM abstract claims better maps and classification than previous techniques, "
                "no figure")
@@ -34,13 +37,15 @@ def summarize(results: dict) -> dict:
     unmodified_top1 = stages["pretrain"]["top1"] if "pretrain" in stages else None
     prune = _prune(stages)
     classes = _class_counts(stages, scale)
+    pruned_maps = _pruned_maps(stages)
     comparisons = (_map_claims(maps, best_baseline, scale["num_classes"])
                    + _pm_claims(pm, maps, best_baseline, unmodified_top1)
                    + _class_count_claims(classes)
-                   + _prune_claims(prune, scale["keep_rates"]))
+                   + _prune_claims(prune, scale["keep_rates"])
+                   + _pruned_map_claims(pruned_maps))
     return {"maps": maps, "best_baseline": best_baseline, "pm": pm,
             "unmodified_top1": unmodified_top1, "prune": prune, "classes": classes,
-            "comparisons": comparisons}
+            "pruned_maps": pruned_maps, "comparisons": comparisons}
 
 
 def _maps(stages: dict, scale: dict) -> dict:
@@ -68,6 +73,46 @@ def _prune(stages: dict) -> dict:
                       "top1_std": float(np.std(top1, ddof=1)) if len(top1) > 1 else 0.0,
                       "top1_runs": top1, "seeds": [r["seed"] for r in runs], **speed[key]}
     return prune
+
+
+def _pruned_maps(stages: dict) -> dict:
+    """ICE's map from the pruned forward, by keep rate: the pruned forward's and the unpruned pass's
+    figures (the foreground share by the agreement's 0.5 rule) and their agreement; empty for a run
+    without these stages."""
+    pruned_maps = {}
+    for name, result in stages.items():
+        if not name.startswith("pruned-map-"):
+            continue
+        agreement = result["agreement"]
+        pruned_maps[f"{result['keep_rate']:g}"] = {
+            "seed": result["seed"], "images": result["images"],
+            "pruned": {**_map_figures(result["pruned"]), "fg_share": agreement["foreground_share"]},
+            "unpruned": {**_map_figures(result["unpruned"]),
+                         "fg_share": agreement["reference_foreground_share"]},
+            "agreement": {k: agreement[k] for k in (
+                "images", "foreground_iou", "spearman", "spearman_images", "threshold",
+                "logits_identical", "logits_differing_images", "logits_max_abs_diff")}}
+    return pruned_maps
+
+
+def _pruned_map_claims(pruned_maps: dict) -> list[dict]:
+    """Per keep rate: the pruned-forward map against the unpruned pass of the same weights, and the
+    logits unchanged by the map."""
+    claims = []
+    for rate, study in pruned_maps.items():
+        ours, unpruned = study["pruned"], study["unpruned"]
+        claims.append(_claim(
+            f"ICE's map from the pruned forward at keep rate {rate} is within {PRUNED_MAP_MIOU:g} "
+            f"mIoU points of the unpruned pass of the same weights", ours["miou"] - unpruned["miou"],
+            f"our goal, stated at keep rate 0.7: by is the pruned forward's mIoU minus the unpruned "
+            f"pass's ({unpruned['miou']:.2f})", threshold=-PRUNED_MAP_MIOU))
+        agreement = study["agreement"]
+        claims.append(_check(
+            f"The map leaves the logits of the ICE model pruned at keep rate {rate} bit-identical "
+            f"(eager, {agreement['images']} images)", agreement["logits_identical"],
+            f"{agreement['logits_differing_images']} images differ, max |difference| "
+            f"{agreement['logits_max_abs_diff']:.3g}", "our goal: no extra pass, the same output"))
+    return claims
 
 
 def _map_claims(maps: dict, best_baseline: str, num_classes: int) -> list[dict]:
@@ -235,3 +280,8 @@ def _claim(text: str, diff: float, paper: str, unit: str = " points", threshold:
     """A statement and whether our figures agree: yes when ``diff > threshold``."""
     return {"claim": text, "holds": bool(diff > threshold), "by": round(float(diff), 2),
             "unit": unit, "paper": paper}
+
+
+def _check(text: str, holds: bool, detail: str, paper: str) -> dict:
+    """A statement that holds or not, with what was found in words instead of a difference."""
+    return {"claim": text, "holds": bool(holds), "detail": detail, "paper": paper}
