@@ -14,13 +14,16 @@ A selector turns what a block has already computed into one score per non-prefix
 New selectors register with :func:`register_selector`; ``patch(method=...)`` looks them up here.
 The keep/fuse step the scores feed is the ``ice_prune::reorganize`` op in :mod:`ice_prune.kernels`;
 how many tokens a point keeps is :func:`keep_count` (:func:`token_schedule` for a whole model,
-:func:`keep_rate_schedule` for EViT's keep rate during training).
+:func:`keep_rate_schedule` for EViT's keep rate during training), or, with a count per image,
+:class:`KeepPolicy` (ICE's foreground threshold or EViT's attention mass, within bounds), whose counts
+feed the ragged op ``ice_prune::reorganize_ragged``.
 """
 from __future__ import annotations
 
 import abc
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -216,3 +219,83 @@ def keep_rate_schedule(target: KeepRate, shrink_start: int = 0, shrink_epochs: i
         return out[0] if isinstance(target, numbers.Real) else out
 
     return rate
+
+
+def keep_bounds(n: int, min_share: float, max_share: float) -> tuple[int, int]:
+    """``(lo, hi)``: a per-image policy keeps between ``ceil(min_share * n)`` (at least one) and
+    ``ceil(max_share * n)`` of ``n`` non-prefix tokens, rounded as :func:`keep_count` rounds."""
+    return max(1, keep_count(min_share, n)), max(1, keep_count(max_share, n))
+
+
+def threshold_keep_counts(scores: Tensor, threshold: float, min_share: float = 0.0,
+                          max_share: float = 1.0) -> Tensor:
+    """ICE's per-image rule: ``[B]`` int64, how many of each image's tokens score ``>= threshold``
+    (foreground probability ``1 - P(background)``), clamped to :func:`keep_bounds`. The kept tokens
+    are the top-k by score (ties to the lower position), k the clamped count. No host sync."""
+    lo, hi = keep_bounds(scores.shape[1], min_share, max_share)
+    return (scores >= threshold).sum(dim=1).clamp(lo, hi)
+
+
+def mass_keep_counts(attn: Tensor, mass: float, min_share: float = 0.0,
+                     max_share: float = 1.0) -> Tensor:
+    """EViT's per-image rule: ``[B]`` int64, the fewest top-attention tokens whose [CLS] attention
+    holds ``mass`` of the image's attention to its ``n`` non-prefix tokens (``attn [B, n]``),
+    clamped to :func:`keep_bounds`. No host sync."""
+    lo, hi = keep_bounds(attn.shape[1], min_share, max_share)
+    ranked = attn.float().sort(dim=1, descending=True, stable=True).values
+    cumulative = ranked.cumsum(dim=1)
+    # k = 1 + #{j : the top j hold less than the target}; a target above the rounded sum (mass 1)
+    # gives n + 1, clamped to hi <= n
+    below = cumulative < mass * cumulative[:, -1:]
+    return (below.sum(dim=1) + 1).clamp(lo, hi)
+
+
+@dataclass(frozen=True)
+class KeepPolicy:
+    """How many tokens each image keeps at a selection point, from its scores there.
+
+    Exactly one of ``threshold`` (ICE: keep the tokens whose foreground probability is
+    ``>= threshold``, :func:`threshold_keep_counts`) and ``mass`` (EViT: the fewest tokens holding
+    ``mass`` of the [CLS] attention, :func:`mass_keep_counts`). Each image keeps between
+    ``ceil(min_share * n)`` (at least one) and ``ceil(max_share * n)`` of its ``n`` non-prefix
+    tokens.
+    """
+
+    threshold: Optional[float] = None
+    mass: Optional[float] = None
+    min_share: float = 0.0
+    max_share: float = 1.0
+
+    def __post_init__(self) -> None:
+        if (self.threshold is None) == (self.mass is None):
+            raise ValueError("KeepPolicy needs exactly one of threshold (ICE: keep tokens whose "
+                             "foreground probability passes it) and mass (EViT: keep the tokens "
+                             f"holding that share of the [CLS] attention), got threshold="
+                             f"{self.threshold!r}, mass={self.mass!r}")
+        if self.threshold is not None and not _real_in(self.threshold, 0.0, 1.0):
+            raise ValueError(f"threshold is a foreground probability in [0, 1], got "
+                             f"{self.threshold!r}")
+        if self.mass is not None and not (_real_in(self.mass, 0.0, 1.0) and self.mass > 0):
+            raise ValueError(f"mass is a share of the [CLS] attention in (0, 1], got {self.mass!r}")
+        if not _real_in(self.min_share, 0.0, 1.0):
+            raise ValueError(f"min_share must be in [0, 1], got {self.min_share!r}")
+        if not (_real_in(self.max_share, 0.0, 1.0) and self.max_share > 0):
+            raise ValueError(f"max_share must be in (0, 1], got {self.max_share!r}")
+        if self.min_share > self.max_share:
+            raise ValueError(f"min_share ({self.min_share}) must not exceed max_share "
+                             f"({self.max_share})")
+
+    def keep_counts(self, scores: Tensor) -> Tensor:
+        """``[B]`` int64 tokens kept per image from the scores ``[B, n]`` of the non-prefix tokens
+        (ICE foreground probabilities for ``threshold``, [CLS] attention for ``mass``)."""
+        if scores.dim() != 2:
+            raise ValueError(f"scores must be [B, n] (one per non-prefix token), got shape "
+                             f"{tuple(scores.shape)}")
+        if self.threshold is not None:
+            return threshold_keep_counts(scores, self.threshold, self.min_share, self.max_share)
+        return mass_keep_counts(scores, self.mass, self.min_share, self.max_share)
+
+
+def _real_in(value, lo: float, hi: float) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, numbers.Real)
+            and lo <= value <= hi)

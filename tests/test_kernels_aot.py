@@ -334,3 +334,46 @@ def test_ice_score_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     print(res.stdout)
     compiled, total = re.search(r"compiled (\d+) of (\d+)", res.stdout).groups()
     assert compiled == total and int(total) > 40
+
+
+RAGGED_SCRIPT = textwrap.dedent('''
+    import itertools
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from ice_prune.kernels import triton_ragged as T
+
+    target = GPUTarget("cuda", 90, 32)
+    ints = ("P", "n", "D", "stride_xb", "stride_xn", "stride_xd", "stride_sb", "stride_sn",
+            "stride_on")
+    flags = ("FUSE", "NORMALIZE", "KEY_FP64", "EPS_", "BLOCK_I", "BLOCK_J", "BLOCK_D")
+    compiled = 0
+
+    def build(dt, fuse, norm, score_dt):
+        global compiled
+        sig = {"x_ptr": f"*{dt}", "s_ptr": f"*{score_dt}", "keep_ptr": "*i64",
+               "offsets_ptr": "*i64", "order_ptr": "*i64", "out_ptr": f"*{dt}",
+               **{k: "i32" for k in ints}, **{f: "constexpr" for f in flags}}
+        consts = {"FUSE": fuse, "NORMALIZE": norm, "KEY_FP64": score_dt == "fp64", "EPS_": T.EPS,
+                  **T.CONFIG}
+        source = ASTSource(fn=T._reorganize_ragged_kernel, signature=sig, constexprs=consts)
+        kernel = triton.compile(source, target=target, options={"num_warps": T.NUM_WARPS})
+        assert len(kernel.asm["cubin"]) > 0
+        compiled += 1
+
+    for dt, fuse, norm in itertools.product(("bf16", "fp16", "fp32"), (True, False), (True, False)):
+        build(dt, fuse, norm, "fp32")
+    for score_dt in ("fp64", "bf16"):
+        build("bf16", True, True, score_dt)
+    print("compiled", compiled)
+''')
+
+
+def test_ragged_forward_compiles_for_sm90_without_a_gpu(tmp_path):
+    """``_reorganize_ragged_kernel`` for every dtype x FUSE x NORMALIZE, and fp64 / bf16 scores."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    res = subprocess.run([sys.executable, "-c", RAGGED_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "compiled 14" in res.stdout

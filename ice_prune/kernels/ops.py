@@ -10,6 +10,12 @@ or on CPU tensors when the Triton interpreter is on). The public function :func:
 its inputs and resolves the user's choice (``"auto"`` picks Triton for CUDA tensors) to that name
 once, with :func:`resolve_kernel`; the ops take the resolved name.
 
+``ice_prune::reorganize_ragged``, the same step with a keep count per image (a ``[B]`` tensor), the
+images' rows packed without padding (``[total, D]`` and ``[B + 1]`` offsets), ``total`` passed as an
+int so the fake implementation can size the output: the torch reference on CPU and a Triton forward
+(``triton_ragged.py``); the backward ``ice_prune::reorganize_ragged_backward`` is the torch formula
+for both.
+
 ``ice_prune::ice_score``, the ICE foreground score without the logits: the same ``kernel`` names,
 resolved by :func:`ice_score`, for ``ice_score_reference`` (torch, in tiles of tokens and
 classes) and ``triton_ice_score``; a fake implementation and a FLOP formula, no autograd formula
@@ -26,7 +32,9 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .reference import ice_score_reference, reorganize_backward_reference, reorganize_reference
+from .reference import (ice_score_reference, reorganize_backward_reference,
+                        reorganize_ragged_backward_reference, reorganize_ragged_reference,
+                        reorganize_reference)
 
 
 class Kernel(NamedTuple):
@@ -42,11 +50,19 @@ KERNELS: dict[str, Kernel] = {
 #: the ICE score's implementations, by the same names: ``(h, weight, bias, compute_dtype,
 #: top_class=False) -> scores``, or ``(scores, top_class, top_prob)`` with ``top_class``
 SCORE_KERNELS: dict[str, Callable[..., Tensor]] = {"torch": ice_score_reference}
+#: the ragged reorganize step's implementations, by the same names (the backward is torch's on both)
+RAGGED_KERNELS: dict[str, Kernel] = {
+    "torch": Kernel(reorganize_ragged_reference, reorganize_ragged_backward_reference,
+                    runs_on_cpu=True),
+}
 try:
-    from . import triton_ice_score, triton_reorganize
+    from . import triton_ice_score, triton_ragged, triton_reorganize
 except ImportError:  # no Triton (CPU-only or macOS install): the torch kernel serves everything
-    triton_reorganize = triton_ice_score = None
+    triton_reorganize = triton_ice_score = triton_ragged = None
 else:
+    RAGGED_KERNELS["triton"] = Kernel(triton_ragged.reorganize_ragged_triton,
+                                      reorganize_ragged_backward_reference,
+                                      runs_on_cpu=triton_reorganize.INTERPRETED)
     KERNELS["triton"] = Kernel(triton_reorganize.reorganize_triton,
                                triton_reorganize.reorganize_backward_triton,
                                runs_on_cpu=triton_reorganize.INTERPRETED)
@@ -177,6 +193,141 @@ def reorganize(
     return reorganize_op(x, scores, int(keep), int(num_prefix), bool(fuse), bool(normalize),
                          resolve_kernel(kernel, x.device))
 
+
+
+@torch.library.custom_op("ice_prune::reorganize_ragged", mutates_args=())
+def reorganize_ragged_op(x: Tensor, scores: Tensor, keep_counts: Tensor, total: int,
+                         num_prefix: int, fuse: bool, normalize: bool,
+                         kernel: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(rows, offsets, order)`` of the ragged reorganize step by the kernel named ``kernel``
+    (resolved); see :func:`reorganize_ragged`."""
+    return RAGGED_KERNELS[kernel].forward(x, scores, keep_counts, total, num_prefix, fuse,
+                                          normalize)
+
+
+@reorganize_ragged_op.register_fake
+def _reorganize_ragged_fake(x, scores, keep_counts, total, num_prefix, fuse, normalize, kernel):
+    B, N, D = x.shape
+    rows = x.new_empty(total, D)
+    offsets = keep_counts.new_empty(B + 1, dtype=torch.int64)
+    order = scores.new_empty(B, N - num_prefix, dtype=torch.int64)
+    return rows, offsets, order
+
+
+@torch.library.custom_op("ice_prune::reorganize_ragged_backward", mutates_args=())
+def reorganize_ragged_backward_op(grad_rows: Tensor, x: Tensor, scores: Tensor,
+                                  keep_counts: Tensor, offsets: Tensor, order: Tensor,
+                                  num_prefix: int, fuse: bool, normalize: bool,
+                                  kernel: str) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`reorganize_ragged_op` to ``x`` and ``scores``."""
+    return RAGGED_KERNELS[kernel].backward(grad_rows, x, scores, keep_counts, offsets, order,
+                                           num_prefix, fuse, normalize)
+
+
+@reorganize_ragged_backward_op.register_fake
+def _reorganize_ragged_backward_fake(grad_rows, x, scores, keep_counts, offsets, order, num_prefix,
+                                     fuse, normalize, kernel):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(scores)
+
+
+def _ragged_setup_context(ctx, inputs, output) -> None:
+    x, scores, keep_counts, total, num_prefix, fuse, normalize, kernel = inputs
+    ctx.save_for_backward(x, scores, keep_counts, output[1], output[2])
+    ctx.args = (num_prefix, fuse, normalize, kernel)
+
+
+def _ragged_backward(ctx, grad_rows: Tensor, grad_offsets: Optional[Tensor],
+                     grad_order: Optional[Tensor]):
+    x, scores, keep_counts, offsets, order = ctx.saved_tensors
+    grad_x, grad_scores = reorganize_ragged_backward_op(grad_rows.contiguous(), x, scores,
+                                                        keep_counts, offsets, order, *ctx.args)
+    return grad_x, grad_scores, None, None, None, None, None, None
+
+
+reorganize_ragged_op.register_autograd(_ragged_backward, setup_context=_ragged_setup_context)
+
+
+def reorganize_ragged_macs(B: int, n: int, D: int, total: int, num_prefix: int,
+                           fuse: bool = True) -> int:
+    """Multiply-adds of one ragged reorganize step that packs ``total`` rows: the weighted sums of
+    the ``B * n - sum_b keep_b`` dropped rows into the fused rows."""
+    if not fuse:
+        return 0
+    kept = total - B * (num_prefix + 1)
+    return (B * n - kept) * D
+
+
+@register_flop_formula(torch.ops.ice_prune.reorganize_ragged)
+def _reorganize_ragged_flop(x_shape, scores_shape, keep_counts_shape, total, num_prefix, fuse,
+                            *args, out_shape=None, **kwargs) -> int:
+    B, N, D = x_shape
+    return 2 * reorganize_ragged_macs(B, N - num_prefix, D, total, num_prefix, fuse)
+
+
+def reorganize_ragged(
+    x: Tensor,
+    scores: Tensor,
+    keep_counts: Tensor,
+    num_prefix: int,
+    fuse: bool = True,
+    normalize: bool = False,
+    total: Optional[int] = None,
+    kernel: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The reorganize step with a keep count per image through the op
+    ``ice_prune::reorganize_ragged``, the images packed without padding.
+
+    Contract of :func:`~ice_prune.kernels.reference.reorganize_ragged_reference`: ``rows [total,
+    D]``, per image ``[prefix, kept tokens in descending score order, fused token]``, image ``b``'s
+    rows ``rows[offsets[b]:offsets[b + 1]]`` (``offsets [B + 1]`` int64) equal to
+    :func:`reorganize` of that image alone with ``keep = keep_counts[b]``, and ``order [B, n]``
+    int64; differentiable in ``x`` and ``scores``.
+
+    ``total``: the packed row count ``sum_b P + keep_counts[b] (+ 1)``, the one host sync of the
+    step, which sizes the output; without it the count is read here (the same sync) and the keep
+    counts are checked to lie in ``[1, n]``. A caller that passes it promises both; on CPU tensors
+    they are checked anyway. ``kernel``: ``"auto"`` (Triton on CUDA tensors, torch otherwise),
+    ``"triton"`` or ``"torch"``.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, N, D] tokens, got shape {tuple(x.shape)}")
+    B, N, D = x.shape
+    if (isinstance(num_prefix, bool) or not isinstance(num_prefix, numbers.Integral)
+            or not 0 <= num_prefix < N):
+        raise ValueError(f"num_prefix must be an int in [0, {N}) for {N} tokens, got {num_prefix!r}")
+    n = N - num_prefix
+    if scores.shape != (B, n):
+        raise ValueError(
+            f"scores must be [B, N - num_prefix] = [{B}, {n}] (one per non-prefix token), got "
+            f"{tuple(scores.shape)}")
+    if keep_counts.shape != (B,) or keep_counts.is_floating_point() or keep_counts.is_complex():
+        raise ValueError(f"keep_counts must be [B] = [{B}] integers (tokens kept per image), got "
+                         f"{keep_counts.dtype} of shape {tuple(keep_counts.shape)}")
+    if not x.is_floating_point() or not scores.is_floating_point():
+        raise TypeError(f"x and scores must be floating point, got {x.dtype} and {scores.dtype}")
+    if x.device != scores.device or x.device != keep_counts.device:
+        raise ValueError(f"x, scores and keep_counts must be on one device, got {x.device}, "
+                         f"{scores.device} and {keep_counts.device}")
+    keep_counts = keep_counts.to(torch.int64)
+    expected = None
+    if total is None or x.device.type == "cpu":
+        if B:
+            low, high, kept = torch.stack([keep_counts.min(), keep_counts.max(),
+                                           keep_counts.sum()]).tolist()
+        else:
+            low, high, kept = 1, n, 0
+        if not 1 <= low <= high <= n:
+            raise ValueError(f"keep_counts must lie in [1, {n}] (of {n} non-prefix tokens), got "
+                             f"values in [{low}, {high}]")
+        expected = kept + B * (num_prefix + int(fuse))
+    if total is None:
+        total = expected
+    elif (isinstance(total, bool) or not isinstance(total, numbers.Integral)
+          or (expected is not None and total != expected)):
+        raise ValueError(f"total must be the packed row count sum_b P + keep_counts[b] (+ 1 if "
+                         f"fuse) = {expected if expected is not None else 'an int'}, got {total!r}")
+    return reorganize_ragged_op(x, scores, keep_counts, int(total), int(num_prefix), bool(fuse),
+                                bool(normalize), resolve_kernel(kernel, x.device))
 
 #: dtypes the Triton ICE score computes in (fp64 goes to the torch kernel under ``"auto"``)
 TRITON_SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -1,5 +1,5 @@
-"""Plain torch: the reorganize step and the fused ICE score, the CPU paths and the oracles for the
-Triton kernels."""
+"""Plain torch: the reorganize step (dense and ragged) and the fused ICE score, the CPU paths and
+the oracles for the Triton kernels."""
 from __future__ import annotations
 
 from typing import Optional, Union
@@ -101,6 +101,118 @@ def reorganize_backward_reference(
     grad_x[:, num_prefix:] = grad_tokens.to(x.dtype)
     return grad_x, grad_scores.to(scores.dtype)
 
+
+
+def ragged_offsets(keep_counts: Tensor, num_prefix: int, fuse: bool) -> Tensor:
+    """``[B + 1]`` int64 row starts of each image in the packed output of
+    :func:`reorganize_ragged_reference`: image ``b`` has ``num_prefix + keep_counts[b] (+ 1)`` rows."""
+    rows = keep_counts.to(torch.int64) + (num_prefix + int(fuse))
+    return F.pad(rows.cumsum(0), (1, 0))
+
+
+def _packed_source(keep_counts: Tensor, offsets: Tensor, total: int, num_prefix: int,
+                   n: int) -> Tensor:
+    """``[total]`` int64: each packed row's row in the flat dense layout ``[B * (P + n + 1)]`` of
+    ``[prefix, tokens by rank, fused]`` per image (built with ``total``, without a host sync)."""
+    B = keep_counts.shape[0]
+    device = keep_counts.device
+    image = torch.repeat_interleave(torch.arange(B, device=device), offsets.diff(),
+                                    output_size=total)
+    local = torch.arange(total, device=device) - offsets[image]
+    kept_end = num_prefix + keep_counts.to(torch.int64)[image]
+    position = torch.where(local < kept_end, local, num_prefix + n)
+    return image * (num_prefix + n + 1) + position
+
+
+def reorganize_ragged_reference(
+    x: Tensor,
+    scores: Tensor,
+    keep_counts: Tensor,
+    total: int,
+    num_prefix: int,
+    fuse: bool = True,
+    normalize: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`reorganize_reference` with a keep count per image, the images packed without padding.
+
+    Args:
+        x: ``[B, N, D]`` tokens, the first ``num_prefix`` of them prefix tokens.
+        scores: ``[B, N - num_prefix]`` one score per non-prefix token; also the fusion weights.
+        keep_counts: ``[B]`` integer, non-prefix tokens kept per image, each in ``[1, N - P]``.
+        total: the packed row count, ``sum_b num_prefix + keep_counts[b] (+ 1 if fuse)``.
+        num_prefix, fuse, normalize: as :func:`reorganize_reference`.
+
+    Returns:
+        ``rows``: ``[total, D]``, per image ``[prefix, kept tokens in descending score order, fused
+        token]``, images in batch order; image ``b``'s rows are what :func:`reorganize_reference`
+        gives for that image alone with ``keep = keep_counts[b]``.
+        ``offsets``: ``[B + 1]`` int64, image ``b``'s rows are ``rows[offsets[b]:offsets[b + 1]]``.
+        ``order``: ``[B, N - num_prefix]`` int64, the stable descending argsort of ``scores``.
+
+    The fused row is summed in fp32 (fp64 for fp64 tokens), in rank order.
+    """
+    B, N, D = x.shape
+    n = N - num_prefix
+    acc = torch.promote_types(x.dtype, torch.float32)
+    offsets = ragged_offsets(keep_counts, num_prefix, fuse)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    ranked = x[:, num_prefix:].gather(1, order[..., None].expand(B, n, D))
+    if fuse:
+        dropped = (torch.arange(n, device=x.device) >= keep_counts[:, None])[..., None]
+        w = torch.where(dropped[..., 0], scores.gather(1, order), 0)
+        if normalize:
+            w = w / w.sum(dim=1, keepdim=True).clamp_min(EPS)
+        # where, not only w = 0: a kept row may hold inf, and 0 * inf is NaN
+        terms = torch.where(dropped, w.to(acc)[..., None] * ranked.to(acc), 0)
+        last = terms.sum(dim=1).to(x.dtype)[:, None]
+    else:  # never read: no packed row points at it
+        last = x.new_zeros(B, 1, D)
+    dense = torch.cat([x[:, :num_prefix], ranked, last], dim=1).reshape(B * (N + 1), D)
+    rows = dense.index_select(0, _packed_source(keep_counts, offsets, total, num_prefix, n))
+    return rows, offsets, order
+
+
+def reorganize_ragged_backward_reference(
+    grad_rows: Tensor,
+    x: Tensor,
+    scores: Tensor,
+    keep_counts: Tensor,
+    offsets: Tensor,
+    order: Tensor,
+    num_prefix: int,
+    fuse: bool = True,
+    normalize: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`reorganize_ragged_reference` to ``x`` and ``scores``: the formulas of
+    :func:`reorganize_backward_reference`, per image with its own keep count."""
+    B, N, D = x.shape
+    n = N - num_prefix
+    acc = torch.promote_types(x.dtype, torch.float32)
+    source = _packed_source(keep_counts, offsets, grad_rows.shape[0], num_prefix, n)
+    grad_dense = grad_rows.new_zeros(B * (N + 1), D).index_copy_(0, source, grad_rows)
+    grad_dense = grad_dense.view(B, N + 1, D)
+    grad_ranked = grad_dense[:, num_prefix:N].to(acc)  # the dropped positions hold zeros
+    grad_scores = torch.zeros(B, n, dtype=acc, device=scores.device)
+    if fuse:
+        dropped = torch.arange(n, device=x.device) >= keep_counts[:, None]
+        g_f = grad_dense[:, N].to(acc)  # [B, D]
+        s = torch.where(dropped, scores.gather(1, order).to(acc), 0)
+        total = s.sum(dim=1, keepdim=True)
+        w = s / total.clamp_min(EPS) if normalize else s
+        grad_ranked = torch.where(dropped[..., None], w[..., None] * g_f[:, None], grad_ranked)
+        ranked = x[:, num_prefix:].gather(1, order[..., None].expand(B, n, D)).to(acc)
+        a = torch.where(dropped, torch.einsum("bd,bnd->bn", g_f, ranked), 0)
+        if normalize:
+            # clamp_min passes the gradient to S only where S >= EPS, else w_i = s_i / EPS
+            centred = (a - (w * a).sum(dim=1, keepdim=True)) / total.clamp_min(EPS)
+            a = torch.where(dropped, torch.where(total >= EPS, centred, a / EPS), 0)
+        grad_scores.scatter_(1, order, a)
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grad_x[:, :num_prefix] = grad_dense[:, :num_prefix]
+    grad_tokens = torch.zeros(B, n, D, dtype=acc, device=x.device)
+    grad_tokens.scatter_(1, order[..., None].expand(B, n, D), grad_ranked)
+    grad_x[:, num_prefix:] = grad_tokens.to(x.dtype)
+    return grad_x, grad_scores.to(scores.dtype)
 
 # The torch ICE score's logits are computed in tiles of about this many (token, class) pairs. On a CPU
 # 1 MiB of fp32 per thread (about 260 tokens of a 1001-way head), a tile that stays in cache where
