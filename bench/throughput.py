@@ -6,6 +6,7 @@
     python bench/throughput.py --latency-only --threads 1          # batch-1 latency: median, p90
     python bench/throughput.py --device cuda --dtype bf16 --evit-reference --cuda-graphs
     python bench/throughput.py --explain                           # + ICE with its map, vs ICE
+    python bench/throughput.py --device cuda --model-dtype bf16    # bf16 weights, no autocast
 
 All variants are timed interleaved in one run (ice_prune.benchmark_models); a speed-up is the ratio of
 the variant's median img/s to the baseline's. GMACs are fvcore counts with the SDPA and reorganize
@@ -25,6 +26,12 @@ throughput over it. ``--explain`` adds, per keep rate, ICE in explain mode (``ic
 map from the pruned forward, ``model.ice_explanation``; the ``ice@RATE`` model's own weight tensors)
 and reports its throughput over ICE's: the ratio of medians, and the per-repetition ratios' median,
 quartiles and range.
+
+Precision: ``--dtype fp16/bf16`` runs fp32 weights under autocast; ``--model-dtype fp16/bf16`` casts
+the weights and inputs instead (no autocast, as timm's benchmark.py offers). Each variant's first
+forward is timed before the warm-up (compilation, Triton compiles, cuDNN's search included), and its
+first forward at half the batch size after the timed rounds; both are printed and written to --json
+with their difference to the baseline's (compiled variants: to the compiled baseline's).
 """
 from __future__ import annotations
 
@@ -92,7 +99,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="fp16/bf16 run under autocast")
+                   help="fp16/bf16 run under autocast (fp32 weights)")
+    parser.add_argument("--model-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="fp16/bf16: weights and inputs cast to it, no autocast (--dtype fp32)")
     parser.add_argument("--batch-size", default=None,
                    help=f"images per forward, or 'max' on CUDA (the largest that fits); default "
                         f"{DEFAULTS['cpu']['batch_size']} on CPU, {DEFAULTS['cuda']['batch_size']} "
@@ -137,6 +146,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for rate in args.keep_rates:
         check_keep_rate_arg(rate, "--keep-rates")
+    if args.model_dtype != "fp32" and args.dtype != "fp32":
+        raise ValueError(f"--model-dtype {args.model_dtype} runs the weights in {args.model_dtype} "
+                         f"without autocast; --dtype {args.dtype} (autocast) cannot be combined "
+                         f"with it: use one of the two")
     if args.batch_size not in (None, "max"):
         try:
             args.batch_size = int(args.batch_size)
@@ -256,6 +269,25 @@ def print_table(rows: list[dict], header: str) -> None:
         if row.get("vs_reference") is not None:
             print(f"{row['name']}: {row['vs_reference']:.2f}x the img/s of EViT materializing the "
                   f"attention matrix ({REFERENCE}, same run; goal: at least 1)")
+    if rows and rows[0].get("first_call_s") is not None:
+        print_first_calls(rows)
+
+
+def print_first_calls(rows: list[dict]) -> None:
+    """Each variant's first forward and its first at the new batch size, and both beyond the
+    baseline's."""
+    batch, new_batch = rows[0]["batch_size"], rows[0]["new_batch_size"]
+    cols = (f"{'variant':<18}{f'1st call B={batch} s':>18}{'- baseline s':>14}"
+            f"{f'1st call B={new_batch} s':>18}{'- baseline s':>14}")
+    print(cols)
+    print("-" * len(cols))
+    for row in rows:
+        print(f"{row['name']:<18}{row['first_call_s']:>18.3f}{row['first_call_vs_baseline_s']:>+14.3f}"
+              f"{row['new_batch_call_s']:>18.3f}{row['new_batch_call_vs_baseline_s']:>+14.3f}")
+    print(f"1st call: a variant's first forward, timed alone before the warm-up (compiles, "
+          f"autotuning, cuDNN's search included); B={new_batch}: its first forward at that batch "
+          f"size, after the timed rounds; - baseline: beyond the baseline's, same process (the "
+          f"first model timed also pays the process's one-time setup)")
 
 
 def plot(rows: list[dict], path: str, title: str, reference: bool) -> None:
@@ -367,19 +399,28 @@ def variant_row(measured: dict, meta: dict, stats: dict) -> dict:
                 macs=stats[name]["macs"], gmacs=stats[name]["macs"] / 1e9)
 
 
+def precision(args: argparse.Namespace) -> str:
+    """How the run computes: fp32, ``bf16 autocast`` (--dtype) or ``bf16 weights`` (--model-dtype)."""
+    if args.model_dtype != "fp32":
+        return f"{args.model_dtype} weights"
+    return "fp32" if args.dtype == "fp32" else f"{args.dtype} autocast"
+
+
 def measure_throughput(args, models, meta, stats, input_size, device, info) -> dict:
     """The throughput run, its table, and its part of the --json output."""
     batch_size = args.batch_size
     if batch_size == "max":
-        batch_size = max_batch_size(models, input_size, device, args.dtype)
+        batch_size = max_batch_size(models, input_size, device, args.dtype,
+                                    model_dtype=args.model_dtype)
     run = benchmark_models(models, input_size, batch_size, device, args.dtype, args.reps,
                            args.warmup, baseline="baseline", progress=True,
-                           cuda_graphs=args.cuda_graphs, cudnn_benchmark=True)
+                           cuda_graphs=args.cuda_graphs, cudnn_benchmark=True,
+                           model_dtype=args.model_dtype, first_call=True)
     rows = throughput_rows(run, meta, stats)
 
     reps = len(run[run.baseline].times)
     cudnn = device.type == "cuda"  # benchmark_models turns cuDNN benchmark on for CUDA runs
-    header = (f"{args.model} on {info['name']} ({device.type}, {args.dtype}, batch "
+    header = (f"{args.model} on {info['name']} ({device.type}, {precision(args)}, batch "
               f"{run[run.baseline].batch_size}, {reps} reps, warm-up {run.warmup}, "
               f"{info['threads']} threads{', cuDNN benchmark' if cudnn else ''})")
     graphs = ", CUDA graphs" if any(r["cuda_graph"] for r in rows) else ""
@@ -395,7 +436,8 @@ def measure_throughput(args, models, meta, stats, input_size, device, info) -> d
             "settings": dict(vars(args), batch_size=run[run.baseline].batch_size,
                              batch_size_arg=args.batch_size, reps=reps, warmup=run.warmup,
                              input_size=list(input_size), device=str(device),
-                             cudnn_benchmark=cudnn),
+                             cudnn_benchmark=cudnn, precision=precision(args),
+                             new_batch_size=run[run.baseline].new_batch_size),
             "results": rows, "schedule": run.schedule}
 
 
@@ -405,13 +447,18 @@ def throughput_rows(run, meta: dict, stats: dict) -> list[dict]:
     ``vs_evit``: ICE's median img/s over EViT's at the same keep rate; ``vs_ice``: the --explain
     variant's over ICE's (``vs_ice_paired``: the median of ``vs_ice_reps``, ICE's time over the
     variant's in each repetition); ``vs_reference``: EViT's over the --evit-reference variant's;
-    ``vs_eager``: a compiled variant's over its eager self."""
+    ``vs_eager``: a compiled variant's over its eager self; ``first_call_vs_baseline_s`` /
+    ``new_batch_call_vs_baseline_s``: seconds of the first forward (at the timed / the new batch
+    size) beyond the baseline's of the same kind."""
     rows = []
     for measured in run.to_dict()["results"]:
         row = variant_row(measured, meta, stats)
         name, suffix = row["name"], "+compile" if row["compiled"] else ""
         row["speedup"] = run.speedup(name, "baseline" + suffix)
         row["paired_speedup"] = run.paired_speedup(name, "baseline" + suffix)
+        row["first_call_vs_baseline_s"] = run.first_call_delta(name, "baseline" + suffix)
+        row["new_batch_call_vs_baseline_s"] = run.first_call_delta(name, "baseline" + suffix,
+                                                                   new_batch=True)
         rate = f"{row['keep_rate']:g}"
         row["vs_evit"] = run.speedup(name, f"evit@{rate}{suffix}") if row["method"] == "ice" else None
         ice = f"ice@{rate}{suffix}"
@@ -432,11 +479,11 @@ def measure_latency(args, models, meta, stats, input_size, device, info) -> dict
     --no-cuda-graphs), its table, and its part of the --json output."""
     run = latency(models, input_size, device, args.dtype, args.latency_reps, args.latency_warmup,
                   baseline="baseline", cuda_graphs=False if args.no_cuda_graphs else "auto",
-                  progress=True)
+                  progress=True, model_dtype=args.model_dtype)
     rows = [variant_row(measured, meta, stats) for measured in run.to_dict()["results"]]
     reps = len(run[run.baseline].times)
     graphs = any(r["cuda_graph"] for r in rows)
-    header = (f"{args.model} on {info['name']} ({device.type}, {args.dtype}, batch 1, {reps} "
+    header = (f"{args.model} on {info['name']} ({device.type}, {precision(args)}, batch 1, {reps} "
               f"single-image forwards per variant, warm-up {run.warmup}, {info['threads']} threads"
               f"{', CUDA graphs' if graphs else ''})")
     print_latency_table(rows, header)

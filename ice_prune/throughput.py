@@ -1,6 +1,7 @@
 """Throughput and batch-1 latency: images per second of one model, or of several interleaved in one
 run (:func:`benchmark_models`), and the median / p90 milliseconds of single-image forwards
-(:func:`latency`, with CUDA graphs on a GPU).
+(:func:`latency`, with CUDA graphs on a GPU). Precision: ``dtype`` runs fp16 / bf16 under autocast
+(fp32 weights); ``model_dtype`` casts the weights and inputs instead (pure fp16 / bf16, no autocast).
 
 What makes a speed-up honest: random inputs (the measured work does not depend on them), eval mode,
 ``torch.inference_mode``, warm-up rounds discarded, ``torch.cuda.synchronize`` around the timed
@@ -24,7 +25,7 @@ import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -43,12 +44,18 @@ DEFAULTS = {
 @dataclass
 class Measurement:
     """Timings of one model: ``times`` holds the seconds of each repetition (one batch each);
-    ``cuda_graph`` is True when the forward replayed a captured CUDA graph."""
+    ``cuda_graph`` is True when the forward replayed a captured CUDA graph. With
+    ``benchmark_models(..., first_call=True)``: ``first_call_s``, the seconds of the model's first
+    forward (compilation, kernel compiles, cuDNN's algorithm search included), and
+    ``new_batch_call_s``, its first forward at another batch size (``new_batch_size``)."""
 
     name: str
     batch_size: int
     times: list[float] = field(default_factory=list)
     cuda_graph: bool = False
+    first_call_s: Optional[float] = None
+    new_batch_size: Optional[int] = None
+    new_batch_call_s: Optional[float] = None
 
     @property
     def img_per_s(self) -> list[float]:
@@ -67,13 +74,17 @@ class Measurement:
     def to_dict(self) -> dict:
         return {"name": self.name, "batch_size": self.batch_size, "times_s": self.times,
                 "cuda_graph": self.cuda_graph, "img_per_s": self.img_per_s,
-                "median_img_per_s": self.median, "best_img_per_s": self.best}
+                "median_img_per_s": self.median, "best_img_per_s": self.best,
+                "first_call_s": self.first_call_s, "new_batch_size": self.new_batch_size,
+                "new_batch_call_s": self.new_batch_call_s}
 
 
 @dataclass
 class _Run:
     """What a timed run holds: one measurement per model in the given order, the run's settings,
-    and the order the forwards actually ran in (``schedule``)."""
+    and the order the timed forwards actually ran in (``schedule``). ``dtype``: the autocast dtype
+    (``"fp32"``: none); ``model_dtype``: the dtype weights and inputs were cast to (None: the weights
+    as given, fp32 inputs)."""
 
     measurements: dict
     baseline: str
@@ -82,6 +93,7 @@ class _Run:
     input_size: tuple[int, ...]
     warmup: int
     schedule: list[str] = field(default_factory=list)
+    model_dtype: Optional[str] = None
 
     def __getitem__(self, name: str):
         return self.measurements[name]
@@ -108,12 +120,24 @@ class BenchmarkRun(_Run):
         machine whose load changes during the run (shared CPUs) a pair shares the load it saw."""
         return statistics.median(self.paired_ratios(name, baseline))
 
+    def first_call_delta(self, name: str, baseline: Optional[str] = None,
+                         new_batch: bool = False) -> Optional[float]:
+        """Seconds ``name``'s first forward took beyond the baseline's (``new_batch``: the first
+        forwards at the new batch size); None when first calls were not measured."""
+        baseline = self.baseline if baseline is None else baseline
+        attr = "new_batch_call_s" if new_batch else "first_call_s"
+        ours, theirs = (getattr(self.measurements[n], attr) for n in (name, baseline))
+        return None if ours is None or theirs is None else ours - theirs
+
     def to_dict(self) -> dict:
         return {"baseline": self.baseline, "device": self.device, "dtype": self.dtype,
-                "input_size": list(self.input_size), "warmup": self.warmup,
-                "reps": len(next(iter(self.measurements.values())).times),
+                "model_dtype": self.model_dtype, "input_size": list(self.input_size),
+                "warmup": self.warmup, "reps": len(next(iter(self.measurements.values())).times),
                 "results": [dict(m.to_dict(), speedup=self.speedup(name),
-                                 paired_speedup=self.paired_speedup(name))
+                                 paired_speedup=self.paired_speedup(name),
+                                 first_call_vs_baseline_s=self.first_call_delta(name),
+                                 new_batch_call_vs_baseline_s=self.first_call_delta(
+                                     name, new_batch=True))
                             for name, m in self.measurements.items()]}
 
 
@@ -158,6 +182,57 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+def _dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
+    return None if dtype is None else {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def check_precision(dtype: Union[str, torch.dtype, None], model_dtype: Union[str, torch.dtype, None]
+                    ) -> tuple[torch.dtype, Optional[torch.dtype]]:
+    """``(autocast dtype, weights' dtype or None)``: one of the two may be fp16 / bf16, not both
+    (weights cast to a half type run without autocast); a ``model_dtype`` of None stays None."""
+    dtype = resolve_dtype(dtype)
+    model_dtype = None if model_dtype is None else resolve_dtype(model_dtype)
+    if model_dtype not in (None, torch.float32) and dtype != torch.float32:
+        raise ValueError(f"model_dtype {_dtype_name(model_dtype)} runs the weights and inputs in "
+                         f"{_dtype_name(model_dtype)} without autocast; dtype (the autocast dtype) "
+                         f"must then be fp32, got {_dtype_name(dtype)}")
+    return dtype, model_dtype
+
+
+@contextmanager
+def cast_weights(models: Iterable[nn.Module], dtype: torch.dtype) -> Iterator[None]:
+    """Every floating-point parameter and buffer of ``models`` in ``dtype`` inside (what
+    ``Module.to(dtype)`` casts), the original tensors put back on the way out: the caller's weights
+    come back as they were, not rounded. A tensor shared by several models (or tied within one) is
+    cast once and stays shared."""
+    params, buffers, cast = [], [], {}
+    try:
+        for model in models:
+            for module in model.modules():
+                for p in module._parameters.values():
+                    # a shared parameter is cast on its first visit, then has ``dtype``
+                    if p is not None and p.is_floating_point() and p.dtype != dtype:
+                        params.append((p, p.data))
+                        p.data = p.data.to(dtype)
+                for key, b in module._buffers.items():
+                    if b is not None and b.is_floating_point() and b.dtype != dtype:
+                        if id(b) not in cast:
+                            cast[id(b)] = b.to(dtype)
+                        buffers.append((module, key, b))
+                        module._buffers[key] = cast[id(b)]
+        yield
+    finally:
+        for p, data in params:
+            p.data = data
+        for module, key, b in buffers:
+            module._buffers[key] = b
+
+
+def new_batch_size(batch_size: int) -> int:
+    """The batch size of the second first call: half the timed one (2 for a timed batch of 1)."""
+    return batch_size // 2 if batch_size > 1 else 2
 
 
 def _autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
@@ -228,12 +303,23 @@ def benchmark_models(
     progress: bool = False,
     cuda_graphs: Union[bool, str] = False,
     cudnn_benchmark: bool = True,
+    model_dtype: Union[str, torch.dtype, None] = None,
+    first_call: bool = False,
 ) -> BenchmarkRun:
     """Time several models interleaved in one run.
 
     Each round runs every model once on the same random batch; round ``r`` starts at model
     ``r mod len(models)`` (a rotation), so no model always runs first or right after another. The
     ``warmup`` rounds are discarded, then ``reps`` rounds are timed, one batch per model each.
+
+    With ``first_call``, each model's first forward is timed alone (synchronized) before the warm-up,
+    in the models' order: what a user waits for on first use (torch.compile, Triton compiles or
+    autotuning, cuDNN's algorithm search). After the timed rounds each model's first forward at
+    :func:`new_batch_size` is timed too: a new batch size should not compile or tune again. It comes
+    last because a ``torch.compile``'d model recompiles for a new shape, with a dynamic batch size
+    that later calls at the timed size would then run. All models share the process: the first one
+    measured (the baseline, by default) also pays what is set up once per process or per shape
+    (cuBLAS handles, cuDNN's choice for the patch embedding), which later models find done.
 
     Args:
         models: name -> model; moved to ``device`` and put in eval mode.
@@ -250,12 +336,17 @@ def benchmark_models(
             kernels are too short to hide their launches (as :func:`latency` does at batch 1); a
             ``torch.compile``'d model runs as compiled (``mode="reduce-overhead"`` has its own).
         cudnn_benchmark: on CUDA, ``torch.backends.cudnn.benchmark`` while timing (restored after).
+        model_dtype: None (the weights as given, fp32 inputs), ``"fp32"``, ``"fp16"`` or
+            ``"bf16"``: floating-point weights, buffers and inputs cast to it for the run, no
+            autocast (``dtype`` must be fp32); the models get their own tensors back afterwards
+            (:func:`cast_weights`).
+        first_call: also time each model's first forward and its first at a new batch size.
     """
     if not models:
         raise ValueError("benchmark_models needs at least one model")
     if len(input_size) != 3:
         raise ValueError(f"input_size is (channels, height, width) of one image, got {input_size!r}")
-    device, dtype = check_device(device), resolve_dtype(dtype)
+    device, (dtype, model_dtype) = check_device(device), check_precision(dtype, model_dtype)
     defaults = DEFAULTS.get(device.type, DEFAULTS["cpu"])
     batch_size = defaults["batch_size"] if batch_size is None else batch_size
     reps = defaults["reps"] if reps is None else reps
@@ -265,11 +356,13 @@ def benchmark_models(
                          f"{warmup}")
     use_graphs = _check_cuda_graphs(cuda_graphs, device)
     run = BenchmarkRun({n: Measurement(n, batch_size) for n in models},
-                       _check_baseline(models, baseline), str(device),
-                       {v: k for k, v in DTYPES.items()}[dtype], tuple(input_size), warmup)
-    x = torch.randn(batch_size, *input_size, device=device)
-    return _run_interleaved(models, run, x, dtype, reps, use_graphs, cudnn_benchmark, progress,
-                            "benchmark", "batch")
+                       _check_baseline(models, baseline), str(device), _dtype_name(dtype),
+                       tuple(input_size), warmup, model_dtype=_dtype_name(model_dtype))
+    x = torch.randn(batch_size, *input_size, device=device, dtype=model_dtype)
+    new_x = (torch.randn(new_batch_size(batch_size), *input_size, device=device, dtype=model_dtype)
+             if first_call else None)
+    return _run_interleaved(models, run, x, dtype, model_dtype, reps, use_graphs, cudnn_benchmark,
+                            progress, "benchmark", "batch", new_x)
 
 
 def _check_baseline(models: Mapping[str, nn.Module], baseline: Optional[str]) -> str:
@@ -281,11 +374,14 @@ def _check_baseline(models: Mapping[str, nn.Module], baseline: Optional[str]) ->
 
 
 def _run_interleaved(models: Mapping[str, nn.Module], run, x: torch.Tensor, dtype: torch.dtype,
-                     reps: int, use_graphs: bool, cudnn_benchmark: bool, progress: bool, desc: str,
-                     unit: str):
+                     model_dtype: Optional[torch.dtype], reps: int, use_graphs: bool,
+                     cudnn_benchmark: bool, progress: bool, desc: str, unit: str,
+                     new_x: Optional[torch.Tensor] = None):
     """What :func:`benchmark_models` and :func:`latency` share: the models on ``x``'s device in eval
-    mode, then ``run.warmup`` + ``reps`` interleaved rounds timed into ``run`` (replayed CUDA graphs
-    with ``use_graphs``); returns ``run``."""
+    mode, their weights in ``model_dtype`` (None: as given), then ``run.warmup`` + ``reps``
+    interleaved rounds timed into ``run`` (replayed CUDA graphs with ``use_graphs``); with ``new_x``,
+    each model's first forward (on ``x``, before the warm-up) and its first on ``new_x`` (after the
+    timed rounds) timed into ``first_call_s`` / ``new_batch_call_s``; returns ``run``."""
     from tqdm.auto import tqdm
 
     device = x.device
@@ -293,12 +389,30 @@ def _run_interleaved(models: Mapping[str, nn.Module], run, x: torch.Tensor, dtyp
         model.to(device).eval()
     bar = tqdm(total=(run.warmup + reps) * len(models), desc=desc, unit=unit,
                disable=not progress, leave=False)
-    with torch.inference_mode(), cudnn_benchmark_mode(device, cudnn_benchmark), \
+    cast = nullcontext() if model_dtype is None else cast_weights(models.values(), model_dtype)
+    with cast, torch.inference_mode(), \
+            cudnn_benchmark_mode(device, cudnn_benchmark), \
             _autocast(device, dtype, cache=not use_graphs), bar:
+        if new_x is not None:
+            for name, model in models.items():
+                run.measurements[name].first_call_s = _timed_call(model, x, device)
         forwards = (_graph_forwards(models, x, device, run.measurements) if use_graphs
                     else dict(models))
         _interleaved(forwards, x, device, run.warmup, reps, run.measurements, run.schedule, bar)
+        if new_x is not None:
+            for name, model in models.items():
+                run.measurements[name].new_batch_size = len(new_x)
+                run.measurements[name].new_batch_call_s = _timed_call(model, new_x, device)
     return run
+
+
+def _timed_call(forward: Callable, x: torch.Tensor, device: torch.device) -> float:
+    """Seconds of one ``forward(x)``, synchronized on both sides on CUDA."""
+    _sync(device)
+    start = time.perf_counter()
+    forward(x)
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def _interleaved(forwards: Mapping[str, Callable], x: torch.Tensor, device: torch.device,
@@ -310,11 +424,7 @@ def _interleaved(forwards: Mapping[str, Callable], x: torch.Tensor, device: torc
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             bar.set_postfix_str(name)
-            _sync(device)
-            start = time.perf_counter()
-            forwards[name](x)
-            _sync(device)
-            elapsed = time.perf_counter() - start
+            elapsed = _timed_call(forwards[name], x, device)
             schedule.append(name)
             if r >= warmup:
                 measurements[name].times.append(elapsed)
@@ -330,11 +440,12 @@ def benchmark(
     reps: Optional[int] = None,
     warmup: Optional[int] = None,
     progress: bool = False,
+    model_dtype: Union[str, torch.dtype, None] = None,
 ) -> Measurement:
     """Images per second of one model (median and best over ``reps``); see :func:`benchmark_models`
     for the arguments. To compare models, time them together with :func:`benchmark_models`."""
     run = benchmark_models({"model": model}, input_size, batch_size, device, dtype, reps, warmup,
-                           progress=progress)
+                           progress=progress, model_dtype=model_dtype)
     return run["model"]
 
 
@@ -395,7 +506,8 @@ class LatencyRun(_Run):
 
     def to_dict(self) -> dict:
         return {"baseline": self.baseline, "device": self.device, "dtype": self.dtype,
-                "input_size": list(self.input_size), "warmup": self.warmup, "batch_size": 1,
+                "model_dtype": self.model_dtype, "input_size": list(self.input_size),
+                "warmup": self.warmup, "batch_size": 1,
                 "reps": len(next(iter(self.measurements.values())).times),
                 "results": [dict(m.to_dict(), speedup=self.speedup(name))
                             for name, m in self.measurements.items()]}
@@ -435,6 +547,7 @@ def latency(
     cuda_graphs: Union[bool, str] = "auto",
     progress: bool = False,
     cudnn_benchmark: bool = True,
+    model_dtype: Union[str, torch.dtype, None] = None,
 ) -> LatencyRun:
     """Batch-1 latency of several models, interleaved like :func:`benchmark_models`: each timed
     round runs one single-image forward of every model (rotated start), each forward timed alone
@@ -445,14 +558,14 @@ def latency(
     per-kernel launch cost away); a model that cannot be captured runs eagerly, its measurement's
     ``cuda_graph`` False. A ``torch.compile``'d model is not captured: it runs as compiled
     (``mode="reduce-overhead"`` brings torch.compile's own CUDA graphs). Other arguments as in
-    :func:`benchmark_models` (cuDNN benchmark on CUDA included); defaults per device type in
-    :data:`LATENCY_DEFAULTS`.
+    :func:`benchmark_models` (cuDNN benchmark on CUDA included, ``model_dtype`` too); defaults per
+    device type in :data:`LATENCY_DEFAULTS`.
     """
     if not models:
         raise ValueError("latency needs at least one model")
     if len(input_size) != 3:
         raise ValueError(f"input_size is (channels, height, width) of one image, got {input_size!r}")
-    device, dtype = check_device(device), resolve_dtype(dtype)
+    device, (dtype, model_dtype) = check_device(device), check_precision(dtype, model_dtype)
     defaults = LATENCY_DEFAULTS.get(device.type, LATENCY_DEFAULTS["cpu"])
     reps = defaults["reps"] if reps is None else reps
     warmup = defaults["warmup"] if warmup is None else warmup
@@ -460,11 +573,11 @@ def latency(
         raise ValueError(f"need reps >= 1, warmup >= 0; got {reps}, {warmup}")
     use_graphs = _check_cuda_graphs(cuda_graphs, device)
     run = LatencyRun({n: LatencyMeasurement(n) for n in models}, _check_baseline(models, baseline),
-                     str(device), {v: k for k, v in DTYPES.items()}[dtype], tuple(input_size),
-                     warmup)
-    x = torch.randn(1, *input_size, device=device)
-    return _run_interleaved(models, run, x, dtype, reps, use_graphs, cudnn_benchmark, progress,
-                            "latency", "image")
+                     str(device), _dtype_name(dtype), tuple(input_size), warmup,
+                     model_dtype=_dtype_name(model_dtype))
+    x = torch.randn(1, *input_size, device=device, dtype=model_dtype)
+    return _run_interleaved(models, run, x, dtype, model_dtype, reps, use_graphs, cudnn_benchmark,
+                            progress, "latency", "image")
 
 
 def find_max_batch(fits: Callable[[int], bool], start: int = 64, limit: int = 8192) -> int:
@@ -496,10 +609,12 @@ def max_batch_size(
     dtype: Union[str, torch.dtype, None] = "fp32",
     start: int = 64,
     limit: int = 8192,
+    model_dtype: Union[str, torch.dtype, None] = None,
 ) -> int:
     """The largest batch at which every model runs a forward on a CUDA GPU (the paper measured at
-    the maximum batch size): doubling, then bisection on out-of-memory."""
-    device, dtype = check_device(device), resolve_dtype(dtype)
+    the maximum batch size): doubling, then bisection on out-of-memory; ``dtype`` and
+    ``model_dtype`` as in :func:`benchmark_models`."""
+    device, (dtype, model_dtype) = check_device(device), check_precision(dtype, model_dtype)
     if device.type != "cuda":
         raise ValueError("batch_size='max' searches for the largest batch that fits in GPU memory; "
                          "on the CPU give a number (e.g. 32)")
@@ -509,8 +624,10 @@ def max_batch_size(
 
     def fits(b: int) -> bool:
         try:
-            with torch.inference_mode(), _autocast(device, dtype):
-                x = torch.randn(b, *input_size, device=device)
+            cast = (nullcontext() if model_dtype is None
+                    else cast_weights(models.values(), model_dtype))
+            with cast, torch.inference_mode(), _autocast(device, dtype):
+                x = torch.randn(b, *input_size, device=device, dtype=model_dtype)
                 for model in models.values():
                     model(x)
             _sync(device)

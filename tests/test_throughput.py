@@ -44,9 +44,10 @@ def test_benchmark_structure():
     assert isinstance(m, timing.Measurement) and m.batch_size == 3 and len(m.times) == 4
     assert m.img_per_s == [3 / t for t in m.times]
     assert m.median == statistics.median(m.img_per_s) and m.best == max(m.img_per_s)
-    assert len(log) == 6  # warm-up ran and was discarded
+    assert len(log) == 6  # warm-up ran and was discarded; no first calls unless asked for
     # eval mode, inference mode, fp32 without autocast, the batch asked for
     assert set(model.seen) == {(False, True, False, (3, 1, 2, 2))}
+    assert m.first_call_s is None and m.new_batch_call_s is None
 
 
 def test_autocast_dtype():
@@ -96,6 +97,90 @@ def test_paired_speedup_pairs_each_repetition(monkeypatch):
     assert run.paired_speedup("slow") == 2.0  # per repetition: 2/1, 4/2, 2/3
 
 
+def test_first_calls_timed_once_before_warmup_and_at_a_new_batch(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    log = []
+    # first call, one warm-up, two timed rounds, first call at the new batch size
+    base = Recorder("base", log, clock, [10.0, 1.0, 2.0, 2.0, 3.0])
+    ice = Recorder("ice", log, clock, [12.5, 1.0, 1.0, 1.0, 3.5])
+    run = timing.benchmark_models({"base": base, "ice": ice}, (1, 2, 2), batch_size=4,
+                                  device="cpu", reps=2, warmup=1, first_call=True)
+    assert run.schedule == ["base", "ice", "ice", "base", "base", "ice"]  # interleaving as before
+    assert log == ["base", "ice"] + run.schedule + ["base", "ice"]
+    assert run["base"].times == [2.0, 2.0] and run["ice"].times == [1.0, 1.0]
+    assert (run["base"].first_call_s, run["ice"].first_call_s) == (10.0, 12.5)
+    assert (run["base"].new_batch_call_s, run["ice"].new_batch_call_s) == (3.0, 3.5)
+    for model in (base, ice):  # the timed batch first and in every round, then half of it, once
+        assert [shape[0] for *_, shape in model.seen] == [4, 4, 4, 4, 2]
+        assert set(model.seen[:1]) == {(False, True, False, (4, 1, 2, 2))}  # eval, inference mode
+    assert run["ice"].new_batch_size == 2
+    assert run.first_call_delta("ice") == 2.5 and run.first_call_delta("base") == 0.0
+    assert run.first_call_delta("ice", new_batch=True) == 0.5
+    assert run.first_call_delta("base", "ice") == -2.5
+    row = run.to_dict()["results"][1]
+    assert (row["first_call_s"], row["new_batch_size"], row["new_batch_call_s"]) == (12.5, 2, 3.5)
+    assert (row["first_call_vs_baseline_s"], row["new_batch_call_vs_baseline_s"]) == (2.5, 0.5)
+    assert timing.new_batch_size(1) == 2 and timing.new_batch_size(256) == 128
+    plain = timing.benchmark_models({"base": Recorder("base", [], clock, [1.0])}, (1, 2, 2),
+                                    batch_size=2,
+                                    device="cpu", reps=1, warmup=0)
+    assert plain.first_call_delta("base") is None
+    assert plain.to_dict()["results"][0]["first_call_vs_baseline_s"] is None
+    assert plain.to_dict()["model_dtype"] is None  # the weights as given
+
+
+def tiny_variants():
+    base = timm.create_model("vit_tiny_patch16_224", img_size=32)
+    return {"baseline": base,
+            "evit": ice_prune.patch(timm.create_model("vit_tiny_patch16_224", img_size=32), 0.5,
+                                    method="evit"),
+            "ice": ice_prune.patch(timm.create_model("vit_tiny_patch16_224", img_size=32), 0.5,
+                                   method="ice")}
+
+
+def test_model_dtype_runs_bf16_weights_and_inputs_and_gives_the_weights_back():
+    models = tiny_variants()
+    before = {n: [(p, p.data_ptr(), p.detach().clone()) for p in m.parameters()]
+              for n, m in models.items()}
+    seen = {n: [] for n in models}
+
+    def spy(name):
+        def hook(module, args, output):
+            seen[name].append(({p.dtype for p in module.parameters()}, args[0].dtype, output.dtype,
+                               torch.is_autocast_enabled("cpu")))
+        return hook
+
+    for name, model in models.items():
+        model.register_forward_hook(spy(name))
+    run = timing.benchmark_models(models, (3, 32, 32), batch_size=2, device="cpu", reps=1,
+                                  warmup=0, model_dtype="bf16", first_call=True)
+    for name in models:  # first call, the timed round, the new batch: all pure bf16, no autocast
+        assert seen[name] == [({torch.bfloat16}, torch.bfloat16, torch.bfloat16, False)] * 3
+    for name, model in models.items():  # the caller's parameters, their own fp32 tensors, unrounded
+        for (p, ptr, value), q in zip(before[name], model.parameters()):
+            assert q is p and p.data_ptr() == ptr and p.dtype == torch.float32
+            assert torch.equal(p, value)
+    out = run.to_dict()
+    assert (out["model_dtype"], out["dtype"]) == ("bf16", "fp32")
+    assert all(r["first_call_s"] > 0 and r["new_batch_size"] == 1 for r in out["results"])
+
+
+def test_cast_weights_casts_shared_tensors_once():
+    a = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    b = nn.Sequential(a[0], a[1])  # another model holding the same parameters and buffers
+    a[0].register_buffer("index", torch.arange(2))  # not floating point: left alone
+    weight, running_mean = a[0].weight.data_ptr(), a[1].running_mean
+    with timing.cast_weights([a, b], torch.bfloat16):
+        assert a[0].weight.dtype == torch.bfloat16 and b[0].weight is a[0].weight
+        assert a[1].running_mean.dtype == torch.bfloat16
+        assert b[1].running_mean is a[1].running_mean
+        assert a[0].index.dtype == torch.int64
+    assert a[0].weight.data_ptr() == weight and a[0].weight.dtype == torch.float32
+    assert a[1].running_mean is running_mean
+    assert b[1].running_mean is running_mean
+
+
 def test_bad_arguments_name_the_fix():
     models = {"a": Recorder("a", [])}
     with pytest.raises(ValueError, match="baseline 'z'"):
@@ -104,6 +189,10 @@ def test_bad_arguments_name_the_fix():
         timing.benchmark_models(models, (1, 2, 2), 1, "cpu", dtype="int8", reps=1)
     with pytest.raises(ValueError, match="reps >= 1"):
         timing.benchmark_models(models, (1, 2, 2), 1, "cpu", reps=0)
+    with pytest.raises(ValueError, match="model_dtype bf16 .* must then be fp32, got fp16"):
+        timing.benchmark_models(models, (1, 2, 2), 1, "cpu", dtype="fp16", model_dtype="bf16")
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        timing.latency(models, (1, 2, 2), device="cpu", model_dtype="fp8")
     with pytest.raises(ValueError, match="on the CPU give a number"):
         timing.max_batch_size(models, (1, 2, 2), device="cpu")
 
@@ -164,6 +253,7 @@ def test_script_writes_table_json_and_plot(tmp_path, throughput, capsys):
                                      "--threads", "1", "--json", str(out), "--plot", str(png)])
     table = capsys.readouterr().out
     assert "ice@0.7" in table and "vs EViT" in table
+    assert "1st call B=2 s" in table and "1st call B=1 s" in table and "(cpu, fp32, batch 2" in table
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result))
     assert data["device"]["type"] == "cpu" and data["device"]["threads"] == 1
@@ -171,6 +261,7 @@ def test_script_writes_table_json_and_plot(tmp_path, throughput, capsys):
     s = data["settings"]
     assert (s["batch_size"], s["reps"], s["warmup"], s["input_size"], s["dtype"]) == \
         (2, 2, 1, [3, 32, 32], "fp32")
+    assert (s["model_dtype"], s["precision"], s["new_batch_size"]) == ("fp32", "fp32", 1)
     rows = {r["name"]: r for r in data["results"]}
     assert list(rows) == ["baseline", "evit@0.7", "ice@0.7", "evit@0.5", "ice@0.5"]
     base = rows["baseline"]
@@ -180,6 +271,11 @@ def test_script_writes_table_json_and_plot(tmp_path, throughput, capsys):
         assert r["speedup"] == pytest.approx(r["median_img_per_s"] / base["median_img_per_s"])
         assert r["paired_speedup"] == pytest.approx(statistics.median(
             b / t for b, t in zip(base["times_s"], r["times_s"])))
+        assert r["first_call_s"] > 0 and r["new_batch_call_s"] > 0 and r["new_batch_size"] == 1
+        assert r["first_call_vs_baseline_s"] == pytest.approx(r["first_call_s"]
+                                                              - base["first_call_s"])
+        assert r["new_batch_call_vs_baseline_s"] == pytest.approx(r["new_batch_call_s"]
+                                                                  - base["new_batch_call_s"])
         assert r["macs"] == ice_prune.count_flops(
             ice_prune.patch(timm.create_model("vit_tiny_patch16_224", img_size=32), r["keep_rate"],
                             method=r["method"]) if r["method"] != "baseline" else
@@ -337,6 +433,22 @@ def test_speedup_against_another_model(monkeypatch):
     assert run.paired_speedup("c", "b") == 2.0  # per repetition: 2, 2, 0.5
 
 
+def test_script_model_dtype(tmp_path, throughput, capsys):
+    with pytest.raises(ValueError, match="--model-dtype bf16 .*--dtype fp16"):
+        throughput.parse_args(["--model-dtype", "bf16", "--dtype", "fp16"])
+    out = tmp_path / "bf16.json"
+    throughput.main(TINY + ["--keep-rates", "0.5", "--model-dtype", "bf16", "--batch-size", "2",
+                            "--reps", "1", "--warmup", "0", "--threads", "1", "--latency",
+                            "--latency-reps", "1", "--latency-warmup", "0", "--json", str(out)])
+    table = capsys.readouterr().out
+    assert "(cpu, bf16 weights, batch 2" in table and "(cpu, bf16 weights, batch 1" in table
+    data = json.loads(out.read_text())
+    assert (data["settings"]["model_dtype"], data["settings"]["dtype"]) == ("bf16", "fp32")
+    assert data["settings"]["precision"] == "bf16 weights"
+    assert [r["name"] for r in data["results"]] == ["baseline", "evit@0.5", "ice@0.5"]
+    assert len(data["latency"]["results"]) == 3
+
+
 def test_compile_default_and_cuda_graphs_flag(throughput):
     assert throughput.parse_args([]).compile is None  # resolved in main: on for CUDA
     assert throughput.parse_args(["--compile"]).compile is True
@@ -356,7 +468,8 @@ def test_compiled_rows_are_ratios_to_the_compiled_baseline(throughput):
                     "baseline+compile": [2.0], "evit@0.7+compile": [1.0], "ice@0.7+compile": [1.25],
                     "evit-ref@0.7+compile": [2.5]})
     meta, stats = {}, {}
-    for name in run.measurements:
+    for i, name in enumerate(run.measurements):
+        run[name].first_call_s, run[name].new_batch_call_s = 10.0 * (i + 1), 1.0 * (i + 1)
         plain = name.split("+")[0]
         method, _, rate = plain.partition("@")
         meta[name] = {"method": method, "keep_rate": float(rate or 1.0)}
@@ -369,6 +482,10 @@ def test_compiled_rows_are_ratios_to_the_compiled_baseline(throughput):
     assert rows["evit@0.7+compile"]["vs_reference"] == pytest.approx(2.5)
     assert rows["baseline+compile"]["vs_eager"] == 2.0 and rows["baseline"]["vs_eager"] is None
     assert rows["ice@0.7"]["vs_reference"] is None and rows["evit@0.7"]["vs_evit"] is None
+    # first calls beyond the baseline of the same kind: ice@0.7 is 3rd, baseline+compile 5th
+    assert rows["ice@0.7"]["first_call_vs_baseline_s"] == 20.0
+    assert rows["ice@0.7+compile"]["first_call_vs_baseline_s"] == 20.0
+    assert rows["ice@0.7+compile"]["new_batch_call_vs_baseline_s"] == 2.0
 
 
 def test_evit_reference_runs_non_fused_attention_with_the_same_outputs(throughput, monkeypatch):
