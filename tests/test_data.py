@@ -132,3 +132,24 @@ def test_imagefolder_bad_paths(tmp_path):
     _folder(tmp_path, {"a": 1, "empty": 0})
     with pytest.raises(FileNotFoundError, match="empty"):
         build_imagefolder(str(tmp_path), img_size=32)
+
+
+def test_mapval_split_is_deterministic_and_disjoint_from_train_and_val():
+    # the map-validation split (train/explain.py --map-val-images) never holds an evaluation image
+    # ("val", what the reproduce report scores maps on) nor a training image, for the same arguments
+    kw = dict(num_classes=10, img_size=32, length=40, seed=0, photos=False)
+    mv = SyntheticScenes(split="mapval", return_mask=True, **kw)
+    again = SyntheticScenes(split="mapval", return_mask=True, **kw)
+    others = [SyntheticScenes(split=s, **kw) for s in ("train", "val")]
+    seeds = {ds.item_seed(i) for ds in others for i in range(40)}
+    assert not seeds & {mv.item_seed(i) for i in range(40)}
+    assert mv.item_seed(3) == (0, SyntheticScenes.SPLITS["mapval"], 3)
+    images = torch.stack([mv[i][0] for i in range(40)]).flatten(1)
+    for ds in others:
+        assert torch.cdist(images, torch.stack([ds[i][0] for i in range(40)]).flatten(1)).min() > 1e-3
+    for i in range(5):
+        x, y, m = mv[i]
+        x2, y2, m2 = again[i]
+        assert torch.equal(x, x2) and y == y2 and torch.equal(m, m2) and m.any()
+    # the split numbers are distinct, so no two splits ever share a stream whatever the seeds
+    assert len(set(SyntheticScenes.SPLITS.values())) == len(SyntheticScenes.SPLITS)

@@ -85,8 +85,12 @@ class SyntheticScenes(Dataset):
     wide, wider than a patch of a small ViT, so only the shape over several patches tells the class;
     finer textures put class evidence into each foreground patch, as in natural images.
 
-    Deterministic: item ``i`` of split ``s`` with seed ``seed`` is always the same image, and the
-    ``"train"`` and ``"val"`` splits draw from disjoint random streams (they never share an image).
+    Deterministic: item ``i`` of split ``s`` with seed ``seed`` is always the same image, drawn from
+    the random stream seeded with :meth:`item_seed` ``(seed, SPLITS[s], i)``. The splits draw from
+    disjoint streams (they never share an image, whatever the seeds): ``"train"`` for training,
+    ``"val"`` for validation and the evaluation of maps (the reproduce report's images), and
+    ``"mapval"`` for scoring maps while choosing a training budget (``train/explain.py
+    --map-val-images``), so that choice never sees the evaluation images.
 
     ``dataset[i]`` returns ``(image, label)``, or ``(image, label, mask)`` when ``return_mask=True``;
     :meth:`sample` always returns the triple. ``image`` is a float tensor ``[3, H, W]`` (normalized
@@ -94,7 +98,8 @@ class SyntheticScenes(Dataset):
     not follow it), ``label`` an int, ``mask`` a bool tensor ``[H, W]``, True on the objects.
     """
 
-    SPLITS = {"train": 0, "val": 1}
+    #: split -> the second entry of every item's seed: a new split takes a new number
+    SPLITS = {"train": 0, "val": 1, "mapval": 2}
 
     def __init__(self, num_classes: int = 10, img_size: Union[int, Sequence[int]] = 224,
                  length: int = 1000, split: str = "train", seed: int = 0,
@@ -157,10 +162,15 @@ class SyntheticScenes(Dataset):
     def label(self, index: int) -> int:
         return int(self._rng(index).integers(self.num_classes))
 
-    def _rng(self, index: int) -> np.random.Generator:
+    def item_seed(self, index: int) -> tuple[int, int, int]:
+        """``(seed, split number, index)``: the entropy of item ``index``'s random stream (numpy's
+        ``SeedSequence``); items of different splits differ in the second entry."""
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} images")
-        return np.random.default_rng([self.seed, self.SPLITS[self.split], index])
+        return (self.seed, self.SPLITS[self.split], index)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng(list(self.item_seed(index)))
 
     def render(self, index: int) -> tuple[np.ndarray, int, np.ndarray]:
         """``(image float32 [H, W, 3] in [0, 1], label, mask bool [H, W])`` of item ``index``."""

@@ -253,7 +253,8 @@ def evaluate_maps(model: nn.Module, head: Optional[ICEHead], dataset: Dataset,
     (:func:`default_methods`); ``ice`` reads ``head`` and explains the classifier's top-1 class, or
     with ``ice_target="ice"`` ICE's own prediction.
     Returns ``{"images": n, "methods": {method: figures}}``, figures in percent: the segmentation
-    meter's, ``jaccard`` per variant, ``corloc``, or the CUB meter's. The model is put in eval mode.
+    meter's, ``jaccard`` per variant, ``corloc``, or the CUB meter's. The model is put in eval mode;
+    the images go to the device of its parameters (a model training on a GPU is scored there).
     """
     methods = default_methods(model) if methods is None else list(methods)
     check_methods(methods, head, model)
@@ -268,8 +269,9 @@ def evaluate_maps(model: nn.Module, head: Optional[ICEHead], dataset: Dataset,
     corloc = {m: [] for m in methods}
     cub = {m: metrics.CUBLocMeter() for m in methods}
     patch_size = tuple(model.patch_embed.patch_size)
+    device = next(model.parameters()).device
     for batch in _progress(loader, "explain", progress):
-        images, target = batch[0], batch[1:]
+        images, target = batch[0].to(device), batch[1:]
         method_maps, ice, logits = compute_maps(model, head, images, methods, ice_target)
         size = tuple(images.shape[-2:])
         upsampled = {m: maps.upsample(v, size) for m, v in method_maps.items()}

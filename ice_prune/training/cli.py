@@ -211,6 +211,33 @@ def build_data(args, parsed: ParsedArgs) -> tuple[Dataset, Optional[Dataset], in
     return train, val, num_classes
 
 
+def check_map_val_arg(images: int, parsed: ParsedArgs, flag: str = "--map-val-images") -> None:
+    """A ValueError naming ``flag`` for a negative count, or any count with ``--data
+    imagefolder:PATH`` (maps are scored against SyntheticScenes' masks); 0 (off) passes."""
+    if images < 0:
+        raise ValueError(f"{flag} must be >= 0 (0: off), got {images}")
+    if images and parsed.imagefolder is not None:
+        raise ValueError(f"{flag} scores maps against SyntheticScenes' masks and needs --data "
+                         f"synthetic; an ImageFolder has no masks (leave {flag} at 0)")
+
+
+def map_val_data(args, parsed: ParsedArgs, images: int, num_classes: int,
+                 flag: str = "--map-val-images") -> Dataset:
+    """SyntheticScenes' ``"mapval"`` split with masks, ``images`` long, for scoring maps during
+    training: the scenes of ``--synthetic-kwargs`` at ``--img-size``, seed 0 like the evaluation
+    images (the same validation images for every run), and never one of the training or evaluation
+    images (another split: a disjoint random stream). A ValueError naming ``flag`` for
+    ``--data imagefolder:PATH`` (no masks) or ``images < 1``."""
+    from ice_prune.data import SyntheticScenes
+
+    check_map_val_arg(images, parsed, flag)
+    if images < 1:
+        raise ValueError(f"{flag} must be >= 1 to score maps, got {images}")
+    return SyntheticScenes(**{"num_classes": num_classes, "img_size": args.img_size, "seed": 0,
+                              **parsed.synthetic_kwargs, "split": "mapval", "length": images,
+                              "return_mask": True})
+
+
 def run_script(main: Callable[[], Any]) -> None:
     """Run a script's ``main``; a bad argument, path or checkpoint ends it with one ``error: ...``
     line and exit status 2, not a traceback (CheckpointError covers UnsafeCheckpointError; OSError

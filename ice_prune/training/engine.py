@@ -334,12 +334,17 @@ class TrainConfig:
 def fit(cfg: TrainConfig, model: nn.Module, step_fn: StepFn, eval_fn: EvalFn, train_set: Dataset,
         val_set: Optional[Dataset], info: DistInfo, save_module: Optional[nn.Module] = None,
         mixup_fn=None, keep_rate_fn_factory: Optional[Callable[[int], Callable[[int], Any]]] = None,
-        meta: Optional[dict] = None, args: Optional[dict] = None) -> dict[str, Any]:
+        meta: Optional[dict] = None, args: Optional[dict] = None,
+        epoch_end: Optional[Callable[[int], dict[str, Any]]] = None) -> dict[str, Any]:
     """Train ``model`` for ``cfg.epochs`` with checkpoints in ``cfg.output``; return the last record.
 
     ``save_module`` is what goes into the checkpoint's "model" (default: ``model``), e.g. the timm ViT
     carrying its ICE head when ``model`` is a wrapper. ``keep_rate_fn_factory(iters_per_epoch)`` gives
     the keep-rate schedule of a pruned model (``ice_prune.keep_rate_schedule``).
+    ``epoch_end(num_updates)``, called on the main process at the end of every epoch (after the
+    validation, before the checkpoint), returns entries for the epoch's record (e.g. ``train/explain.py
+    --map-val-images``' ``"map_val"``); the RNG states are restored after it, so it never changes
+    the training.
     """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
@@ -424,6 +429,12 @@ def fit(cfg: TrainConfig, model: nn.Module, step_fn: StepFn, eval_fn: EvalFn, tr
             if ema is not None:
                 record["val_ema"] = evaluate(ema.module, eval_fn, val_loader, info, cfg.amp,
                                              cfg.progress)
+        if epoch_end is not None and info.is_main:
+            state = rng_state()
+            try:
+                record.update(epoch_end(num_updates))
+            finally:
+                set_rng_state(state)
         rngs = _all_gather_objects(rng_state(), info)
         if info.is_main:
             save_checkpoint(os.path.join(cfg.output, CHECKPOINT), {

@@ -59,6 +59,47 @@ class ExplainTask:
                 "cls_acc1": _topk_correct(cls_logits, targets, 1)}
 
 
+class MapValidation:
+    """ICE's map scored during training, on images with masks that are not the evaluation images:
+    ``MapValidation(model, dataset, images)(num_updates)`` gives ``{"map_val": {...}}`` for the
+    epoch's record (:func:`ice_prune.training.engine.fit`'s ``epoch_end``).
+
+    ``model`` is the timm ViT carrying its head (``model.ice_head``); ``dataset`` yields ``(image,
+    label, mask)`` (SyntheticScenes' ``"mapval"`` split with ``return_mask=True``); its first
+    ``images`` items are scored. The figures, in percent, are those of the evaluation:
+    :func:`ice_prune.evaluation.evaluate_maps` with the ``segmentation`` protocol on the ``ice`` map
+    (``miou``, ``pixel_accuracy``, ``map``), and ``fg_share``, the share of the images' patches whose
+    ICE argmax is not background; ``images`` and ``updates`` (optimizer steps so far) with them.
+    ``ice_target``: as evaluate_maps' (``"ice"`` for a head whose classifier was not trained on its
+    classes)."""
+
+    def __init__(self, model: nn.Module, dataset, images: int, batch_size: int = 32,
+                 ice_target: str = "classifier") -> None:
+        if images < 1:
+            raise ValueError(f"images must be >= 1, got {images}")
+        self.model, self.dataset, self.images = model, dataset, min(images, len(dataset))
+        self.batch_size, self.ice_target = batch_size, ice_target
+
+    @torch.no_grad()
+    def __call__(self, num_updates: int) -> dict:
+        from ice_prune.evaluation import evaluate_maps
+
+        head = self.model.ice_head
+        scores = evaluate_maps(self.model, head, self.dataset, ["segmentation"], ["ice"],
+                               batch_size=self.batch_size, limit=self.images,
+                               ice_target=self.ice_target)["methods"]["ice"]
+        device = next(self.model.parameters()).device
+        foreground = patches = 0
+        for start in range(0, self.images, self.batch_size):
+            batch = torch.stack([self.dataset[i][0]
+                                 for i in range(start, min(start + self.batch_size, self.images))])
+            fg = ice_explain(self.model, batch.to(device), head=head, target="ice").foreground
+            foreground, patches = foreground + int(fg.sum()), patches + fg.numel()
+        return {"map_val": {"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
+                            "map": scores["map"], "fg_share": 100 * foreground / patches,
+                            "images": self.images, "updates": num_updates}}
+
+
 class PruneTask:
     """Pruning fine-tuning of a patched model: cross-entropy on [CLS] plus, when the model has an ICE
     head (``method="ice"``), ``ice_weight`` x the ICE loss averaged over the selection points."""
