@@ -74,9 +74,9 @@ def reorganize_onnx(x, scores, keep: int, num_prefix: int, fuse: bool, normalize
     return op.Concat(*parts, axis=1), order
 
 
-def ice_score_onnx(h, weight, bias=None, compute_dtype: int = 1, kernel: str = "auto"):
-    """``ice_prune::ice_score`` in ONNX operators: ``sigmoid(logsumexp(class logits) - background
-    logit)`` per token, fp32, the background logit last."""
+def _head_scores(h, weight, bias):
+    """``(image-class logits, score)`` of the ICE head, fp32: the score ``sigmoid(logsumexp(class
+    logits) - background logit)`` keeps its last axis, the background logit being the last."""
     op = _op()
     logits = op.MatMul(op.Cast(h, to=1), op.Transpose(op.Cast(weight, to=1), perm=[1, 0]))
     if bias is not None:
@@ -84,7 +84,14 @@ def ice_score_onnx(h, weight, bias=None, compute_dtype: int = 1, kernel: str = "
     classes = op.Slice(logits, _ints(0), _ints(-1), _ints(2))
     background = op.Slice(logits, _ints(-1), _ints(_INT64_MAX), _ints(2))
     lse = op.ReduceLogSumExp(classes, _ints(2), keepdims=1)
-    return op.Squeeze(op.Sigmoid(op.Sub(lse, background)), _ints(2))
+    return classes, lse, op.Sigmoid(op.Sub(lse, background))
+
+
+def ice_score_onnx(h, weight, bias=None, compute_dtype: int = 1, kernel: str = "auto"):
+    """``ice_prune::ice_score`` in ONNX operators: ``sigmoid(logsumexp(class logits) - background
+    logit)`` per token, fp32, the background logit last."""
+    _, _, score = _head_scores(h, weight, bias)
+    return _op().Squeeze(score, _ints(2))
 
 
 def ice_score_top_class_onnx(h, weight, bias=None, compute_dtype: int = 1, kernel: str = "auto"):
@@ -92,13 +99,7 @@ def ice_score_top_class_onnx(h, weight, bias=None, compute_dtype: int = 1, kerne
     the image classes' ``ArgMax`` (the first of ties, as the kernels) and its probability
     ``exp(max - logsumexp) * score``."""
     op = _op()
-    logits = op.MatMul(op.Cast(h, to=1), op.Transpose(op.Cast(weight, to=1), perm=[1, 0]))
-    if bias is not None:
-        logits = op.Add(logits, op.Cast(bias, to=1))
-    classes = op.Slice(logits, _ints(0), _ints(-1), _ints(2))
-    background = op.Slice(logits, _ints(-1), _ints(_INT64_MAX), _ints(2))
-    lse = op.ReduceLogSumExp(classes, _ints(2), keepdims=1)
-    score = op.Sigmoid(op.Sub(lse, background))
+    classes, lse, score = _head_scores(h, weight, bias)
     top_class = op.ArgMax(classes, axis=2, keepdims=0, select_last_index=0)
     top_prob = op.Mul(op.Exp(op.Sub(op.ReduceMax(classes, _ints(2), keepdims=1), lse)), score)
     return op.Squeeze(score, _ints(2)), top_class, op.Squeeze(top_prob, _ints(2))

@@ -156,6 +156,23 @@ def _reorganize_backward_flop(grad_shape, x_shape, scores_shape, order_shape, ke
     return 2 * 2 * reorganize_macs(B, N - num_prefix, D, keep, fuse)
 
 
+def _check_tokens(x: Tensor, scores: Tensor, num_prefix: int) -> tuple[int, int, int, int]:
+    """``(B, N, D, n)`` of tokens ``x [B, N, D]`` with ``num_prefix`` prefix tokens and one score
+    per non-prefix token; a ValueError naming the shape that does not fit."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, N, D] tokens, got shape {tuple(x.shape)}")
+    B, N, D = x.shape
+    if (isinstance(num_prefix, bool) or not isinstance(num_prefix, numbers.Integral)
+            or not 0 <= num_prefix < N):
+        raise ValueError(f"num_prefix must be an int in [0, {N}) for {N} tokens, got {num_prefix!r}")
+    n = N - num_prefix
+    if scores.shape != (B, n):
+        raise ValueError(
+            f"scores must be [B, N - num_prefix] = [{B}, {n}] (one per non-prefix token), got "
+            f"{tuple(scores.shape)}")
+    return B, N, D, n
+
+
 def reorganize(
     x: Tensor,
     scores: Tensor,
@@ -173,17 +190,7 @@ def reorganize(
     ``scores``. ``kernel``: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or
     ``"torch"``.
     """
-    if x.dim() != 3:
-        raise ValueError(f"x must be [B, N, D] tokens, got shape {tuple(x.shape)}")
-    B, N, D = x.shape
-    if (isinstance(num_prefix, bool) or not isinstance(num_prefix, numbers.Integral)
-            or not 0 <= num_prefix < N):
-        raise ValueError(f"num_prefix must be an int in [0, {N}) for {N} tokens, got {num_prefix!r}")
-    n = N - num_prefix
-    if scores.shape != (B, n):
-        raise ValueError(
-            f"scores must be [B, N - num_prefix] = [{B}, {n}] (one per non-prefix token), got "
-            f"{tuple(scores.shape)}")
+    B, N, D, n = _check_tokens(x, scores, num_prefix)
     if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or not 0 < keep <= n:
         raise ValueError(f"keep must be an int in [1, {n}] (of {n} non-prefix tokens), got {keep!r}")
     if not x.is_floating_point() or not scores.is_floating_point():
@@ -289,17 +296,7 @@ def reorganize_ragged(
     they are checked anyway. ``kernel``: ``"auto"`` (Triton on CUDA tensors, torch otherwise),
     ``"triton"`` or ``"torch"``.
     """
-    if x.dim() != 3:
-        raise ValueError(f"x must be [B, N, D] tokens, got shape {tuple(x.shape)}")
-    B, N, D = x.shape
-    if (isinstance(num_prefix, bool) or not isinstance(num_prefix, numbers.Integral)
-            or not 0 <= num_prefix < N):
-        raise ValueError(f"num_prefix must be an int in [0, {N}) for {N} tokens, got {num_prefix!r}")
-    n = N - num_prefix
-    if scores.shape != (B, n):
-        raise ValueError(
-            f"scores must be [B, N - num_prefix] = [{B}, {n}] (one per non-prefix token), got "
-            f"{tuple(scores.shape)}")
+    B, N, D, n = _check_tokens(x, scores, num_prefix)
     if keep_counts.shape != (B,) or keep_counts.is_floating_point() or keep_counts.is_complex():
         raise ValueError(f"keep_counts must be [B] = [{B}] integers (tokens kept per image), got "
                          f"{keep_counts.dtype} of shape {tuple(keep_counts.shape)}")
