@@ -30,29 +30,45 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     scale = tiny_scale()
     out = str(tmp_path / "report")
     logs = []
-    # stop after the first explanation run: no report yet; the full run then goes on from there
+    # stop after the first explanation run: it and what it reads (pretraining, ICE's budget sweep)
+    # run, nothing else, no report; the full run then goes on from there, two stages at once
     assert repro.run(scale, out, log=logs.append, until="explain-ice") is None
     assert not os.path.exists(os.path.join(out, "REPORT.md"))
+    first = ["pretrain", "budget-ice-e1", "budget-ice-e2", "budget-ice-e4", "explain-ice"]
+    assert sorted(os.listdir(os.path.join(out, "work"))) == sorted(first + ["elapsed.json"])
     logs.clear()
-    results = repro.run(scale, out, log=logs.append)
+    results = repro.run(scale, out, log=logs.append, jobs=2)
     assert [line for line in logs if "reused" in line] == [
-        "[1/25] pretrain: done before, reused", "[2/25] explain-ice: done before, reused"]
+        f"[{i}/38] {name}: done before, reused" for i, name in
+        ((1, "pretrain"), (2, "budget-ice-e1"), (3, "budget-ice-e2"), (4, "budget-ice-e4"),
+         (5, "explain-ice"))]
     names = [s.name for s in repro.plan(scale)]
-    assert names == ["pretrain", "explain-ice", "explain-ice-f", "explain-icev2-style",
+    sweep = [f"budget-{v}-e{e}" for v in ("ice", "ice-f", "icev2-style") for e in (1, 2, 4)]
+    assert names == (["pretrain"] + sweep[:3] + ["explain-ice"] + sweep[3:6] + ["explain-ice-f"]
+                     + sweep[6:] + ["explain-icev2-style", "explain-ice-ablation",
                      "explain-ice-literal", "explain-ice-alpha1-literal", "explain-ice-alpha1",
                      "explain-ice-lambda0.5-literal", "explain-ice-lambda0.5",
                      "explain-ice-alpha1-lambda0.5-literal", "explain-ice-alpha1-lambda0.5",
                      "maps-baselines", "explain-pm-style", "explain-pm-style-pseudo",
                      "explain-pm-style-no-masks", "classes-3-generic", "classes-3-lambda-paper",
-                     "classes-3-lambda-auto", "classes-3-lambda-0.5", "prune-none-1-s0",
-                     "prune-evit-0.5-s0", "prune-ice-0.5-s0", "pruned-map-ice-0.5-s0", "speed",
-                     "examples"]
+                     "classes-3-lambda-auto", "classes-3-lambda-0.5", "classes-3-lambda-auto-main",
+                     "prune-none-1-s0", "prune-evit-0.5-s0", "prune-ice-0.5-s0",
+                     "prune-evit-0.5-s0-e2", "prune-ice-0.5-s0-e2", "pruned-map-ice-0.5-s0",
+                     "speed", "examples"])
+    # the parallel run: each stage's output in its stage.log, the clock time of both invocations
+    assert os.path.getsize(os.path.join(out, "work", "maps-baselines", "stage.log")) > 0
+    with open(os.path.join(out, "work", "elapsed.json")) as f:
+        assert [r["jobs"] for r in json.load(f)] == [1, 2]
+    assert results["jobs"] == 2 and results["elapsed_s"] > 0
     for name in names:
         assert os.path.exists(os.path.join(out, "work", name, repro.DONE))
     for f in ("REPORT.md", "results.json", "figures/examples.png",
               "figures/accuracy_vs_keep_rate.png", "figures/speedup_vs_gmacs.png",
-              "figures/miou_vs_lambda.png", "figures/pruned_forward_map.png"):
+              "figures/miou_vs_lambda.png", "figures/pruned_forward_map.png",
+              "figures/explain_budget.png", "figures/prune_budget.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
+    check_budgets(out, results, scale)
+
     def meta(stage):
         return torch.load(os.path.join(out, "work", stage, "last.pth"), map_location="cpu",
                           weights_only=False)["meta"]
@@ -197,6 +213,122 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     older["summary"] = repro.summarize(older)
     assert older["summary"]["pruned_maps"] == {}
     assert "pruned forward" not in repro.render(older)
+
+
+def check_budgets(out, results, scale):
+    """The budget sweep of a finished smoke run: what each stage trained and logged, the choice,
+    the chosen run's checkpoint as the variant's explanation run, and the report's tables."""
+    stages, summary = results["stages"], repro.summarize(results)
+    for variant in ("ice", "ice-f", "icev2-style"):
+        sweep = [stages[f"budget-{variant}-e{e}"] for e in (1, 2, 4)]
+        # the first two budgets always train (a choice needs two); one update per epoch (16 / 16)
+        for r in sweep:
+            if "skipped" in r:
+                continue
+            assert r["updates"] == r["epochs"] == r["train"]["num_updates"]
+            assert [c["epoch"] for c in r["curve"]] == list(range(r["epochs"]))
+            assert [c["updates"] for c in r["curve"]] == list(range(1, r["epochs"] + 1))
+            assert r["map_val"] == r["curve"][-1] and r["map_val"]["images"] == 4
+            args = torch.load(os.path.join(out, "work", f"budget-{variant}-e{r['epochs']}",
+                                           "last.pth"), map_location="cpu",
+                              weights_only=False)["args"]
+            assert args["map_val_images"] == 4 and args["epochs"] == r["epochs"]
+        # the rule, computed by hand from the validation figures
+        expected = 4
+        for shorter, longer in zip(sweep, sweep[1:]):
+            if "skipped" in longer:
+                break
+            if (longer["map_val"]["miou"] - shorter["map_val"]["miou"] < 1
+                    and abs(longer["map_val"]["fg_share"] - shorter["map_val"]["fg_share"]) < 1):
+                expected = shorter["epochs"]
+                break
+        chosen = stages[f"explain-{variant}"]["budget"]
+        assert chosen["epochs"] == expected == summary["budgets"][variant]["chosen"]["epochs"]
+        # a budget past the choice's next one is skipped, the others trained
+        assert [("skipped" in r) for r in sweep] == [
+            chosen["flattened"] and r["epochs"] > chosen["next_epochs"] for r in sweep]
+        # the explanation run is the chosen budget's training, byte for byte
+        source = os.path.join(out, "work", f"budget-{variant}-e{expected}", "last.pth")
+        with open(source, "rb") as a, open(os.path.join(out, "work", f"explain-{variant}",
+                                                        "last.pth"), "rb") as b:
+            assert a.read() == b.read()
+    # PM-style and the class-count rule's main-budget row train as long as the main ICE run
+    main = stages["explain-ice"]["budget"]["epochs"]
+    for stage in ("explain-pm-style", "classes-3-lambda-auto-main"):
+        assert stages[stage]["budget"]["epochs"] == main
+        assert stages[stage]["train"]["num_updates"] == main
+    assert stages["classes-3-lambda-auto"]["budget"]["epochs"] == 1
+    # Table 6's ICE row is the sweep's first ICE run (the ablation's budget), evaluated
+    assert stages["explain-ice-ablation"]["budget"]["source"] == "budget-ice-e1"
+    assert summary["maps"]["ice-ablation"]["miou"] == stages["explain-ice-ablation"]["maps"]["miou"]
+    # the pruning curve: the main runs (1 epoch) and the curve's (2 epochs), one seed
+    curve = summary["prune_curve"]["0.5"]
+    assert list(curve) == ["1", "2"]
+    for epochs, suffix in (("1", ""), ("2", "-e2")):
+        for method in ("evit", "ice"):
+            assert curve[epochs][method]["top1_runs"] == [
+                stages[f"prune-{method}-0.5-s0{suffix}"]["top1"]]
+            assert curve[epochs][method]["updates"] == int(epochs)
+    # the main pruning table holds the main budget's runs only
+    assert summary["prune"]["ice-0.5"]["top1_runs"] == [stages["prune-ice-0.5-s0"]["top1"]]
+    report = open(os.path.join(out, "REPORT.md")).read()
+    assert "## Training budgets" in report and "## Pruning budget" in report
+    r = stages["budget-ice-e2"]
+    assert (f"| ice | 2 | 2 | {r['map_val']['miou']:.2f} | "
+            f"{r['map_val']['miou'] - stages['budget-ice-e1']['map_val']['miou']:+.2f} |") in report
+    ice, evit = curve["2"]["ice"]["top1_mean"], curve["2"]["evit"]["top1_mean"]
+    assert f"| 0.5 | 2 | 2 | {evit:.2f} | 0.00 | {ice:.2f} | 0.00 | {ice - evit:+.2f} |" in report
+
+
+def test_choose_budget_by_hand():
+    """The first budget whose next doubling gains under 1 mIoU point and moves the foreground
+    share under 1 point; the largest when the curve never flattens; skipped budgets ignored."""
+    def run(epochs, miou, fg):
+        return {"epochs": epochs, "updates": 62 * epochs, "map_val": {"miou": miou, "fg_share": fg}}
+
+    curve = [run(2, 55.0, 4.0), run(4, 60.0, 6.0), run(8, 60.5, 7.5), run(16, 60.9, 7.9)]
+    # 4 -> 8 gains 0.5 mIoU but moves the share 1.5: not flat; 8 -> 16: +0.4, +0.4: flat
+    chosen = repro.summary.choose_budget(curve, 1.0)
+    assert (chosen["epochs"], chosen["updates"], chosen["flattened"]) == (8, 496, True)
+    assert chosen["next_epochs"] == 16
+    assert chosen["next_gain_miou"] == pytest.approx(0.4)
+    assert chosen["next_move_fg_share"] == pytest.approx(0.4)
+    # a loss counts as flat (the shorter one is kept); a wider tolerance chooses earlier
+    assert repro.summary.choose_budget([run(2, 55.0, 4.0), run(4, 53.0, 4.5)], 1.0)["epochs"] == 2
+    assert repro.summary.choose_budget(curve, 6.0)["epochs"] == 2
+    never = repro.summary.choose_budget(curve[:3], 1.0)
+    assert (never["epochs"], never["flattened"]) == (8, False)
+    skipped = curve[:2] + [{"epochs": 8, "skipped": "chosen before"}]
+    assert repro.summary.choose_budget(skipped, 1.0)["epochs"] == 4
+    assert repro.summary.choose_budget([], 1.0)["epochs"] is None
+
+
+def test_plan_runs_every_stage_after_what_it_reads():
+    """At the cpu scale: each stage's ``after`` precedes it, the budget chains run in order, the
+    speed stage runs alone after every main pruning run, and ``until`` takes what a stage reads."""
+    scale = repro.cpu_scale()
+    stages = repro.plan(scale)
+    seen = set()
+    for stage in stages:
+        assert set(stage.after) <= seen, stage.name
+        seen.add(stage.name)
+    by_name = {s.name: s for s in stages}
+    assert by_name["budget-ice-e8"].after == ("pretrain", "budget-ice-e4")
+    assert by_name["explain-ice"].after == tuple(f"budget-ice-e{e}" for e in (2, 4, 8, 16, 32))
+    assert by_name["explain-pm-style"].after == ("pretrain", "explain-ice")
+    speed = by_name["speed"]
+    assert speed.exclusive and [s.name for s in stages if s.exclusive] == ["speed"]
+    assert set(speed.after) == {f"prune-{m}-{r:g}-s{seed}" for seed in (0, 1)
+                                for m, r in [("none", 1.0), ("evit", 0.7), ("ice", 0.7),
+                                             ("evit", 0.5), ("ice", 0.5)]}
+    curve = [s.name for s in stages if s.kind == "prune-curve"]
+    assert curve == [f"prune-{m}-0.7-s{seed}-e{e}" for e in (2, 4, 8) for seed in (0, 1)
+                     for m in ("evit", "ice")]
+    needed = [s.name for s in repro.stages._needed(stages, "explain-pm-style-pseudo")]
+    assert needed == ["pretrain"] + [f"budget-ice-e{e}" for e in (2, 4, 8, 16, 32)] + [
+        "explain-ice", "explain-pm-style-pseudo"]
+    with pytest.raises(ValueError, match="must start at explain.epochs"):
+        repro.plan(repro.cpu_scale(explain_budgets=(4, 8)))
 
 
 def test_pipeline_stage_interrupted_resumes_from_its_checkpoint(tmp_path):

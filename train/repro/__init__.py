@@ -6,16 +6,26 @@ It lives beside the scripts it drives and is no part of the ``ice_prune`` librar
 a user runs.
 
 A run is a list of stages (:func:`plan`), each writing into ``OUT/work/<stage>`` and ending with
-``done.json`` (its results). :func:`run` skips every stage whose ``done.json`` exists (``fresh=True``
-starts over), and a training stage interrupted mid-way continues from its checkpoint (``--resume``
-of the training scripts). :func:`write_report` then builds ``OUT/results.json``, ``OUT/REPORT.md``
+``done.json`` (its results), each naming the stages it reads (``after``). :func:`run` skips every
+stage whose ``done.json`` exists (``fresh=True`` starts over), runs up to ``jobs`` stages at once in
+processes of their own once what they read is done (the cpu scale: 2, one torch thread each; the
+speed stage alone; each stage's output in ``stage.log``), and a training stage interrupted mid-way
+continues from its checkpoint (``--resume`` of the training scripts). :func:`write_report` then builds ``OUT/results.json``, ``OUT/REPORT.md``
 and ``OUT/figures/*.png`` from those ``done.json`` files only, beside the paper's figures
 (:mod:`ice_prune.evaluation.paper`).
 
 1. ``pretrain``: a 12-block ViT from scratch on SyntheticScenes with cross-entropy, through
    ``train/prune.py --method evit --keep-rate 1.0`` (keep rate 1 is exactly the unpruned ViT).
    At ``gpu`` scale a given DeiT-S checkpoint takes its place.
-2. ``explain-<run>``: ICE, ICE-f, ICEv2-style and Table 6's ablation (alpha 1.0; lambda 0.5; both)
+2. ``budget-<variant>-e<epochs>`` (scales with ``explain_budgets``): ICE, ICE-f and ICEv2-style
+   each trained for every budget of the sweep in turn, scored on SyntheticScenes' ``mapval`` split
+   after every epoch (``--map-val-images``); the budget is the first whose next doubling gains under
+   ``budget_gain`` points of validation mIoU and foreground share (``summary.choose_budget``), and
+   ``explain-<variant>`` is that run, evaluated once on the evaluation images; the longer budgets
+   are skipped once the choice is made. ``explain-ice-ablation``: the first (shortest) ICE run,
+   Table 6's ICE row beside the ablation's other rows at that budget. PM-style and the class-count
+   rule's ``classes-<C>-lambda-auto-main`` rows train as long as the chosen ICE run.
+   ``explain-<run>``: ICE, ICE-f, ICEv2-style and Table 6's ablation (alpha 1.0; lambda 0.5; both)
    with ``train/explain.py`` from the pretrained weights, each evaluated by
    ``train/evaluate.py explain --methods ice``; ``maps-baselines``: the attention baselines and the
    PM-style map on the pretrained model (the paper explains an unmodified DeiT-S with them);
@@ -25,7 +35,8 @@ and ``OUT/figures/*.png`` from those ``done.json`` files only, beside the paper'
    scored by ``train/evaluate.py explain --methods pm-style`` and ``train/evaluate.py accuracy``.
 3. ``prune-<method>-<rate>-s<seed>``: ``train/prune.py`` with ICE and EViT at each keep rate (and the
    unpruned model, ``none``, at keep rate 1 with the same budget), then ``train/evaluate.py accuracy``
-   on one common validation set; ``speed``: parameters, GMACs and the speed-up over the unpruned model
+   on one common validation set; ``prune-<method>-<rate>-s<seed>-e<epochs>``: the pruning curve,
+   ICE and EViT at ``prune_curve_rates`` for each of ``prune_budgets`` epochs; ``speed``: parameters, GMACs and the speed-up over the unpruned model
    measured with all variants interleaved in one run; ``pruned-map-ice-<rate>-s<seed>`` (first seed):
    ICE's map from the pruned forward of the ICE pruning checkpoint at its keep rate and at keep rate
    1 (the unpruned pass of the same weights), scored by ``train/evaluate.py explain --method ice

@@ -98,3 +98,56 @@ def plot_class_counts(summary: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_budget_curve(summary: dict, path: str) -> None:
+    """The explanation budget sweep: validation mIoU and foreground share against updates, one line
+    per variant through the end of each budget's run (the chosen one ringed), and the longest run's
+    per-epoch curve dotted."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    colors = {"ice": "tab:red", "ice-f": "tab:orange", "icev2-style": "tab:purple"}
+    for variant, sweep in summary["budgets"].items():
+        runs = [r for r in sweep["runs"] if "skipped" not in r]
+        color = colors.get(variant, "black")
+        for ax, key in zip(axes, ("miou", "fg_share")):
+            ax.plot([r["updates"] for r in runs], [r[key] for r in runs], marker="o", color=color,
+                    label=variant)
+            longest = runs[-1]["curve"]
+            ax.plot([c["updates"] for c in longest], [c[key] for c in longest], linestyle=":",
+                    color=color, linewidth=1)
+            chosen = next(r for r in runs if r["epochs"] == sweep["chosen"]["epochs"])
+            ax.scatter([chosen["updates"]], [chosen[key]], s=120, facecolors="none",
+                       edgecolors=color, linewidths=1.5)
+    axes[0].set_ylabel("mIoU on the mapval split")
+    axes[1].set_ylabel("foreground share (% of patches)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("updates (dotted: per epoch of the longest run)")
+        ax.legend(fontsize=8)
+    fig.suptitle("explanation budget: each point a run of its own; ringed: chosen", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_prune_curve(summary: dict, path: str) -> None:
+    """Top-1 against the pruning runs' updates, ICE and EViT per keep rate, min-max over seeds."""
+    plt = _pyplot()
+    curve = summary["prune_curve"]
+    fig, axes = plt.subplots(1, len(curve), figsize=(4.5 * len(curve), 3.6), squeeze=False)
+    for ax, (rate, by_epochs) in zip(axes[0], curve.items()):
+        for method in ("evit", "ice"):
+            points = [m[method] for m in by_epochs.values() if method in m]
+            ax.errorbar([p["updates"] for p in points], [p["top1_mean"] for p in points],
+                        yerr=[[p["top1_mean"] - min(p["top1_runs"]) for p in points],
+                              [max(p["top1_runs"]) - p["top1_mean"] for p in points]],
+                        marker="o", capsize=3, color=COLOR[method], label=LABEL[method])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("updates")
+        ax.set_ylabel("top-1 (%)")
+        ax.set_title(f"keep rate {rate}, min-max over seeds", fontsize=8)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -11,7 +11,8 @@ from typing import Any, Optional
 from ice_prune.evaluation.paper import TABLE1, TABLE3, TABLE5, TABLE6
 from ice_prune.loss import auto_lambda
 
-from .plots import plot_accuracy, plot_class_counts, plot_speed
+from .plots import (plot_accuracy, plot_budget_curve, plot_class_counts, plot_prune_curve,
+                    plot_speed)
 from .scales import BASELINES, TABLE6 as TABLE6_SETTINGS, VARIANTS
 from .summary import ABLATION_LABELS, summarize
 
@@ -35,6 +36,10 @@ def write_report(results: dict, out: str) -> str:
     plot_speed(summary, os.path.join(figures, "speedup_vs_gmacs.png"))
     if summary["classes"]:
         plot_class_counts(summary, os.path.join(figures, "miou_vs_lambda.png"))
+    if summary["budgets"]:
+        plot_budget_curve(summary, os.path.join(figures, "explain_budget.png"))
+    if summary["prune_curve"]:
+        plot_prune_curve(summary, os.path.join(figures, "prune_budget.png"))
     examples = results["stages"]["examples"]
     shutil.copyfile(examples["figure"], os.path.join(figures, "examples.png"))
     if "pruned_forward_figure" in examples:
@@ -53,6 +58,8 @@ def render(results: dict) -> str:
     summary, scale = results["summary"], results["scale"]
     lines = _render_header(results)
     lines += _render_setup(results)
+    if summary["budgets"]:
+        lines += _render_budgets(summary, scale)
     lines += _render_maps(results)
     if summary["pm"]:
         lines.extend(_render_pm(summary["pm"], scale))
@@ -60,6 +67,8 @@ def render(results: dict) -> str:
     if summary["classes"]:
         lines.extend(_render_class_counts(summary["classes"], scale["num_classes"]))
     lines += _render_pruning(results)
+    if summary["prune_curve"]:
+        lines += _render_prune_curve(summary["prune_curve"])
     if summary["pruned_maps"]:
         lines += _render_pruned_maps(summary)
     lines += _render_claims(summary["comparisons"])
@@ -77,7 +86,7 @@ def _render_header(results: dict) -> list[str]:
     lines.append(f"Written by `train/reproduce.py --scale {scale['name']}` on {results['date']} "
                  f"({stages['speed']['device']}; torch {results['versions']['torch']}, timm "
                  f"{results['versions']['timm']}); the stages took {results['wall_s'] / 60:.1f} "
-                 f"minutes in all. Every figure below is read from the stages' outputs "
+                 f"minutes in all{_elapsed(results)}. Every figure below is read from the stages' outputs "
                  f"(`results.json` holds them all). **The paper's figures are DeiT-S on ImageNet and "
                  f"its evaluation sets; ours are a small ViT on SyntheticScenes**: compare directions "
                  f"and gaps, not values.")
@@ -116,11 +125,22 @@ def _render_setup(results: dict) -> list[str]:
     else:
         lines.append(f"- Pretrained weights: `{scale['checkpoint']}`.")
     explain_spec, prune_spec = scale["explain"], scale["prune"]
-    lines.append(f"- Explanation runs (`train/explain.py`): {explain_spec['epochs']} epoch(s) of "
-                 f"{explain_spec['train_images'] or 'all'} images, lr {explain_spec['lr']:g}, batch "
-                 f"{explain_spec['batch_size']}, from the pretrained weights. Maps evaluated by "
-                 f"`train/evaluate.py explain` on {stages['maps-baselines']['images']} validation "
-                 f"images with ground-truth masks.")
+    summary = results["summary"]
+    if summary["budgets"]:
+        chosen = ", ".join(f"{variant} {sweep['chosen']['epochs']} epochs "
+                           f"({sweep['chosen']['updates']} updates)"
+                           for variant, sweep in summary["budgets"].items())
+        budget = (f"ICE, ICE-f and ICEv2-style for the budget chosen on the mapval split (see "
+                  f"Training budgets: {chosen}); PM-style for ICE's; Table 6's ablation and the "
+                  f"class-count study {explain_spec['epochs']} epoch(s) (the sweep's first budget), "
+                  f"with the class-count rule's row of every class count also at ICE's")
+    else:
+        budget = f"{explain_spec['epochs']} epoch(s)"
+    lines.append(f"- Explanation runs (`train/explain.py`): {budget}; each epoch "
+                 f"{explain_spec['train_images'] or 'all'} images, lr {explain_spec['lr']:g} "
+                 f"(cosine), batch {explain_spec['batch_size']}, from the pretrained weights. Maps "
+                 f"evaluated by `train/evaluate.py explain` on {stages['maps-baselines']['images']} "
+                 f"validation images with ground-truth masks.")
     lines.append(f"- Pruning runs (`train/prune.py`): {prune_spec['epochs']} epoch(s) of "
                  f"{prune_spec['train_images'] or 'all'} images, lr {prune_spec['lr']:g}, batch "
                  f"{prune_spec['batch_size']}, seeds {list(scale['seeds'])}, the same budget for ICE, "
@@ -181,6 +201,69 @@ def _render_maps(results: dict) -> list[str]:
     lines.append("ICEv2-style: what ICEv2's abstract states (the last 2 blocks train, an MLP head); its "
                  "exact method is not public. PM-style: the model's own classifier on every patch; the "
                  "ICE paper has no PM column.")
+    lines.append("")
+    return lines
+
+
+def _elapsed(results: dict) -> str:
+    """How long the stages took by the clock, where they ran in parallel."""
+    if results.get("jobs", 1) > 1 and results.get("elapsed_s"):
+        return (f" of compute, {results['elapsed_s'] / 60:.1f} minutes elapsed with up to "
+                f"{results['jobs']} stages at once (one torch thread each)")
+    return ""
+
+
+def _render_budgets(summary: dict, scale: dict) -> list[str]:
+    """The explanation budget sweep on the mapval split, and the choice it made."""
+    sweeps = summary["budgets"]
+    gain = next(iter(sweeps.values()))["chosen"]["gain"]
+    images = next(r["images"] for sweep in sweeps.values() for r in sweep["runs"] if "images" in r)
+    lines = ["## Training budgets", "",
+             f"Each explanation variant trained from the pretrained weights for each budget in turn "
+             f"(its own cosine schedule; only the epoch count changes), its map scored after every "
+             f"epoch on {images} images of SyntheticScenes' `mapval` split, which shares no image "
+             f"with the training or evaluation images (`train/explain.py --map-val-images`). The "
+             f"budget is the first whose next doubling gains under {gain:g} point of validation "
+             f"mIoU and moves the foreground share by under {gain:g} point (a longer budget is "
+             f"skipped once the choice is made); the evaluation images are not looked at until the "
+             f"chosen run is evaluated once (the maps table).", "",
+             "| variant | epochs | updates | mapval mIoU | gain | pixel acc. | fg share (%) | |",
+             "|---|---|---|---|---|---|---|---|"]
+    for variant, sweep in sweeps.items():
+        previous = None
+        for r in sweep["runs"]:
+            if "skipped" in r:
+                lines.append(f"| {variant} | {r['epochs']} | - | skipped: {r['skipped']} | | | | |")
+                continue
+            gained = "" if previous is None else f"{r['miou'] - previous:+.2f}"
+            mark = "**chosen**" if r["epochs"] == sweep["chosen"]["epochs"] else ""
+            lines.append(f"| {variant} | {r['epochs']} | {r['updates']} | {r['miou']:.2f} | "
+                         f"{gained} | {r['pixel_accuracy']:.2f} | {r['fg_share']:.1f} | {mark} |")
+            previous = r["miou"]
+    lines.append("")
+    lines.append("![explanation budget](figures/explain_budget.png)")
+    lines.append("")
+    return lines
+
+
+def _render_prune_curve(curve: dict) -> list[str]:
+    """ICE against EViT in top-1 as the pruning runs' budget grows."""
+    lines = ["## Pruning budget", "",
+             "ICE and EViT fine-tuned from the same pretrained weights for each budget (the pruning "
+             "recipe otherwise, its own cosine schedule), every seed, top-1 on the accuracy images: "
+             "does ICE's lead hold as the budget grows? Mean over seeds and (max - min).", "",
+             "| keep rate | epochs | updates | EViT top-1 | spread | ICE top-1 | spread | ICE - EViT |",
+             "|---|---|---|---|---|---|---|---|"]
+    for rate, by_epochs in curve.items():
+        for epochs, methods in by_epochs.items():
+            evit, ice = methods.get("evit"), methods.get("ice")
+            if evit is None or ice is None:
+                continue
+            lines.append(f"| {rate} | {epochs} | {ice['updates']} | {evit['top1_mean']:.2f} | "
+                         f"{evit['top1_spread']:.2f} | {ice['top1_mean']:.2f} | "
+                         f"{ice['top1_spread']:.2f} | {ice['top1_mean'] - evit['top1_mean']:+.2f} |")
+    lines.append("")
+    lines.append("![pruning budget](figures/prune_budget.png)")
     lines.append("")
     return lines
 
@@ -374,7 +457,8 @@ def _render_ablation(maps: dict, num_classes: int) -> list[str]:
              "| paper mIoU | paper Jaccard |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row, (alpha, lam) in TABLE6_SETTINGS.items():
-        literal, balanced = maps[f"{row}-literal"], maps[row]
+        literal = maps[f"{row}-literal"]
+        balanced = maps["ice-ablation"] if row == "ice" else maps[row]
         balanced_lambda = auto_lambda(num_classes, lam)
         published = TABLE6[row]
         lines.append(
@@ -406,6 +490,12 @@ def _render_class_counts(classes: dict, pretrain_classes: int) -> list[str]:
             lines.append(f"| {num_classes} | {r['lambda_class']:.3f}{name} | "
                          f"{_number(r['fg_share'], 1)} | {_number(r['pixel_accuracy'])} | "
                          f"{_number(r['miou'])} | {_number(r['jaccard'])} |")
+        main = study.get("rule_main")
+        if main is not None:
+            lines.append(f"| {num_classes} | {study['rule']['lambda_class']:.3f} (rule, main "
+                         f"budget: {main['updates']} updates) | "
+                         f"{_number(main['fg_share'], 1)} | {_number(main['pixel_accuracy'])} | "
+                         f"{_number(main['miou'])} | {_number(main['jaccard'])} |")
         generic = study["generic"]
         lines.append(f"| {num_classes} | generic attention | | {_number(generic['pixel_accuracy'])} | "
                      f"{_number(generic['miou'])} | {_number(generic['jaccard'])} |")

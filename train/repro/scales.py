@@ -110,6 +110,22 @@ class Scale:
     bench_dtype: str = "fp32"
     # PM-style training: the share of training images that keep a mask (the PM abstract: < 1%)
     pm_mask_fraction: float = 0.01
+    # the explanation budget sweep (SyntheticScenes only; empty: every run trains ``explain.epochs``):
+    # ICE, ICE-f and ICEv2-style trained for each of these epoch counts, in order, each scored on
+    # ``map_val_images`` images of the mapval split; the budget is the first whose next one gains
+    # under ``budget_gain`` points of validation mIoU and of foreground share (see
+    # summary.choose_budget). The first is ``explain.epochs``: the ablation's and the class-count
+    # study's budget
+    explain_budgets: tuple[int, ...] = ()
+    map_val_images: int = 0
+    budget_gain: float = 1.0
+    # the pruning curve: ICE and EViT at these keep rates also fine-tuned for these epoch counts
+    # (every seed), beside the main runs' ``prune.epochs``
+    prune_budgets: tuple[int, ...] = ()
+    prune_curve_rates: tuple[float, ...] = ()
+    # stages run at once after pretraining (each in its own process with ``threads`` threads);
+    # the speed stage always runs alone
+    jobs: int = 1
 
     @property
     def synthetic(self) -> bool:
@@ -134,13 +150,15 @@ def smoke_scale(**overrides) -> Scale:
                         mixup=False),
         num_classes=4, eval_images=8, grid_images=2, bench_batch=4, bench_reps=2, workers=0,
         threads=1, class_counts=(3,), lambda_sweep=(0.5,),
-        pm_mask_fraction=0.25)  # 4 of its 16 training images: 1% of them would be none
+        pm_mask_fraction=0.25,  # 4 of its 16 training images: 1% of them would be none
+        explain_budgets=(1, 2, 4), map_val_images=4, prune_budgets=(2,), prune_curve_rates=(0.5,))
     settings.update(overrides)
     return Scale(**settings)
 
 
 def cpu_scale(**overrides) -> Scale:
-    """About 40 minutes on a 2-core CPU (most of it pretraining): a 12-block, 3-head ViT of width 96
+    """About 90 minutes on a 2-core CPU (pretraining 35 of them, then two stages at once): a
+    12-block, 3-head ViT of width 96
     on 64-pixel images with 8-pixel patches (an 8 x 8 grid, 64 patch tokens), SyntheticScenes with 10
     classes in the setting a small ViT learns from scratch (see ``note``)."""
     settings = dict(
@@ -159,6 +177,9 @@ def cpu_scale(**overrides) -> Scale:
                         min_lr=1e-5, mixup=False),
         num_classes=10, eval_images=400, grid_images=4, bench_batch=64, bench_reps=15, workers=1,
         threads=1, class_counts=(5, 10, 20), lambda_sweep=(0.1, 0.3, 0.5, 0.8),
+        # 124 to 1984 updates: the first is the ablation's budget, the report's before the sweep
+        explain_budgets=(2, 4, 8, 16, 32), map_val_images=200, prune_budgets=(2, 4, 8),
+        prune_curve_rates=(0.7,), jobs=2,
         note="the scenes here (see Data) are easier than SyntheticScenes' defaults, in which a ViT "
              "from scratch sat at chance for over 2750 updates (13% top-1 after 4500; the first "
              "committed report): with random polarity no linear function of a patch tells the class, "

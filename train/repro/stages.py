@@ -38,6 +38,7 @@ import prune
 from .report import write_json, write_report
 from .scales import (BASELINES, VARIANTS, Scale, TrainSpec, ablation_runs, class_count_runs,
                      pm_runs)
+from .summary import choose_budget
 
 DONE = "done.json"
 
@@ -145,11 +146,15 @@ def maps_dataset(scale: Scale) -> Dataset:
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """``fn(context, folder) -> results`` (JSON-serializable), written to ``folder/done.json``."""
+    """``fn(context, folder) -> results`` (JSON-serializable), written to ``folder/done.json``.
+    ``after``: the stages whose results or checkpoints it reads (run before it); ``exclusive``: it
+    runs with no other stage beside it (the speed stage's timings)."""
 
     name: str
     fn: Callable[["Context", str], dict]
     kind: str
+    after: tuple[str, ...] = ()
+    exclusive: bool = False
 
 
 @dataclasses.dataclass
@@ -188,8 +193,85 @@ def _explain_stage(run: str) -> Callable[[Context, str], dict]:
         maps = evaluate.main(eval_argv(scale, "explain", context.checkpoint(f"explain-{run}"),
                                        os.path.join(out, "eval")) + ["--methods", "ice"])
         return {"run": run, "variant": variant, "args": argv[4:], "train": record,
-                "maps": maps["methods"]["ice"], "images": maps["images"]}
+                "maps": maps["methods"]["ice"], "images": maps["images"],
+                "budget": {"epochs": scale.explain.epochs, "updates": record["num_updates"]}}
     return fn
+
+
+def budget_name(variant: str, epochs: int) -> str:
+    return f"budget-{variant}-e{epochs}"
+
+
+def budget_results(context: Context, variant: str, below: Optional[int] = None) -> list[dict]:
+    """The finished budget stages of ``variant`` (all, or those of fewer than ``below`` epochs), in
+    the scale's order."""
+    results = []
+    for epochs in context.scale.explain_budgets:
+        if below is not None and epochs >= below:
+            break
+        with open(os.path.join(context.folder(budget_name(variant, epochs)), DONE)) as f:
+            results.append(json.load(f))
+    return results
+
+
+def map_val_curve(output: str) -> list[dict]:
+    """Every epoch's ``map_val`` record of a train/explain.py run (``--map-val-images``)."""
+    curve = []
+    with open(os.path.join(output, LOG)) as f:
+        for line in f:
+            entry = json.loads(line)
+            if "map_val" in entry:
+                curve.append({"epoch": entry["epoch"], **entry["map_val"]})
+    return curve
+
+
+def _budget_stage(variant: str, epochs: int) -> Callable[[Context, str], dict]:
+    """``variant`` trained for ``epochs`` (the explanation recipe otherwise), its map scored on the
+    mapval split after every epoch (``--map-val-images``, which leaves the training unchanged). No
+    evaluation image is looked at. Skipped (no training) when a smaller pair of budgets already
+    met the rule (:func:`~.summary.choose_budget`): the budget is chosen, a longer run adds
+    nothing to the choice."""
+
+    def fn(context: Context, out: str) -> dict:
+        scale = context.scale
+        earlier = budget_results(context, variant, below=epochs)
+        chosen = choose_budget(earlier, scale.budget_gain)
+        if chosen["flattened"]:
+            return {"variant": variant, "epochs": epochs,
+                    "skipped": f"the rule chose {chosen['epochs']} epochs before this budget"}
+        argv = ["--variant", variant, "--checkpoint", context.pretrained,
+                "--map-val-images", str(scale.map_val_images)]
+        spec = dataclasses.replace(scale.explain, epochs=epochs)
+        record = train(explain, argv + train_argv(scale, spec), out)
+        curve = map_val_curve(out)
+        return {"variant": variant, "epochs": epochs, "updates": record["num_updates"],
+                "train": record, "map_val": curve[-1], "curve": curve}
+    return fn
+
+
+def _chosen_explain_stage(variant: str) -> Callable[[Context, str], dict]:
+    """The explanation run of ``variant`` at the budget the sweep chose: the budget stage's
+    checkpoint (the same training, since scoring the mapval split changes nothing) copied here and
+    evaluated once on the evaluation images."""
+
+    def fn(context: Context, out: str) -> dict:
+        scale = context.scale
+        chosen = choose_budget(budget_results(context, variant), scale.budget_gain)
+        source = context.folder(budget_name(variant, chosen["epochs"]))
+        for name in (CHECKPOINT, LOG):
+            shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
+        maps = evaluate.main(eval_argv(scale, "explain", os.path.join(out, CHECKPOINT),
+                                       os.path.join(out, "eval")) + ["--methods", "ice"])
+        return {"run": variant, "variant": variant, "args": [], "train": last_epoch(out),
+                "maps": maps["methods"]["ice"], "images": maps["images"],
+                "budget": {**chosen, "source": budget_name(variant, chosen["epochs"])}}
+    return fn
+
+
+def main_explain_epochs(context: Context) -> int:
+    """The epochs of the main ICE run (``explain-ice``): the sweep's choice, else the recipe's."""
+    with open(os.path.join(context.folder("explain-ice"), DONE)) as f:
+        return json.load(f)["budget"]["epochs"]
 
 
 def _maps_baselines(context: Context, out: str) -> dict:
@@ -212,7 +294,8 @@ def _pm_stage(run: str) -> Callable[[Context, str], dict]:
         argv = ["--checkpoint", context.pretrained, "--mask-fraction", f"{fraction:g}"]
         if run == "pm-style-pseudo":
             argv += ["--pseudo-masks", f"ice:{context.checkpoint('explain-ice')}"]
-        record = train(pm, argv + train_argv(scale, scale.explain), out)
+        spec = dataclasses.replace(scale.explain, epochs=main_explain_epochs(context))
+        record = train(pm, argv + train_argv(scale, spec), out)
         checkpoint = os.path.join(out, CHECKPOINT)
         maps = evaluate.main(eval_argv(scale, "explain", checkpoint, os.path.join(out, "eval"))
                              + ["--methods", "pm-style"])
@@ -224,7 +307,8 @@ def _pm_stage(run: str) -> Callable[[Context, str], dict]:
                 "train_images": meta["train_images"], "mask_weight": meta["mask_weight"],
                 "smoothing": meta["smoothing"], "train": record,
                 "maps": maps["methods"]["pm-style"], "images": maps["images"],
-                "top1": accuracy["top1"], "top5": accuracy["top5"]}
+                "top1": accuracy["top1"], "top5": accuracy["top5"],
+                "budget": {"epochs": spec.epochs, "updates": record["num_updates"]}}
     return fn
 
 
@@ -237,10 +321,12 @@ def resolved_lambda(num_classes: int, lambda_class: str) -> float:
     return ICELoss("paper", parse_lambda(lambda_class)).resolved_lambda(num_classes)
 
 
-def _class_count_stage(num_classes: int, lambda_class: str) -> Callable[[Context, str], dict]:
+def _class_count_stage(num_classes: int, lambda_class: str, main_budget: bool = False
+                       ) -> Callable[[Context, str], dict]:
     """ICE on scenes of ``num_classes`` classes from the pretrained weights (a new classifier where
     the class count differs from the pretraining's). Its maps explain the class ICE itself predicts
-    (``--ice-target ice``): the new classifier is untrained and explains nothing."""
+    (``--ice-target ice``): the new classifier is untrained and explains nothing. ``main_budget``:
+    trained for the main ICE run's epochs (the sweep's choice) instead of the study's."""
 
     def fn(context: Context, out: str) -> dict:
         scale = context.scale
@@ -248,14 +334,16 @@ def _class_count_stage(num_classes: int, lambda_class: str) -> Callable[[Context
                 "--lambda-class", lambda_class]
         if num_classes != scale.num_classes:
             argv.append("--reset-classifier")
-        record = train(explain, argv + train_argv(scale, scale.explain, num_classes=num_classes),
-                       out)
+        spec = (dataclasses.replace(scale.explain, epochs=main_explain_epochs(context))
+                if main_budget else scale.explain)
+        record = train(explain, argv + train_argv(scale, spec, num_classes=num_classes), out)
         maps = evaluate.main(eval_argv(scale, "explain", os.path.join(out, CHECKPOINT),
                                        os.path.join(out, "eval"), num_classes=num_classes)
                              + ["--methods", "ice", "--ice-target", "ice"])
         return {"num_classes": num_classes, "lambda": lambda_class,
                 "lambda_class": resolved_lambda(num_classes, lambda_class), "train": record,
-                "maps": maps["methods"]["ice"], "images": maps["images"]}
+                "maps": maps["methods"]["ice"], "images": maps["images"],
+                "budget": {"epochs": spec.epochs, "updates": record["num_updates"]}}
     return fn
 
 
@@ -271,23 +359,27 @@ def _class_count_baseline(num_classes: int) -> Callable[[Context, str], dict]:
     return fn
 
 
-def prune_name(method: str, rate: float, seed: int) -> str:
-    return f"prune-{method}-{rate:g}-s{seed}"
+def prune_name(method: str, rate: float, seed: int, epochs: Optional[int] = None) -> str:
+    """``prune-<method>-<rate>-s<seed>``, with ``-e<epochs>`` for the pruning curve's runs."""
+    return f"prune-{method}-{rate:g}-s{seed}" + ("" if epochs is None else f"-e{epochs}")
 
 
-def _prune_stage(method: str, rate: float, seed: int) -> Callable[[Context, str], dict]:
+def _prune_stage(method: str, rate: float, seed: int, epochs: Optional[int] = None
+                 ) -> Callable[[Context, str], dict]:
     def fn(context: Context, out: str) -> dict:
         scale = context.scale
         selector = "evit" if method == "none" else method  # EViT at keep rate 1 = unpruned
         argv = ["--method", selector, "--keep-rate", str(rate), "--checkpoint", context.pretrained]
-        record = train(prune, argv + train_argv(scale, scale.prune, seed), out)
-        eval_args = eval_argv(scale, "accuracy", context.checkpoint(prune_name(method, rate, seed)),
+        spec = scale.prune if epochs is None else dataclasses.replace(scale.prune, epochs=epochs)
+        record = train(prune, argv + train_argv(scale, spec, seed), out)
+        eval_args = eval_argv(scale, "accuracy", os.path.join(out, CHECKPOINT),
                               os.path.join(out, "eval"))
         if method != "none":
             eval_args += ["--method", method, "--keep-rate", str(rate)]
         accuracy = evaluate.main(eval_args)
-        return {"method": method, "keep_rate": rate, "seed": seed, "train": record,
-                "top1": accuracy["top1"], "top5": accuracy["top5"], "images": accuracy["images"]}
+        return {"method": method, "keep_rate": rate, "seed": seed, "epochs": spec.epochs,
+                "updates": record["num_updates"], "train": record, "top1": accuracy["top1"],
+                "top5": accuracy["top5"], "images": accuracy["images"]}
     return fn
 
 
@@ -430,67 +522,241 @@ def _pruned_forward_figure(context: Context, dataset: Dataset, path: str) -> Non
 
 
 def plan(scale: Scale) -> list[Stage]:
-    """The stages of a run, in order."""
+    """The stages of a run, in an order that runs every stage after those it reads (``after``)."""
     stages = []
+    first = ("pretrain",) if scale.pretrain is not None else ()
     if scale.pretrain is not None:
         stages.append(Stage("pretrain", _pretrain, "pretrain"))
-    for run in VARIANTS + tuple(ablation_runs(scale.num_classes)):
-        stages.append(Stage(f"explain-{run}", _explain_stage(run), "explain"))
-    stages.append(Stage("maps-baselines", _maps_baselines, "maps"))
+    if scale.explain_budgets:
+        if not scale.synthetic or scale.map_val_images < 1:
+            raise ValueError("explain_budgets needs SyntheticScenes and map_val_images >= 1: the "
+                             "budget is chosen on its mapval split")
+        if scale.explain_budgets[0] != scale.explain.epochs:
+            raise ValueError(f"explain_budgets must start at explain.epochs "
+                             f"({scale.explain.epochs}), the ablation's budget, got "
+                             f"{scale.explain_budgets}")
+        for variant in VARIANTS:
+            previous = first
+            for epochs in scale.explain_budgets:
+                name = budget_name(variant, epochs)
+                stages.append(Stage(name, _budget_stage(variant, epochs), "budget", previous))
+                previous = first + (name,)
+            stages.append(Stage(f"explain-{variant}", _chosen_explain_stage(variant), "explain",
+                                tuple(budget_name(variant, e) for e in scale.explain_budgets)))
+        # Table 6's ICE row at the ablation's budget: the sweep's first run, evaluated
+        stages.append(Stage("explain-ice-ablation", _ablation_ice_stage, "explain",
+                            (budget_name("ice", scale.explain_budgets[0]),)))
+    else:
+        for run in VARIANTS:
+            stages.append(Stage(f"explain-{run}", _explain_stage(run), "explain", first))
+    for run in ablation_runs(scale.num_classes):
+        stages.append(Stage(f"explain-{run}", _explain_stage(run), "explain", first))
+    stages.append(Stage("maps-baselines", _maps_baselines, "maps", first))
     for run in pm_runs(scale):
-        stages.append(Stage(f"explain-{run}", _pm_stage(run), "pm"))
+        stages.append(Stage(f"explain-{run}", _pm_stage(run), "pm", first + ("explain-ice",)))
     for num_classes in scale.class_counts:
         stages.append(Stage(f"classes-{num_classes}-generic", _class_count_baseline(num_classes),
-                            "classes"))
+                            "classes", first))
     for num_classes, lambda_class in class_count_runs(scale):
         stages.append(Stage(class_count_name(num_classes, lambda_class),
-                            _class_count_stage(num_classes, lambda_class), "classes"))
+                            _class_count_stage(num_classes, lambda_class), "classes", first))
+    if scale.explain_budgets:
+        # the rule's row of every class count at the main budget (explain-ice is the scale's own)
+        for num_classes in scale.class_counts:
+            if num_classes != scale.num_classes:
+                stages.append(Stage(class_count_name(num_classes, "auto") + "-main",
+                                    _class_count_stage(num_classes, "auto", main_budget=True),
+                                    "classes", first + ("explain-ice",)))
+    main_prune = []
     for seed in scale.seeds:
-        stages.append(Stage(prune_name("none", 1.0, seed), _prune_stage("none", 1.0, seed), "prune"))
-        for rate in scale.keep_rates:
-            for method in ("evit", "ice"):
-                stages.append(Stage(prune_name(method, rate, seed), _prune_stage(method, rate, seed),
-                                    "prune"))
+        for method, rate in [("none", 1.0)] + [(m, r) for r in scale.keep_rates
+                                               for m in ("evit", "ice")]:
+            name = prune_name(method, rate, seed)
+            stages.append(Stage(name, _prune_stage(method, rate, seed), "prune", first))
+            main_prune.append(name)
+    for epochs in scale.prune_budgets:
+        for seed in scale.seeds:
+            for rate in scale.prune_curve_rates:
+                for method in ("evit", "ice"):
+                    stages.append(Stage(prune_name(method, rate, seed, epochs),
+                                        _prune_stage(method, rate, seed, epochs), "prune-curve",
+                                        first))
     for rate in scale.keep_rates:
         stages.append(Stage(pruned_map_name(rate, scale.seeds[0]),
-                            _pruned_map_stage(rate, scale.seeds[0]), "pruned-map"))
-    stages.append(Stage("speed", _speed, "speed"))
-    stages.append(Stage("examples", _examples, "examples"))
+                            _pruned_map_stage(rate, scale.seeds[0]), "pruned-map",
+                            (prune_name("ice", rate, scale.seeds[0]),)))
+    stages.append(Stage("speed", _speed, "speed", tuple(main_prune), exclusive=True))
+    stages.append(Stage("examples", _examples, "examples",
+                        tuple(f"explain-{v}" for v in VARIANTS)
+                        + tuple(prune_name("ice", r, scale.seeds[0]) for r in scale.keep_rates)))
+    names = set()
+    for stage in stages:
+        missing = [n for n in stage.after if n not in names]
+        if missing:  # a planning error, not a user's
+            raise AssertionError(f"stage {stage.name} is planned before {missing}")
+        names.add(stage.name)
     return stages
 
 
+def _ablation_ice_stage(context: Context, out: str) -> dict:
+    """The sweep's first ICE run (the ablation's budget) evaluated on the evaluation images: Table
+    6's ICE row, trained as long as the ablation's other rows."""
+    scale = context.scale
+    source = context.folder(budget_name("ice", scale.explain_budgets[0]))
+    maps = evaluate.main(eval_argv(scale, "explain", os.path.join(source, CHECKPOINT),
+                                   os.path.join(out, "eval")) + ["--methods", "ice"])
+    record = last_epoch(source)
+    return {"run": "ice", "variant": "ice", "args": [], "train": record,
+            "maps": maps["methods"]["ice"], "images": maps["images"],
+            "budget": {"epochs": scale.explain_budgets[0], "updates": record["num_updates"],
+                       "source": budget_name("ice", scale.explain_budgets[0])}}
+
+
+def _needed(stages: list[Stage], until: str) -> list[Stage]:
+    """``until`` and every stage it reads, directly or not, in plan order."""
+    by_name = {stage.name: stage for stage in stages}
+    needed, todo = set(), [until]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(by_name[name].after)
+    return [stage for stage in stages if stage.name in needed]
+
+
+def run_stage(scale: Scale, work: str, name: str, log_path: Optional[str] = None) -> float:
+    """Run the stage ``name`` of ``plan(scale)`` into ``work/<name>`` and write its ``done.json``;
+    returns its wall time. ``log_path``: where its output goes (a worker process of a parallel
+    run sends its stdout and stderr there, so that the stages' progress bars do not interleave)."""
+    if log_path is not None:
+        stream = open(log_path, "a", buffering=1)
+        os.dup2(stream.fileno(), 1)
+        os.dup2(stream.fileno(), 2)
+        sys.stdout = sys.stderr = stream
+    if scale.threads is not None:
+        torch.set_num_threads(scale.threads)
+    stage = next(stage for stage in plan(scale) if stage.name == name)
+    context = Context(scale, work)
+    folder = context.folder(name)
+    os.makedirs(folder, exist_ok=True)
+    t0 = time.time()
+    result = stage.fn(context, folder)
+    result["wall_s"] = round(time.time() - t0, 1)
+    write_json(os.path.join(folder, DONE), result)
+    return result["wall_s"]
+
+
 def run(scale: Scale, out: str, fresh: bool = False, log: Callable[[str], None] = print,
-        until: Optional[str] = None) -> Optional[dict]:
+        until: Optional[str] = None, jobs: Optional[int] = None) -> Optional[dict]:
     """Run (or reuse) every stage, then write the report. Returns the results dict.
-    ``until``: stop after that stage (no report); a later run reuses what it finished."""
+    ``until``: run only that stage and those it reads, then stop (no report); a later run reuses
+    what it finished. ``jobs`` (default the scale's): how many stages run at once, each in a
+    process of its own once pretraining is done (the speed stage alone)."""
     work = os.path.join(out, "work")
     if fresh and os.path.isdir(work):
         shutil.rmtree(work)
-    context = Context(scale, work)
-    if scale.threads is not None:
-        torch.set_num_threads(scale.threads)
     stages = plan(scale)
     names = [stage.name for stage in stages]
-    if until is not None and until not in names:
-        raise ValueError(f"until={until!r} is no stage of this scale; choose one of {names}")
+    if until is not None:
+        if until not in names:
+            raise ValueError(f"until={until!r} is no stage of this scale; choose one of {names}")
+        stages = _needed(stages, until)
+    jobs = scale.jobs if jobs is None else jobs
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     t_start = time.time()
-    for i, stage in enumerate(stages, 1):
-        folder = context.folder(stage.name)
-        if os.path.exists(os.path.join(folder, DONE)):
-            log(f"[{i}/{len(stages)}] {stage.name}: done before, reused")
-            continue
-        log(f"[{i}/{len(stages)}] {stage.name} ...  ({time.time() - t_start:.0f} s so far)")
-        os.makedirs(folder, exist_ok=True)
-        t0 = time.time()
-        result = stage.fn(context, folder)
-        result["wall_s"] = round(time.time() - t0, 1)
-        write_json(os.path.join(folder, DONE), result)
-        log(f"[{i}/{len(stages)}] {stage.name}: {result['wall_s']:.0f} s")
-        if stage.name == until:
-            return None
-    results = collect(scale, work, stages)
+    total = len(stages)
+    index = {stage.name: i for i, stage in enumerate(stages, 1)}
+    done = set()
+    for stage in stages:
+        if os.path.exists(os.path.join(work, stage.name, DONE)):
+            log(f"[{index[stage.name]}/{total}] {stage.name}: done before, reused")
+            done.add(stage.name)
+    todo = [stage for stage in stages if stage.name not in done]
+    if jobs == 1 or len(todo) <= 1:
+        for stage in todo:
+            i = index[stage.name]
+            log(f"[{i}/{total}] {stage.name} ...  ({time.time() - t_start:.0f} s so far)")
+            wall = run_stage(scale, work, stage.name)
+            log(f"[{i}/{total}] {stage.name}: {wall:.0f} s")
+    else:
+        _run_parallel(scale, work, todo, done, jobs, index, total, t_start, log)
+    _add_elapsed(work, time.time() - t_start, jobs)
+    if until is not None:
+        return None
+    results = collect(scale, work, plan(scale))
     write_report(results, out)
     return results
+
+
+def _run_parallel(scale: Scale, work: str, todo: list[Stage], done: set, jobs: int,
+                  index: dict, total: int, t_start: float, log: Callable[[str], None]) -> None:
+    """Run ``todo`` with up to ``jobs`` stages at once, each in a fresh (spawned) process whose
+    output goes to ``work/<stage>/stage.log``, every stage once those it reads are done; an
+    exclusive stage waits for the others to finish and runs alone. A failed stage stops the run
+    after the running ones end (their ``done.json`` kept), with its log's path in the error."""
+    import concurrent.futures as futures
+    import multiprocessing
+
+    pending = list(todo)
+    running: dict[futures.Future, Stage] = {}
+    failed = None
+    context = multiprocessing.get_context("spawn")
+    with futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        while pending or running:
+            exclusive_running = any(stage.exclusive for stage in running.values())
+            for stage in list(pending):
+                if failed or exclusive_running or len(running) >= jobs:
+                    break
+                if not all(name in done for name in stage.after):
+                    continue
+                if stage.exclusive and running:
+                    break  # the exclusive stage waits for the running ones, and holds the rest
+                folder = os.path.join(work, stage.name)
+                os.makedirs(folder, exist_ok=True)
+                log(f"[{index[stage.name]}/{total}] {stage.name} ...  ({time.time() - t_start:.0f} "
+                    f"s so far; output in {os.path.join(folder, 'stage.log')})")
+                future = pool.submit(run_stage, scale, work, stage.name,
+                                     os.path.join(folder, "stage.log"))
+                running[future] = stage
+                pending.remove(stage)
+                exclusive_running = stage.exclusive
+            if not running:
+                if failed:
+                    break
+                raise RuntimeError(f"stages {[s.name for s in pending]} wait for stages that "
+                                   f"cannot run")  # unreachable with a checked plan
+            finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            for future in finished:
+                stage = running.pop(future)
+                try:
+                    wall = future.result()
+                except Exception as error:  # noqa: BLE001 (reported with the stage's log)
+                    failed = failed or (stage, error)
+                    log(f"[{index[stage.name]}/{total}] {stage.name}: FAILED ({error!r})")
+                    continue
+                done.add(stage.name)
+                log(f"[{index[stage.name]}/{total}] {stage.name}: {wall:.0f} s")
+    if failed:
+        stage, error = failed
+        raise RuntimeError(f"stage {stage.name} failed: {error!r}; its output: "
+                           f"{os.path.join(work, stage.name, 'stage.log')}. Run again to go on "
+                           f"from the finished stages") from error
+
+
+ELAPSED = "elapsed.json"
+
+
+def _add_elapsed(work: str, seconds: float, jobs: int) -> None:
+    """Append this invocation's wall time to ``work/elapsed.json`` (a resumed run adds up)."""
+    path = os.path.join(work, ELAPSED)
+    runs = []
+    if os.path.exists(path):
+        with open(path) as f:
+            runs = json.load(f)
+    runs.append({"seconds": round(seconds, 1), "jobs": jobs, "date": time.strftime("%Y-%m-%d")})
+    os.makedirs(work, exist_ok=True)
+    write_json(path, runs)
 
 
 def collect(scale: Scale, work: str, stages: Optional[list[Stage]] = None) -> dict:
@@ -500,7 +766,13 @@ def collect(scale: Scale, work: str, stages: Optional[list[Stage]] = None) -> di
     for stage in stages:
         with open(os.path.join(work, stage.name, DONE)) as f:
             done[stage.name] = json.load(f)
+    elapsed = []
+    if os.path.exists(os.path.join(work, ELAPSED)):
+        with open(os.path.join(work, ELAPSED)) as f:
+            elapsed = json.load(f)
     return {"scale": dataclasses.asdict(scale), "stages": done, "paper": TABLES,
             "wall_s": round(sum(r["wall_s"] for r in done.values()), 1),
+            "elapsed_s": round(sum(r["seconds"] for r in elapsed), 1),
+            "jobs": max([r["jobs"] for r in elapsed], default=1),
             "versions": {"torch": torch.__version__, "timm": timm.__version__},
             "date": time.strftime("%Y-%m-%d")}

@@ -2,6 +2,7 @@
 (:func:`summarize`), read from the stages' ``done.json`` results only."""
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import numpy as np
@@ -24,6 +25,26 @@ PM_ABSTRACT = ("the PM abstract claims better maps and classification than previ
                "no figure")
 
 
+def choose_budget(results: list[dict], gain: float) -> dict:
+    """The explanation budget from a sweep's results (``budget-<variant>-e<E>`` stages, by epochs):
+    the first budget whose next one gains under ``gain`` points of validation mIoU and moves the
+    foreground share by under ``gain`` points (both flattened), else the largest trained
+    (``flattened`` False: the curve had not flattened within the sweep). Only the mapval split's
+    figures are read, never the evaluation images'."""
+    trained = [r for r in results if "skipped" not in r]
+    for shorter, longer in zip(trained, trained[1:]):
+        gain_miou = longer["map_val"]["miou"] - shorter["map_val"]["miou"]
+        move_fg = longer["map_val"]["fg_share"] - shorter["map_val"]["fg_share"]
+        if gain_miou < gain and abs(move_fg) < gain:
+            return {"epochs": shorter["epochs"], "updates": shorter["updates"], "flattened": True,
+                    "next_epochs": longer["epochs"], "next_gain_miou": gain_miou,
+                    "next_move_fg_share": move_fg, "gain": gain}
+    if not trained:
+        return {"epochs": None, "updates": None, "flattened": False, "gain": gain}
+    return {"epochs": trained[-1]["epochs"], "updates": trained[-1]["updates"], "flattened": False,
+            "gain": gain}
+
+
 def summarize(results: dict) -> dict:
     """Derived figures: the maps table, the ablation, the pruning table, and the comparisons."""
     stages, scale = results["stages"], results["scale"]
@@ -38,14 +59,102 @@ def summarize(results: dict) -> dict:
     prune = _prune(stages)
     classes = _class_counts(stages, scale)
     pruned_maps = _pruned_maps(stages)
-    comparisons = (_map_claims(maps, best_baseline, scale["num_classes"])
+    budgets = _budgets(stages, scale)
+    prune_curve = _prune_curve(stages, scale)
+    comparisons = (_budget_claims(budgets)
+                   + _map_claims(maps, best_baseline, scale["num_classes"])
                    + _pm_claims(pm, maps, best_baseline, unmodified_top1)
                    + _class_count_claims(classes)
                    + _prune_claims(prune, scale["keep_rates"])
+                   + _prune_curve_claims(prune_curve)
                    + _pruned_map_claims(pruned_maps))
     return {"maps": maps, "best_baseline": best_baseline, "pm": pm,
             "unmodified_top1": unmodified_top1, "prune": prune, "classes": classes,
-            "pruned_maps": pruned_maps, "comparisons": comparisons}
+            "pruned_maps": pruned_maps, "budgets": budgets, "prune_curve": prune_curve,
+            "comparisons": comparisons}
+
+
+def _budgets(stages: dict, scale: dict) -> dict:
+    """The explanation budget sweep, per variant: each budget's validation (mapval) figures in
+    order, skipped ones marked, and the chosen budget; empty for a scale without a sweep."""
+    budgets = {}
+    for variant in VARIANTS:
+        results = [stages[f"budget-{variant}-e{e}"] for e in scale.get("explain_budgets") or ()
+                   if f"budget-{variant}-e{e}" in stages]
+        if not results:
+            continue
+        runs = []
+        for r in results:
+            if "skipped" in r:
+                runs.append({"epochs": r["epochs"], "skipped": r["skipped"]})
+                continue
+            runs.append({"epochs": r["epochs"], "updates": r["updates"],
+                         **{k: r["map_val"][k] for k in ("miou", "pixel_accuracy", "map",
+                                                        "fg_share", "images")},
+                         "curve": r["curve"]})
+        budgets[variant] = {"runs": runs, "chosen": choose_budget(results, scale["budget_gain"])}
+    return budgets
+
+
+def _budget_claims(budgets: dict) -> list[dict]:
+    """Per variant: whether its validation curve flattened within the sweep."""
+    claims = []
+    for variant, sweep in budgets.items():
+        chosen = sweep["chosen"]
+        detail = (f"chosen {chosen['updates']} updates ({chosen['epochs']} epochs): the next "
+                  f"doubling gained {chosen['next_gain_miou']:+.2f} mIoU and moved the foreground "
+                  f"share {chosen['next_move_fg_share']:+.2f} points on the mapval split"
+                  if chosen["flattened"] else
+                  f"the longest budget, {chosen['updates']} updates, is used: at every doubling "
+                  f"the mIoU gained, or the foreground share moved, {chosen['gain']:g} point or "
+                  f"more")
+        claims.append(_check(f"{variant}: the validation mIoU and foreground share flattened within "
+                             f"the budget sweep (a doubling gains under {chosen['gain']:g} point)",
+                             chosen["flattened"], detail,
+                             "the paper fine-tunes 3 ImageNet epochs, on the order of 15,000 "
+                             "updates"))
+    return claims
+
+
+def _prune_curve(stages: dict, scale: dict) -> dict:
+    """The pruning curve: per keep rate, per budget (epochs, the main runs' included), per method,
+    top-1 over seeds; empty for a scale without one."""
+    curve: dict = {}
+    rates = scale.get("prune_curve_rates") or ()
+    for name, result in stages.items():
+        if not name.startswith("prune-") or result["method"] == "none" \
+                or result["keep_rate"] not in rates:
+            continue
+        epochs = result.get("epochs", scale["prune"]["epochs"])
+        row = curve.setdefault(f"{result['keep_rate']:g}", {}).setdefault(str(epochs), {})
+        row.setdefault(result["method"], []).append(result)
+    for rate, by_epochs in curve.items():
+        for epochs, methods in by_epochs.items():
+            for method, runs in methods.items():
+                top1 = [r["top1"] for r in runs]
+                methods[method] = {"top1_mean": float(np.mean(top1)),
+                                   "top1_spread": float(np.max(top1) - np.min(top1)),
+                                   "top1_runs": top1, "seeds": [r["seed"] for r in runs],
+                                   "updates": runs[0]["train"]["num_updates"]}
+        curve[rate] = dict(sorted(by_epochs.items(), key=lambda item: int(item[0])))
+    return curve
+
+
+def _prune_curve_claims(curve: dict) -> list[dict]:
+    """Per keep rate and budget of the pruning curve: ICE against EViT in top-1."""
+    claims = []
+    for rate, by_epochs in curve.items():
+        for epochs, methods in by_epochs.items():
+            if "ice" not in methods or "evit" not in methods:
+                continue
+            ice, evit = methods["ice"], methods["evit"]
+            noise = max(ice["top1_spread"], evit["top1_spread"])
+            claims.append(_claim(
+                f"ICE is more accurate than EViT at keep rate {rate} after {ice['updates']} "
+                f"updates ({epochs} epoch(s))", ice["top1_mean"] - evit["top1_mean"],
+                f"the pruning curve; the seed spread is up to {noise:.2f}",
+                unit=" points top-1"))
+    return claims
 
 
 def _maps(stages: dict, scale: dict) -> dict:
@@ -53,6 +162,9 @@ def _maps(stages: dict, scale: dict) -> dict:
     maps = {}
     for run in VARIANTS + tuple(ablation_runs(scale["num_classes"])):
         maps[run] = _ice_maps(stages[f"explain-{run}"])
+    # Table 6's ICE row: at the ablation's budget, which the main run's may exceed
+    ablation = stages.get("explain-ice-ablation")
+    maps["ice-ablation"] = _ice_maps(ablation) if ablation is not None else maps["ice"]
     for name, measured in stages["maps-baselines"]["maps"].items():
         maps[name] = _map_figures(measured)
     return maps
@@ -62,7 +174,7 @@ def _prune(stages: dict) -> dict:
     """The pruning table: per method and keep rate, top-1 over seeds beside the speed stage's row."""
     groups: dict[str, list[dict]] = {}
     for name, result in stages.items():
-        if name.startswith("prune-"):
+        if name.startswith("prune-") and not re.search(r"-e\d+$", name):  # not the curve's
             groups.setdefault(f"{result['method']}-{result['keep_rate']:g}", []).append(result)
     speed = stages["speed"]["models"]
     prune = {}
@@ -145,7 +257,8 @@ def _map_claims(maps: dict, best_baseline: str, num_classes: int) -> list[dict]:
             f"mIoU", maps["ice-literal"]["miou"] - maps[f"{run}-literal"]["miou"], paper))
         comparisons.append(_claim(
             f"Table 6 balance-equivalent at {num_classes} classes: ICE beats "
-            f"{ABLATION_LABELS[run]} on mIoU", ice["miou"] - maps[run]["miou"], paper))
+            f"{ABLATION_LABELS[run]} on mIoU", maps["ice-ablation"]["miou"] - maps[run]["miou"],
+            paper))
     return comparisons
 
 
@@ -168,6 +281,12 @@ def _class_count_claims(classes: dict) -> list[dict]:
             f"{num_classes} classes: ICE (class-count rule) beats generic attention on mIoU",
             rule["miou"] - study["generic"]["miou"],
             f"paper: +{TABLE1['ice'].miou - TABLE1['generic'].miou:.2f} at 1000 classes"))
+        main = study.get("rule_main")
+        if main is not None:
+            comparisons.append(_claim(
+                f"{num_classes} classes: ICE (class-count rule, the main budget of {main['updates']} "
+                f"updates) beats generic attention on mIoU", main["miou"] - study["generic"]["miou"],
+                f"paper: +{TABLE1['ice'].miou - TABLE1['generic'].miou:.2f} at 1000 classes"))
     return comparisons
 
 
@@ -262,11 +381,17 @@ def _class_counts(stages: dict, scale: dict) -> dict:
     classes = {}
     for num_classes in scale.get("class_counts") or ():
         prefix = f"classes-{num_classes}-lambda-"
-        runs = [{"lambda": r["lambda"], "lambda_class": r["lambda_class"], **_ice_maps(r)}
+        runs = [{"lambda": r["lambda"], "lambda_class": r["lambda_class"], **_ice_maps(r),
+                 "main": name.endswith("-main")}
                 for name, r in stages.items() if name.startswith(prefix)]
         runs.sort(key=lambda r: r["lambda_class"])
+        runs = [r for r in runs if not r.get("main")]
         generic = stages[f"classes-{num_classes}-generic"]["maps"]
+        main = stages.get(f"{prefix}auto-main")
+        if main is None and num_classes == scale["num_classes"] and scale.get("explain_budgets"):
+            main = stages["explain-ice"]  # the rule at the scale's class count is the main run
         classes[num_classes] = {
+            "rule_main": None if main is None else {**_ice_maps(main), **main["budget"]},
             "runs": runs, "rule": next(r for r in runs if r["lambda"] == "auto"),
             "literal": next(r for r in runs if r["lambda"] == "paper"),
             "generic": {"pixel_accuracy": generic["pixel_accuracy"], "miou": generic["miou"],
