@@ -111,6 +111,51 @@ def _order_kernel(
 
 
 @triton.jit
+def _reorganize_rows(
+    x_row, s_row, order_row, out_base, keep, P, n, d, md, write_order,
+    stride_xn, stride_sn, stride_on,
+    FUSE: tl.constexpr, NORMALIZE: tl.constexpr, KEY_FP64: tl.constexpr, EPS_: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """One image's rows, channels ``d`` (mask ``md``), from ``x_row`` (``[*, BLOCK_D]`` pointers of
+    row 0) to the rows from ``out_base`` (a scalar pointer): the prefix copied, each kept row (rank
+    ``< keep``) stored at ``P + rank``, the dropped rows weighted by their scores fused into row
+    ``P + keep`` in fp32; ``order_row`` gets the stable descending order where ``write_order``.
+    The dense kernel's (one keep count, a ``[B, ...]`` output) and the ragged one's (a keep count
+    per image, packed rows from the image's offset)."""
+    out_row = out_base + d[None, :]
+    for r0 in range(0, P, BLOCK_I):
+        r = r0 + tl.arange(0, BLOCK_I)
+        m = (r < P)[:, None] & md[None, :]
+        tl.store(out_row + r[:, None] * stride_on, tl.load(x_row + r[:, None] * stride_xn, mask=m),
+                 mask=m)
+    acc = tl.zeros(d.shape, dtype=tl.float32)
+    total = tl.zeros([BLOCK_I], dtype=tl.float32)
+    for i0 in range(0, n, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        mi = i < n
+        si = tl.load(s_row + i * stride_sn, mask=mi, other=0.0)
+        rank = _ranks(s_row, stride_sn, n, i, _sort_keys(si, i, mi, KEY_FP64), KEY_FP64, BLOCK_I,
+                      BLOCK_J)
+        tl.store(order_row + rank, i.to(tl.int64), mask=mi & write_order)
+        m = mi[:, None] & md[None, :]
+        v = tl.load(x_row + (P + i)[:, None] * stride_xn, mask=m, other=0.0)
+        # the kept rows go straight to their output row (a scatter: order is not read back)
+        tl.store(out_row + (P + rank)[:, None] * stride_on, v, mask=m & (rank < keep)[:, None])
+        if FUSE:
+            dropped = mi & (rank >= keep)
+            w = tl.where(dropped, si.to(tl.float32), 0.0)
+            # where, not only w = 0: a kept row may hold inf, and 0 * inf is NaN
+            acc += tl.sum(tl.where(dropped[:, None], w[:, None] * v.to(tl.float32), 0.0), axis=0)
+            total += w
+    if FUSE:
+        if NORMALIZE:
+            acc = acc / tl.maximum(tl.sum(total, axis=0), EPS_)
+        tl.store(out_base + (P + keep) * stride_on + d, acc.to(out_base.dtype.element_ty),
+                 mask=md)
+
+
+@triton.jit
 def _reorganize_kernel(
     x_ptr, s_ptr, order_ptr, out_ptr,
     P, n, keep, D,
@@ -125,38 +170,10 @@ def _reorganize_kernel(
     c = tl.program_id(1)
     d = c * BLOCK_D + tl.arange(0, BLOCK_D)
     md = d < D
-    x_row = x_ptr + b * stride_xb + d[None, :] * stride_xd
-    out_row = out_ptr + b * stride_ob + d[None, :]
-    s_row = s_ptr + b * stride_sb
-    for r0 in range(0, P, BLOCK_I):
-        r = r0 + tl.arange(0, BLOCK_I)
-        m = (r < P)[:, None] & md[None, :]
-        tl.store(out_row + r[:, None] * stride_on, tl.load(x_row + r[:, None] * stride_xn, mask=m),
-                 mask=m)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    total = tl.zeros([BLOCK_I], dtype=tl.float32)
-    for i0 in range(0, n, BLOCK_I):
-        i = i0 + tl.arange(0, BLOCK_I)
-        mi = i < n
-        si = tl.load(s_row + i * stride_sn, mask=mi, other=0.0)
-        rank = _ranks(s_row, stride_sn, n, i, _sort_keys(si, i, mi, KEY_FP64), KEY_FP64, BLOCK_I,
-                      BLOCK_J)
-        tl.store(order_ptr + b * n + rank, i.to(tl.int64), mask=mi & (c == 0))
-        m = mi[:, None] & md[None, :]
-        v = tl.load(x_row + (P + i)[:, None] * stride_xn, mask=m, other=0.0)
-        # the kept rows go straight to their output row (a scatter: order is not read back)
-        tl.store(out_row + (P + rank)[:, None] * stride_on, v, mask=m & (rank < keep)[:, None])
-        if FUSE:
-            dropped = mi & (rank >= keep)
-            w = tl.where(dropped, si.to(tl.float32), 0.0)
-            # where, not only w = 0: a kept row may hold inf, and 0 * inf is NaN
-            acc += tl.sum(tl.where(dropped[:, None], w[:, None] * v.to(tl.float32), 0.0), axis=0)
-            total += w
-    if FUSE:
-        if NORMALIZE:
-            acc = acc / tl.maximum(tl.sum(total, axis=0), EPS_)
-        tl.store(out_ptr + b * stride_ob + (P + keep) * stride_on + d,
-                 acc.to(out_ptr.dtype.element_ty), mask=md)
+    _reorganize_rows(x_ptr + b * stride_xb + d[None, :] * stride_xd, s_ptr + b * stride_sb,
+                     order_ptr + b * n, out_ptr + b * stride_ob, keep, P, n, d, md, c == 0,
+                     stride_xn, stride_sn, stride_on, FUSE, NORMALIZE, KEY_FP64, EPS_, BLOCK_I,
+                     BLOCK_J)
 
 
 @triton.jit
