@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ice_prune.kernels import ice_score_macs, reorganize_macs
+from ice_prune.kernels.ops import reorganize_ragged_macs
 
 # aten names the JIT tracer records for scaled-dot-product attention, on CPU and CUDA
 SDPA_OPS = (
@@ -36,6 +37,7 @@ SDPA_OPS = (
 #: index work: no multiply-adds
 ZERO_OPS = ("aten::topk", "aten::argsort", "aten::sort", "aten::gather", "aten::take_along_dim")
 REORGANIZE_OP = "ice_prune::reorganize"
+REORGANIZE_RAGGED_OP = "ice_prune::reorganize_ragged"
 ICE_SCORE_OP = "ice_prune::ice_score"
 ICE_SCORE_TOP_CLASS_OP = "ice_prune::ice_score_top_class"
 
@@ -79,6 +81,14 @@ def _reorganize_flop_jit(inputs: list, outputs: list) -> int:
     return reorganize_macs(B, _shape(inputs[1])[1], D, int(keep), bool(fuse))
 
 
+def _reorganize_ragged_flop_jit(inputs: list, outputs: list) -> int:
+    # schema: reorganize_ragged(Tensor x, Tensor scores, Tensor keep_counts, int total,
+    #                           int num_prefix, bool fuse, ...): the packed total gives the kept sum
+    total, num_prefix, fuse = (inputs[i].toIValue() for i in (3, 4, 5))
+    B, N, D = _shape(inputs[0])
+    return reorganize_ragged_macs(B, N - int(num_prefix), D, int(total), int(num_prefix), bool(fuse))
+
+
 def _ice_score_flop_jit(inputs: list, outputs: list) -> int:
     # schema: ice_score(Tensor h, Tensor weight, Tensor? bias, ScalarType compute_dtype, str kernel)
     B, n, D = _shape(inputs[0])
@@ -99,6 +109,7 @@ def fvcore_handles() -> dict[str, Optional[Callable]]:
     handles: dict[str, Optional[Callable]] = {name: _sdpa_flop_jit for name in SDPA_OPS}
     handles.update({name: None for name in ZERO_OPS})
     handles[REORGANIZE_OP] = _reorganize_flop_jit
+    handles[REORGANIZE_RAGGED_OP] = _reorganize_ragged_flop_jit
     handles[ICE_SCORE_OP] = _ice_score_flop_jit
     handles[ICE_SCORE_TOP_CLASS_OP] = _ice_score_flop_jit  # the same head product, same schema
     handles["aten::einsum"] = _einsum_flop_jit
@@ -154,7 +165,7 @@ COUNTERS: dict[str, Callable[[nn.Module, Tensor], int]] = {
 
 
 def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batch_size: int = 1,
-                counter: str = "fvcore") -> int:
+                counter: str = "fvcore", images: Optional[Tensor] = None) -> int:
     """Multiply-adds (MACs, as the papers report them) of one forward pass in eval mode.
 
     Args:
@@ -162,13 +173,23 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), bat
         input_size: ``(C, H, W)`` of one image.
         batch_size: images in the forward pass; the count is for the whole batch.
         counter: ``"fvcore"`` (JIT trace, the papers' tool) or ``"torch"`` (FlopCounterMode).
+        images: ``[B, C, H, W]``, real images to count on instead of random ones of
+            ``input_size`` (``batch_size`` and ``input_size`` are then not used). A model that keeps a
+            number of tokens per image (``keep_policy``) costs what its images make it keep: divide
+            the count by ``B`` for the mean per image.
     """
     if counter not in COUNTERS:
         raise ValueError(f"unknown counter {counter!r}; choose one of {sorted(COUNTERS)}")
-    if len(input_size) != 3:
-        raise ValueError(f"input_size is (channels, height, width) of one image, got {input_size!r}")
     ref = next(model.parameters())
-    x = torch.randn(batch_size, *input_size, device=ref.device, dtype=ref.dtype)
+    if images is not None:
+        if not isinstance(images, Tensor) or images.dim() != 4:
+            raise ValueError(f"images must be a [B, C, H, W] tensor, got "
+                             f"{tuple(images.shape) if isinstance(images, Tensor) else type(images)}")
+        x = images.to(device=ref.device, dtype=ref.dtype)
+    elif len(input_size) != 3:
+        raise ValueError(f"input_size is (channels, height, width) of one image, got {input_size!r}")
+    else:
+        x = torch.randn(batch_size, *input_size, device=ref.device, dtype=ref.dtype)
     was_training = model.training
     model.eval()
     try:

@@ -149,3 +149,40 @@ def test_count_flops_scales_with_batch_and_keeps_mode():
         flops.count_flops(model, (3, 32, 32), counter="ptflops")
     with pytest.raises(ValueError, match="channels, height, width"):
         flops.count_flops(model, (32, 32))
+
+
+class RaggedReorganize(torch.nn.Module):
+    def __init__(self, keep_counts, fuse):
+        super().__init__()
+        self.keep_counts, self.fuse = keep_counts, fuse
+
+    def forward(self, x, scores):
+        total = int(x.shape[0] * (1 + self.fuse) + self.keep_counts.sum())
+        return torch.ops.ice_prune.reorganize_ragged(x, scores, self.keep_counts, total, 1,
+                                                     self.fuse, True, "torch")[0]
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_ragged_reorganize_handle_reads_the_packed_total(fuse):
+    """fvcore's handle gets each image's dropped rows from the packed total (the keep counts are a
+    tensor it cannot read): by hand, images keeping 1, 10 and 4 of 10 drop 9 + 0 + 6 rows."""
+    x, scores = torch.randn(3, 11, 6), torch.rand(3, 10)
+    module = RaggedReorganize(torch.tensor([1, 10, 4]), fuse)
+    expected = (9 + 0 + 6) * 6 if fuse else 0
+    assert flops.flop_analysis(module, (x, scores)).total() == expected
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False, custom_mapping=flops.torch_formulas()) as fc:
+        module(x, scores)
+    assert fc.get_total_flops() == 2 * expected
+
+
+def test_count_flops_on_given_images():
+    """``images=``: the count of a forward on those images; for a model whose cost does not depend
+    on the input, the random batch's count of the same shape. Bad input is named."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, pretrained=False)
+    images = torch.rand(3, 3, 32, 32)
+    for counter in ("fvcore", "torch"):
+        assert flops.count_flops(model, images=images, counter=counter) == flops.count_flops(
+            model, (3, 32, 32), batch_size=3, counter=counter)
+    with pytest.raises(ValueError, match=r"images must be a \[B, C, H, W\] tensor"):
+        flops.count_flops(model, images=images[0])
