@@ -305,10 +305,11 @@ def benchmark_models(
     cudnn_benchmark: bool = True,
     model_dtype: Union[str, torch.dtype, None] = None,
     first_call: bool = False,
+    inputs: Optional[torch.Tensor] = None,
 ) -> BenchmarkRun:
     """Time several models interleaved in one run.
 
-    Each round runs every model once on the same random batch; round ``r`` starts at model
+    Each round runs every model once on the same random batch (or ``inputs``); round ``r`` starts at model
     ``r mod len(models)`` (a rotation), so no model always runs first or right after another. The
     ``warmup`` rounds are discarded, then ``reps`` rounds are timed, one batch per model each.
 
@@ -341,9 +342,21 @@ def benchmark_models(
             autocast (``dtype`` must be fp32); the models get their own tensors back afterwards
             (:func:`cast_weights`).
         first_call: also time each model's first forward and its first at a new batch size.
+        inputs: ``[B, C, H, W]`` images to time on instead of a random batch (``input_size`` and
+            ``batch_size`` then follow from it): for models whose cost depends on the images, such
+            as a per-image keep policy (random noise makes every token look alike). With
+            ``first_call``, the new batch size's call runs on the first images of ``inputs``.
     """
     if not models:
         raise ValueError("benchmark_models needs at least one model")
+    if inputs is not None:
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+            raise ValueError(f"inputs must be a [B, C, H, W] tensor of images, got "
+                             f"{tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs)}")
+        if batch_size is not None and batch_size != len(inputs):
+            raise ValueError(f"batch_size {batch_size} differs from the {len(inputs)} images given as "
+                             f"inputs; leave batch_size unset")
+        input_size, batch_size = tuple(inputs.shape[1:]), len(inputs)
     if len(input_size) != 3:
         raise ValueError(f"input_size is (channels, height, width) of one image, got {input_size!r}")
     device, (dtype, model_dtype) = check_device(device), check_precision(dtype, model_dtype)
@@ -358,9 +371,13 @@ def benchmark_models(
     run = BenchmarkRun({n: Measurement(n, batch_size) for n in models},
                        _check_baseline(models, baseline), str(device), _dtype_name(dtype),
                        tuple(input_size), warmup, model_dtype=_dtype_name(model_dtype))
-    x = torch.randn(batch_size, *input_size, device=device, dtype=model_dtype)
-    new_x = (torch.randn(new_batch_size(batch_size), *input_size, device=device, dtype=model_dtype)
-             if first_call else None)
+    if inputs is not None:
+        x = inputs.to(device=device, dtype=model_dtype or torch.float32)
+        new_x = x[:new_batch_size(batch_size)] if first_call else None
+    else:
+        x = torch.randn(batch_size, *input_size, device=device, dtype=model_dtype)
+        new_x = (torch.randn(new_batch_size(batch_size), *input_size, device=device,
+                             dtype=model_dtype) if first_call else None)
     return _run_interleaved(models, run, x, dtype, model_dtype, reps, use_graphs, cudnn_benchmark,
                             progress, "benchmark", "batch", new_x)
 

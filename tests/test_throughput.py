@@ -570,3 +570,30 @@ def test_script_explain_reports_the_ratio_to_ice(tmp_path, throughput, capsys):
     assert explained["vs_ice_paired"] == pytest.approx(statistics.median(explained["vs_ice_reps"]))
     assert (explained["macs"], explained["params"]) == (ice["macs"], ice["params"])
     assert all(rows[n]["vs_ice"] is None for n in ("baseline", "evit@0.5", "ice@0.5"))
+
+
+class InputRecorder(Recorder):
+    """A Recorder that keeps every batch it is given."""
+
+    def forward(self, x):
+        self.batches = getattr(self, "batches", []) + [x.clone()]
+        return super().forward(x)
+
+
+def test_models_timed_on_given_images():
+    """``inputs=``: every round and the first calls run on exactly those images (the new batch size
+    on their first half); the batch size and image size follow from them; bad input is named."""
+    images = torch.rand(4, 1, 2, 2)
+    models = {n: InputRecorder(n, []) for n in ("a", "b")}
+    run = timing.benchmark_models(models, inputs=images, device="cpu", reps=2, warmup=1,
+                                  first_call=True)
+    assert run["a"].batch_size == 4 and run.input_size == (1, 2, 2)
+    for model in models.values():
+        assert len(model.batches) == 1 + 3 + 1
+        for batch in model.batches[:-1]:
+            assert torch.equal(batch, images)
+        assert torch.equal(model.batches[-1], images[:2])
+    with pytest.raises(ValueError, match=r"inputs must be a \[B, C, H, W\] tensor"):
+        timing.benchmark_models(models, inputs=images[0], device="cpu")
+    with pytest.raises(ValueError, match="batch_size 8 differs from the 4 images"):
+        timing.benchmark_models(models, inputs=images, batch_size=8, device="cpu")
