@@ -22,7 +22,7 @@ from ice_prune.loss import ICELoss
 from ice_prune.maps import explain
 from ice_prune.models import load_model
 from ice_prune.patching import patch, unpatch
-from ice_prune.select import keep_rate_schedule, register_selector, token_schedule
+from ice_prune.select import KeepPolicy, keep_rate_schedule, register_selector, token_schedule
 from ice_prune.throughput import benchmark, benchmark_models, latency, max_batch_size
 from ice_prune.token_grid import restore
 
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ICEHead",
     "ICELoss",
+    "KeepPolicy",
     "benchmark",
     "benchmark_models",
     "count_flops",

@@ -148,6 +148,9 @@ def export_onnx(model: nn.Module, example: Tensor, path: Union[str, os.PathLike]
     fields of :class:`~ice_prune.integrations.common.ICEExplanation`.
     """
     _op()
+    if getattr(model, "keep_policy", None) is not None:
+        raise ValueError("an exported graph has fixed token counts, and a keep policy's depend on "
+                         "each image: set model.keep_policy = None to export the fixed keep_rate")
     if model.training:
         raise ValueError("export the model in eval mode (model.eval()): training mode records "
                          "logits and drops paths that an exported graph does not have")

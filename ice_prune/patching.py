@@ -15,7 +15,7 @@ from torch import nn
 
 from ice_prune.integrations import timm as timm_integration
 from ice_prune.integrations.common import Integration, patch_model, unpatch_model
-from ice_prune.select import KeepRate
+from ice_prune.select import KeepPolicy, KeepRate
 
 __all__ = ["patch", "unpatch"]
 
@@ -41,6 +41,7 @@ def patch(
     trace: bool = False,
     explain: bool = False,
     kernel: str = "auto",
+    keep_policy: Optional[KeepPolicy] = None,
 ) -> nn.Module:
     """Insert token selection into a Vision Transformer, in place; returns the model.
 
@@ -70,10 +71,15 @@ def patch(
         kernel: the kernels of the reorganize step and of ICE's fused score (eval, no
             gradient): ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"triton"`` or
             ``"torch"``.
+        keep_policy: a :class:`~ice_prune.select.KeepPolicy` keeps a number of tokens per image
+            instead of ``keep_rate`` (ICE: ``threshold``, EViT: ``mass``), the batch run packed from
+            the first point that drops tokens (:mod:`ice_prune.packed`). timm models with
+            ``global_pool="token"``, eval mode, without ``trace`` / ``explain``. ``None``: the fixed
+            ``keep_rate``. Change it later with ``model.keep_policy = ...``.
     """
     return patch_model(integration_of(model), model, keep_rate=keep_rate, method=method, locs=locs,
                        placement=placement, fuse=fuse, heads=heads, num_classes=num_classes,
-                       trace=trace, explain=explain, kernel=kernel)
+                       trace=trace, explain=explain, kernel=kernel, keep_policy=keep_policy)
 
 
 def unpatch(model: nn.Module) -> nn.Module:

@@ -227,21 +227,49 @@ def keep_bounds(n: int, min_share: float, max_share: float) -> tuple[int, int]:
     return max(1, keep_count(min_share, n)), max(1, keep_count(max_share, n))
 
 
+def _bounds(scores: Tensor, min_share: float, max_share: float,
+            sizes: Optional[Tensor]) -> tuple[Union[int, Tensor], Union[int, Tensor]]:
+    """:func:`keep_bounds` of ``scores [B, n]``'s ``n``, or per image of ``sizes [B]`` (on the
+    device, in float64: the same rounding as ``math.ceil``)."""
+    if sizes is None:
+        return keep_bounds(scores.shape[1], min_share, max_share)
+    n = sizes.to(torch.float64)
+    return tuple(torch.ceil(share * n).to(torch.int64).clamp_min(1)
+                 for share in (min_share, max_share))
+
+
+def _padding(scores: Tensor, sizes: Optional[Tensor]) -> Optional[Tensor]:
+    """``[B, n]`` bool, the columns past each image's ``sizes[b]`` tokens; ``None`` without sizes."""
+    if sizes is None:
+        return None
+    return torch.arange(scores.shape[1], device=scores.device) >= sizes[:, None]
+
+
 def threshold_keep_counts(scores: Tensor, threshold: float, min_share: float = 0.0,
-                          max_share: float = 1.0) -> Tensor:
+                          max_share: float = 1.0, sizes: Optional[Tensor] = None) -> Tensor:
     """ICE's per-image rule: ``[B]`` int64, how many of each image's tokens score ``>= threshold``
     (foreground probability ``1 - P(background)``), clamped to :func:`keep_bounds`. The kept tokens
-    are the top-k by score (ties to the lower position), k the clamped count. No host sync."""
-    lo, hi = keep_bounds(scores.shape[1], min_share, max_share)
-    return (scores >= threshold).sum(dim=1).clamp(lo, hi)
+    are the top-k by score (ties to the lower position), k the clamped count. No host sync.
+
+    ``sizes``: ``[B]`` int64, image ``b`` has only its first ``sizes[b]`` columns of ``scores`` (the
+    rest is padding, ignored); its count is then that of ``scores[b:b + 1, :sizes[b]]`` alone."""
+    lo, hi = _bounds(scores, min_share, max_share, sizes)
+    passed = scores >= threshold
+    padding = _padding(scores, sizes)
+    if padding is not None:
+        passed = passed & ~padding
+    return passed.sum(dim=1).clamp(lo, hi)
 
 
 def mass_keep_counts(attn: Tensor, mass: float, min_share: float = 0.0,
-                     max_share: float = 1.0) -> Tensor:
+                     max_share: float = 1.0, sizes: Optional[Tensor] = None) -> Tensor:
     """EViT's per-image rule: ``[B]`` int64, the fewest top-attention tokens whose [CLS] attention
     holds ``mass`` of the image's attention to its ``n`` non-prefix tokens (``attn [B, n]``),
-    clamped to :func:`keep_bounds`. No host sync."""
-    lo, hi = keep_bounds(attn.shape[1], min_share, max_share)
+    clamped to :func:`keep_bounds`. No host sync. ``sizes`` as :func:`threshold_keep_counts`."""
+    lo, hi = _bounds(attn, min_share, max_share, sizes)
+    padding = _padding(attn, sizes)
+    if padding is not None:  # zeros rank last and add nothing to the cumulative sums
+        attn = attn.masked_fill(padding, 0)
     ranked = attn.float().sort(dim=1, descending=True, stable=True).values
     cumulative = ranked.cumsum(dim=1)
     # k = 1 + #{j : the top j hold less than the target}; a target above the rounded sum (mass 1)
@@ -285,15 +313,19 @@ class KeepPolicy:
             raise ValueError(f"min_share ({self.min_share}) must not exceed max_share "
                              f"({self.max_share})")
 
-    def keep_counts(self, scores: Tensor) -> Tensor:
+    def keep_counts(self, scores: Tensor, sizes: Optional[Tensor] = None) -> Tensor:
         """``[B]`` int64 tokens kept per image from the scores ``[B, n]`` of the non-prefix tokens
-        (ICE foreground probabilities for ``threshold``, [CLS] attention for ``mass``)."""
+        (ICE foreground probabilities for ``threshold``, [CLS] attention for ``mass``).
+
+        ``sizes``: ``[B]`` int64 where the images have different token counts (a packed batch):
+        image ``b``'s scores are its row's first ``sizes[b]`` columns, the rest padding."""
         if scores.dim() != 2:
             raise ValueError(f"scores must be [B, n] (one per non-prefix token), got shape "
                              f"{tuple(scores.shape)}")
         if self.threshold is not None:
-            return threshold_keep_counts(scores, self.threshold, self.min_share, self.max_share)
-        return mass_keep_counts(scores, self.mass, self.min_share, self.max_share)
+            return threshold_keep_counts(scores, self.threshold, self.min_share, self.max_share,
+                                         sizes)
+        return mass_keep_counts(scores, self.mass, self.min_share, self.max_share, sizes)
 
 
 def _real_in(value, lo: float, hi: float) -> bool:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ice_prune.head import ICEHead
 from ice_prune.kernels import reorganize
 from ice_prune.kernels.ops import KERNEL_CHOICES
-from ice_prune.select import SELECTORS, KeepRate, Selector, check_keep_rate
+from ice_prune.select import SELECTORS, KeepPolicy, KeepRate, Selector, check_keep_rate
 
 PLACEMENTS = ("attn", "block")
 HEADS = ("shared", "per_location")
@@ -49,11 +49,13 @@ class ICEState:
 
     def __init__(self, selector: Selector, locs: tuple[int, ...], placement: str,
                  keep_rate: tuple[float, ...], fuse: bool, trace: bool, explain: bool,
-                 kernel: str, num_prefix: int, heads: Optional[list[nn.Module]]) -> None:
+                 kernel: str, num_prefix: int, heads: Optional[list[nn.Module]],
+                 keep_policy: Optional[KeepPolicy] = None) -> None:
         self.selector = selector
         self.locs = locs
         self.placement = placement
         self.keep_rate = keep_rate
+        self.keep_policy = keep_policy  # per-image counts (ice_prune.packed) instead of keep_rate
         self.fuse = fuse
         self.trace = trace
         self.explain = explain
@@ -65,6 +67,9 @@ class ICEState:
         self.logits: list[Tensor] = []
         self.trace_out: Optional[dict] = None
         self.explanation: Optional[ICEExplanation] = None
+        self.keep_counts: list[Tensor] = []
+        # under a keep policy, where each image's rows lie once the batch is packed (else None)
+        self.segments = None
         self._grid: tuple[int, int] = (0, 0)
         # with trace or explain: the original patch index of each current non-prefix token,
         # num_patches for a fused token (which stands for no single patch)
@@ -82,6 +87,8 @@ class ICEState:
         eval forward with ``trace=True`` still runs the fused score."""
         self.record_logits = training
         self.logits = []
+        self.keep_counts = []
+        self.segments = None
         self._grid = tuple(grid)
         self._patches = self._foreground = self._point = self.explanation = None
         if self.trace:
@@ -177,6 +184,31 @@ class ICEModel:
         self._ice.keep_rate = check_keep_rate(value, len(self._ice.locs))
 
     @property
+    def keep_policy(self) -> Optional[KeepPolicy]:
+        """Per-image keep counts (eval mode; :mod:`ice_prune.packed`), or ``None`` for the fixed
+        ``keep_rate``."""
+        return self._ice.keep_policy
+
+    @keep_policy.setter
+    def keep_policy(self, value: Optional[KeepPolicy]) -> None:
+        state = self._ice
+        check_keep_policy(value, state.selector, state.trace, state.explain,
+                          self._keep_policy_refusal(self, state.locs))
+        state.keep_policy = value
+
+    @staticmethod
+    def _keep_policy_refusal(model: nn.Module, locs: Sequence[int]) -> Optional[str]:
+        """Why ``model`` (patched at ``locs``) cannot run a keep policy; ``None`` where it can."""
+        return (f"keep_policy (per-image keep counts) runs on timm VisionTransformers only, not "
+                f"on {type(model).__name__}; use keep_policy=None (the fixed keep_rate)")
+
+    @property
+    def ice_keep_counts(self) -> list[Tensor]:
+        """Under a keep policy, the ``[B]`` int64 tokens each image kept at each selection point of
+        the last forward (``[]`` without a policy)."""
+        return self._ice.keep_counts
+
+    @property
     def fuse(self) -> bool:
         return self._ice.fuse
 
@@ -190,6 +222,7 @@ class ICEModel:
 
     @trace.setter
     def trace(self, value: bool) -> None:
+        check_keep_policy(self._ice.keep_policy, self._ice.selector, value, self._ice.explain)
         self._ice.trace = bool(value)
 
     @property
@@ -199,6 +232,7 @@ class ICEModel:
     @explain.setter
     def explain(self, value: bool) -> None:
         _check_explain(self._ice.selector, value)
+        check_keep_policy(self._ice.keep_policy, self._ice.selector, self._ice.trace, value)
         self._ice.explain = bool(value)
 
     @property
@@ -250,6 +284,31 @@ def cls_attention_row(q: Tensor, k: Tensor, scale: float) -> Tensor:
         return logits.float().softmax(dim=1).mean(dim=2)
     logits = q_cls[:, :, None] @ k.transpose(-2, -1)  # [B, H, 1, N]
     return logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def check_keep_policy(policy: Optional[KeepPolicy], selector: Selector, trace: bool, explain: bool,
+                      refusal: Optional[str] = None) -> None:
+    """Raise where ``policy`` cannot run with these settings; ``refusal``: the model's reason, if
+    any (:meth:`ICEModel._keep_policy_refusal`)."""
+    if policy is None:
+        return
+    if not isinstance(policy, KeepPolicy):
+        raise TypeError(f"keep_policy must be an ice_prune.KeepPolicy or None, got "
+                        f"{type(policy).__name__}")
+    if refusal is not None:
+        raise ValueError(refusal)
+    if policy.threshold is not None and selector.name != "ice":
+        raise ValueError(f"KeepPolicy(threshold=...) keeps the tokens ICE's head calls foreground; "
+                         f"method={selector.name!r} has no ICE head: patch with method='ice', or "
+                         f"use KeepPolicy(mass=...) for EViT")
+    if policy.mass is not None and selector.name != "evit":
+        raise ValueError(f"KeepPolicy(mass=...) keeps a share of the [CLS] attention (EViT); "
+                         f"method={selector.name!r} scores otherwise: patch with method='evit', or "
+                         f"use KeepPolicy(threshold=...) for ICE")
+    if trace or explain:
+        raise ValueError("keep_policy does not run with trace or explain (so neither with "
+                         "ice_prune.restore nor the map): set model.trace = False and "
+                         "model.explain = False, or model.keep_policy = None")
 
 
 def _check_explain(selector: Selector, explain: bool) -> None:
@@ -336,15 +395,15 @@ class Integration(abc.ABC):
 def patch_model(integration: Integration, model: nn.Module, *, keep_rate: KeepRate, method: str,
                 locs: Sequence[int], placement: str, fuse: bool, heads: str,
                 num_classes: Optional[int], trace: bool, explain: bool,
-                kernel: str) -> nn.Module:
+                kernel: str, keep_policy: Optional[KeepPolicy] = None) -> nn.Module:
     """:func:`ice_prune.patch` (its arguments are documented there) for a model of
     ``integration``'s family: the checks, the ICE head(s) and the class swap of the model and of its
     layers at ``locs``, all sharing one :class:`ICEState`. In place; returns the model."""
     if isinstance(model, ICEModel):
         raise RuntimeError(
-            "this model is already patched; change model.keep_rate / model.fuse / model.trace / "
-            "model.explain in place, or call ice_prune.unpatch(model) before patching with other "
-            "settings")
+            "this model is already patched; change model.keep_rate / model.keep_policy / "
+            "model.fuse / model.trace / model.explain in place, or call ice_prune.unpatch(model) "
+            "before patching with other settings")
     integration.check_model(model)
     layers = integration.layers(model)
     locs, rates = _check_args(method, placement, heads, kernel, locs, keep_rate, len(layers))
@@ -352,9 +411,11 @@ def patch_model(integration: Integration, model: nn.Module, *, keep_rate: KeepRa
         integration.check_layer(i, layers[i])
     selector = SELECTORS[method]()
     _check_explain(selector, explain)
+    check_keep_policy(keep_policy, selector, trace, explain,
+                      integration.model_mixin._keep_policy_refusal(model, locs))
     head_list = _attach_heads(model, selector, heads, num_classes, integration, len(locs), method)
     state = ICEState(selector, locs, placement, rates, bool(fuse), bool(trace), bool(explain),
-                     kernel, integration.num_prefix(model), head_list)
+                     kernel, integration.num_prefix(model), head_list, keep_policy)
     model._ice = state
     _swap_class(model, integration.model_mixin)
     for j, i in enumerate(locs):

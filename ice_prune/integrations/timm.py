@@ -8,18 +8,22 @@ distillation tokens, and fused attention all keep working, and ``unpatch`` gives
 back.
 
 Supported: timm 1.0's ``VisionTransformer`` (DeiT, ViT, DeiT III, register and distilled ViTs) whose
-blocks at the selection points are timm's pre-norm ``Block`` with timm ``Attention``.
+blocks at the selection points are timm's pre-norm ``Block`` with timm ``Attention``. A keep policy
+(per-image counts, :mod:`ice_prune.packed`) needs those blocks from the first selection point on and
+``global_pool="token"``, and runs in eval mode.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ice_prune.integrations.common import ICEModel, ICEState, Integration, cls_attention_row
+from ice_prune import packed
+from ice_prune.integrations.common import (ICEModel, ICEState, Integration, check_keep_policy,
+                                           cls_attention_row)
 from ice_prune.select import keep_count
 
 
@@ -32,9 +36,31 @@ class ICEVisionTransformer(ICEModel):
             raise ValueError(
                 "a token-pruned ViT changes its sequence inside the blocks, so attention masks and "
                 "causal attention do not apply; call ice_prune.unpatch(model) to use them")
-        self._ice.begin(self.training, self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])),
-                        self.patch_embed.patch_size)
-        return super().forward_features(x)
+        state = self._ice
+        state.begin(self.training, self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:])),
+                    self.patch_embed.patch_size)
+        if state.keep_policy is None:
+            return super().forward_features(x)
+        if self.training:
+            raise ValueError("keep_policy (per-image keep counts) runs in eval mode; training "
+                             "stays fixed-keep: call model.eval(), or set model.keep_policy = None "
+                             "to train with keep_rate")
+        check_keep_policy(state.keep_policy, state.selector, state.trace, state.explain,
+                          self._keep_policy_refusal(self, state.locs))
+        return packed.forward_features(self, x)
+
+    @staticmethod
+    def _keep_policy_refusal(model: nn.Module, locs: Sequence[int]) -> Optional[str]:
+        if model.global_pool != "token" or model.attn_pool is not None:
+            return (f"keep_policy reads each image's [CLS] token (global_pool='token'); this model "
+                    f"pools with global_pool={model.global_pool!r}: use keep_policy=None")
+        for i, block in enumerate(model.blocks):
+            if i >= locs[0] and not (isinstance(block, Block)
+                                     and isinstance(block.attn, Attention)):
+                return (f"keep_policy runs every block after the first selection point packed, "
+                        f"and block {i} is a {type(block).__name__}, not timm's Block with "
+                        f"Attention: use keep_policy=None")
+        return None
 
 
 class ICEBlock:
@@ -48,10 +74,15 @@ class ICEBlock:
         if attn_mask is not None or is_causal:
             raise ValueError("attention masks are not supported on a token-pruned ViT")
         state, loc = self._ice, self._ice_loc
-        n = x.shape[1] - state.num_prefix
-        keep = keep_count(state.keep_rate[loc], n)
-        if state.skips(keep, n):  # nothing to drop or score: exactly the original block
-            return super().forward(x)
+        if state.keep_policy is not None:
+            if state.segments is not None:  # an earlier point packed the batch
+                return packed.selection_block_forward(self, x, state, loc)
+            keep = None  # one count per image, from the scores
+        else:
+            n = x.shape[1] - state.num_prefix
+            keep = keep_count(state.keep_rate[loc], n)
+            if state.skips(keep, n):  # nothing to drop or score: exactly the original block
+                return super().forward(x)
         if state.selector.needs_cls_attn:
             y, cls_attn = attention_with_cls_row(self.attn, self.norm1(x))
         else:
@@ -59,11 +90,17 @@ class ICEBlock:
         x = x + self.drop_path1(self.ls1(y))
         if state.placement == "attn":  # EViT: the MLP already runs on the reduced sequence
             h = self.norm2(x) if state.selector.needs_head else None
-            x = state.select(x, h, cls_attn, keep, loc)
+            x = self._select(x, h, cls_attn, keep)  # packed rows [T, D] from here, maybe
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         h = self.norm2(x)
         x = x + self.drop_path2(self.ls2(self.mlp(h)))
-        return state.select(x, h, cls_attn, keep, loc)
+        return self._select(x, h, cls_attn, keep)
+
+    def _select(self, x: Tensor, h: Optional[Tensor], cls_attn: Optional[Tensor],
+                keep: Optional[int]) -> Tensor:
+        if keep is None:
+            return packed.pack(self._ice, x, h, cls_attn, self._ice_loc)
+        return self._ice.select(x, h, cls_attn, keep, self._ice_loc)
 
 
 def attention_with_cls_row(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:

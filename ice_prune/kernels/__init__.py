@@ -10,6 +10,8 @@ plain-torch reference (``reference.py``) as the CPU path and the test oracle.
 
 ``reorganize_ragged`` is the same step with a keep count per image: the images' rows packed without
 padding, with per-image offsets (the op ``ice_prune::reorganize_ragged``).
+``reorganize_packed_reference`` takes an already packed batch in (plain torch, the later selection
+points of a packed forward).
 
 ``ice_score`` is ICE's foreground score ``1 - P(background)`` per token from the tokens and the head's
 weight, without the ``[B, n, C + 1]`` logits: the op ``ice_prune::ice_score`` (with ``top_class=True``
@@ -23,8 +25,8 @@ reorganize and the ICE score instead (``tuning.py``).
 from .ops import (KERNELS, RAGGED_KERNELS, SCORE_KERNELS, ice_score, ice_score_macs, reorganize,
                   reorganize_macs, reorganize_ragged, reorganize_ragged_macs, resolve_kernel)
 from .reference import (ice_score_reference, ragged_offsets, reorganize_backward_reference,
-                        reorganize_ragged_backward_reference, reorganize_ragged_reference,
-                        reorganize_reference)
+                        reorganize_packed_reference, reorganize_ragged_backward_reference,
+                        reorganize_ragged_reference, reorganize_reference)
 
 __all__ = [
     "KERNELS",
@@ -37,6 +39,7 @@ __all__ = [
     "reorganize_backward_reference",
     "ragged_offsets",
     "reorganize_macs",
+    "reorganize_packed_reference",
     "reorganize_ragged",
     "reorganize_ragged_backward_reference",
     "reorganize_ragged_macs",

@@ -214,6 +214,74 @@ def reorganize_ragged_backward_reference(
     grad_x[:, num_prefix:] = grad_tokens.to(x.dtype)
     return grad_x, grad_scores.to(scores.dtype)
 
+def reorganize_packed_reference(
+    rows: Tensor,
+    scores: Tensor,
+    offsets: Tensor,
+    keep_counts: Tensor,
+    total: int,
+    num_prefix: int,
+    fuse: bool = True,
+    normalize: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The reorganize step on an already packed batch: images of different token counts, each
+    keeping its own count, packed in and packed out, nothing padded but the scores.
+
+    Args:
+        rows: ``[T, D]``, image ``b``'s rows ``rows[offsets[b]:offsets[b + 1]]``, its first
+            ``num_prefix`` the prefix tokens, the other ``n_b`` its non-prefix tokens.
+        scores: ``[B, n_max]``, image ``b``'s scores (also the fusion weights) in the first ``n_b``
+            columns of its row, in the order of its rows; the columns beyond are ignored.
+        offsets: ``[B + 1]`` int64 row starts.
+        keep_counts: ``[B]`` integer, non-prefix tokens kept per image, each in ``[1, n_b]``.
+        total: the output row count, ``sum_b num_prefix + keep_counts[b] (+ 1 where fuse and
+            keep_counts[b] < n_b)``: the caller's host sync.
+        num_prefix, fuse, normalize: as :func:`reorganize_reference`.
+
+    Returns:
+        ``rows``: ``[total, D]``, per image ``[prefix, kept tokens in descending score order (ties
+        to the lower row), fused token]``: what :func:`reorganize_reference` gives for that image
+        alone with ``keep = keep_counts[b]``. An image that keeps all its tokens drops nothing and
+        gets no fused row (as a dense selection point that keeps everything is skipped).
+        ``offsets``: ``[B + 1]`` int64 row starts of the output.
+
+    The fused rows are summed in fp32 (fp64 for fp64 rows).
+    """
+    T, D = rows.shape
+    B, n_max = scores.shape
+    device = rows.device
+    acc = torch.promote_types(rows.dtype, torch.float32)
+    sizes = offsets.diff() - num_prefix  # [B] non-prefix tokens per image
+    rank = torch.arange(n_max, device=device)
+    padding = rank >= sizes[:, None]
+    order = torch.argsort(scores.masked_fill(padding, float("-inf")), dim=1, descending=True,
+                          stable=True)  # padding ranks last
+    keep = keep_counts.to(torch.int64)
+    kept_end = num_prefix + keep
+    lengths = kept_end + (keep < sizes).to(torch.int64) * int(fuse)
+    out_offsets = F.pad(lengths.cumsum(0), (1, 0))
+    image = torch.repeat_interleave(torch.arange(B, device=device), lengths, output_size=total)
+    local = torch.arange(total, device=device) - out_offsets[image]
+    token = order[image, (local - num_prefix).clamp(0, max(n_max - 1, 0))]
+    source = offsets[image] + torch.where(local < num_prefix, local, num_prefix + token)
+    if fuse:
+        # each packed row's fusion weight; the rows of tokens ranked >= keep are the dropped ones
+        dropped = (rank >= keep[:, None]) & ~padding
+        w = torch.where(dropped, scores.gather(1, order), 0)
+        if normalize:
+            w = w / w.sum(dim=1, keepdim=True).clamp_min(EPS)
+        row_of = torch.where(padding, T, offsets[:-1, None] + num_prefix + order)  # T: a spare
+        row_weight = w.new_zeros(T + 1).scatter_(0, row_of.flatten(), w.flatten())[:T]
+        row_dropped = dropped.new_zeros(T + 1).scatter_(0, row_of.flatten(), dropped.flatten())[:T]
+        row_image = torch.repeat_interleave(torch.arange(B, device=device), offsets.diff(),
+                                            output_size=T)
+        # where, not only a zero weight: a kept row may hold inf, and 0 * inf is NaN
+        terms = torch.where(row_dropped[:, None], row_weight.to(acc)[:, None] * rows.to(acc), 0)
+        fused = terms.new_zeros(B, D).index_add_(0, row_image, terms).to(rows.dtype)
+        source = torch.where(local >= kept_end[image], T + image, source)
+        rows = torch.cat([rows, fused])
+    return rows.index_select(0, source), out_offsets
+
 # The torch ICE score's logits are computed in tiles of about this many (token, class) pairs. On a CPU
 # 1 MiB of fp32 per thread (about 260 tokens of a 1001-way head), a tile that stays in cache where
 # the whole logits would not; each op of a tile is a barrier for torch's threads, so tiles grow with

@@ -1,0 +1,185 @@
+"""Packed execution of a timm ViT whose images keep different token counts (``model.keep_policy``,
+a :class:`~ice_prune.select.KeepPolicy`), in eval mode.
+
+The batch runs dense until the first selection point where some image drops tokens. There each
+image's count comes from its scores, one host sync (``counts.tolist()``) sizes the packed buffer,
+and ``ice_prune::reorganize_ragged`` packs the images' rows, ``[prefix, kept tokens by rank, fused
+token]``, into ``[total, D]`` with :class:`Segments` saying where each image lies. From there every
+block runs on the packed rows: layer norms, MLP and LayerScale act on each row alone, attention runs
+per image over its segment. A later selection point scores the packed rows (ICE's head is per
+token), gives each image its own count (one host sync again) and repacks
+(:func:`~ice_prune.kernels.reorganize_packed_reference`). The final norm runs on the packed rows and
+``forward_features`` returns each image's prefix rows, what timm's ``"token"`` pooling reads.
+
+Nothing is padded but the ``[B, n]`` scores: an image's rows never meet another image's, so its
+output does not depend on the rest of its batch. An image that keeps all its tokens at a point gets
+no fused token there, as a dense point that keeps everything is skipped; where every image keeps
+everything the batch stays dense.
+
+Attention is a loop of ``F.scaled_dot_product_attention`` over the images, on the CPU and on CUDA
+alike (a variable-length kernel would replace the loop on CUDA).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ice_prune.integrations.common import ICEState, cls_attention_row
+from ice_prune.kernels import reorganize_packed_reference, reorganize_ragged
+
+
+class Segments(NamedTuple):
+    """Where each image's rows lie in a packed ``[total, D]`` batch."""
+
+    #: ``[B + 1]`` int64 row starts, on the rows' device
+    offsets: Tensor
+    #: rows per image, on the host: the attention loop slices by them
+    lengths: tuple[int, ...]
+
+
+def forward_features(model: nn.Module, x: Tensor) -> Tensor:
+    """timm ``VisionTransformer.forward_features`` under a keep policy: ``[B, N, D]`` where every
+    point kept every token (the batch stayed dense), else ``[B, P, D]``, each image's prefix rows
+    after the final norm."""
+    state = model._ice
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    for block in model.blocks:
+        # a selection point runs its own forward, dense or packed; another block needs one here
+        # once the batch is packed
+        x = block(x) if state.segments is None or hasattr(block, "_ice") else \
+            block_forward(block, x, state.segments)
+    x = model.norm(x)
+    if state.segments is None:
+        return x
+    P, starts = state.num_prefix, state.segments.offsets[:-1]
+    return x[starts[:, None] + torch.arange(P, device=x.device)]
+
+
+def attention(attn: nn.Module, x: Tensor, segments: Segments,
+              cls_row: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    """timm ``Attention.forward`` on packed rows ``x [T, D]``, each image attending to its own rows;
+    with ``cls_row`` also EViT's head-mean [CLS] attention row of each image, ``[T]`` fp32 (each
+    image's row at its own rows)."""
+    T = x.shape[0]
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(T, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
+    q, k, v = qkv.unbind(0)  # [H, T, d]
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    outs, rows, start = [], [], 0
+    for length in segments.lengths:
+        qi, ki, vi = (t[None, :, start:start + length] for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qi, ki, vi)[0])
+        if cls_row:
+            rows.append(cls_attention_row(qi, ki, attn.scale)[0])
+        start += length
+    out = torch.cat(outs, dim=1).transpose(0, 1).reshape(T, attn.attn_dim)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), torch.cat(rows) if cls_row else None
+
+
+def block_forward(block: nn.Module, x: Tensor, segments: Segments) -> Tensor:
+    """timm ``Block.forward`` on packed rows ``x [T, D]``."""
+    x = x + block.drop_path1(block.ls1(attention(block.attn, block.norm1(x), segments)[0]))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def selection_block_forward(block: nn.Module, x: Tensor, state: ICEState, loc: int) -> Tensor:
+    """A selection point's block (:class:`~ice_prune.integrations.timm.ICEBlock`) on packed rows:
+    the block, with :func:`select` at the state's placement."""
+    y, cls_attn = attention(block.attn, block.norm1(x), state.segments,
+                            state.selector.needs_cls_attn)
+    x = x + block.drop_path1(block.ls1(y))
+    if state.placement == "attn":
+        h = block.norm2(x) if state.selector.needs_head else None
+        x = select(state, x, h, cls_attn, loc)
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    h = block.norm2(x)
+    x = x + block.drop_path2(block.ls2(block.mlp(h)))
+    return select(state, x, h, cls_attn, loc)
+
+
+def pack(state: ICEState, x: Tensor, h: Optional[Tensor], cls_attn: Optional[Tensor],
+         loc: int) -> Tensor:
+    """A selection point on the dense batch ``x [B, N, D]``: each image keeps the count the policy
+    gives it, the rows packed (``state.segments`` set) unless every image keeps every token (then
+    ``x`` itself, still dense)."""
+    P = state.num_prefix
+    n = x.shape[1] - P
+    scores = _scores(state, h, cls_attn, P, loc)
+    counts = state.keep_policy.keep_counts(scores)
+    state.keep_counts.append(counts)
+    keep = counts.tolist()  # the point's one host sync: the packed size, the attention loop
+    if all(k == n for k in keep):
+        return x
+    fused = [int(state.fuse and k < n) for k in keep]
+    rows, offsets, _ = reorganize_ragged(x, scores, counts, P, state.fuse,
+                                         state.selector.normalize,
+                                         total=sum(keep) + len(keep) * (P + int(state.fuse)),
+                                         kernel=state.kernel)
+    lengths = tuple(P + k + f for k, f in zip(keep, fused))
+    if state.fuse and not all(fused):  # images that dropped nothing have no fused row
+        rows, offsets = _first_rows(rows, offsets, lengths)
+    state.segments = Segments(offsets, lengths)
+    return rows
+
+
+def select(state: ICEState, x: Tensor, h: Optional[Tensor], cls_attn: Optional[Tensor],
+           loc: int) -> Tensor:
+    """A selection point on packed rows ``x [T, D]``: each image keeps the count the policy gives
+    it; ``state.segments`` follows."""
+    P, segments = state.num_prefix, state.segments
+    # score every row (the prefix rows' scores are never read): cheaper than gathering the others
+    row_scores = _scores(state, None if h is None else h[None],
+                         None if cls_attn is None else cls_attn[None], 0, loc)[0]
+    sizes = segments.offsets.diff() - P
+    scores = _padded(row_scores, segments, P)
+    counts = state.keep_policy.keep_counts(scores, sizes)
+    state.keep_counts.append(counts)
+    keep = counts.tolist()  # the point's one host sync
+    n = [length - P for length in segments.lengths]
+    if keep == n:
+        return x
+    lengths = tuple(P + k + int(state.fuse and k < m) for k, m in zip(keep, n))
+    x, offsets = reorganize_packed_reference(x, scores, segments.offsets, counts, sum(lengths), P,
+                                             state.fuse, state.selector.normalize)
+    state.segments = Segments(offsets, lengths)
+    return x
+
+
+def _scores(state: ICEState, h: Optional[Tensor], cls_attn: Optional[Tensor], num_prefix: int,
+            loc: int) -> Tensor:
+    head = state.heads[loc] if state.heads is not None else None
+    return state.selector.scores(cls_attn, h, head, num_prefix, logits_needed=False,
+                                 kernel=state.kernel)[0]
+
+
+def _padded(row_scores: Tensor, segments: Segments, num_prefix: int) -> Tensor:
+    """``[B, n_max]``: each image's non-prefix rows' scores in its row, zeros beyond."""
+    B, T = len(segments.lengths), row_scores.shape[0]
+    n_max = max(segments.lengths) - num_prefix
+    image, local = _row_positions(segments.offsets, segments.lengths, T)
+    # the prefix rows go to a spare column, cut off
+    column = torch.where(local >= num_prefix, local - num_prefix, n_max)
+    out = row_scores.new_zeros(B, n_max + 1).index_put_((image, column), row_scores)
+    return out[:, :n_max]
+
+
+def _first_rows(rows: Tensor, offsets: Tensor, lengths: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """The first ``lengths[b]`` rows of each image of packed ``rows``, and their offsets."""
+    total = sum(lengths)
+    new_offsets = F.pad(torch.tensor(lengths, device=rows.device).cumsum(0), (1, 0))
+    image, local = _row_positions(new_offsets, lengths, total)
+    return rows.index_select(0, offsets[image] + local), new_offsets
+
+
+def _row_positions(offsets: Tensor, lengths: tuple[int, ...], total: int) -> tuple[Tensor, Tensor]:
+    """``(image, position within the image)``, ``[total]`` int64 each, of the packed rows."""
+    device = offsets.device
+    image = torch.repeat_interleave(torch.arange(len(lengths), device=device), offsets.diff(),
+                                    output_size=total)
+    return image, torch.arange(total, device=device) - offsets[image]
