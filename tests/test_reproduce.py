@@ -396,6 +396,10 @@ def test_gpu_synthetic_scale_plans_the_cpu_pipeline_with_gpu_budgets(tmp_path):
     cpu = repro.cpu_scale()
     names = [s.name for s in repro.plan(scale)]
     assert names[0] == "pretrain" and "classes-40-lambda-auto" in names and "speed" in names
+    # the budget sweep from the explanation recipe's 4 epochs, the pruning curve from its 3
+    assert [n for n in names if n.startswith("budget-ice-e")] == [
+        f"budget-ice-e{e}" for e in (4, 8, 16, 32)]
+    assert "prune-ice-0.7-s1-e12" in names and scale.jobs == 1
     assert (scale.model, scale.model_kwargs, scale.synthetic_kwargs) == (
         cpu.model, cpu.model_kwargs, cpu.synthetic_kwargs)
     assert scale.bench_compile and scale.bench_dtype == "bf16" and scale.device == "cuda"

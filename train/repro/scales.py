@@ -236,6 +236,10 @@ def gpu_synthetic_scale(**overrides) -> Scale:
         num_classes=10, eval_images=400, grid_images=4, bench_batch=1024, bench_reps=30,
         bench_compile=True, bench_dtype="bf16", workers=12, device="cuda",
         class_counts=(5, 10, 20, 40), lambda_sweep=(0.1, 0.3, 0.5, 0.8),
+        # the cpu scale's budget sweep and pruning curve from the recipes' epochs (one GPU: one
+        # stage at a time)
+        explain_budgets=(4, 8, 16, 32), map_val_images=400, prune_budgets=(6, 12),
+        prune_curve_rates=(0.7,),
         note="the cpu scale's model and scenes, larger budgets for one GPU")
     settings.update(overrides)
     return Scale(**settings)
