@@ -7,11 +7,13 @@
     python bench/throughput.py --device cuda --dtype bf16 --evit-reference --cuda-graphs
     python bench/throughput.py --explain                           # + ICE with its map, vs ICE
     python bench/throughput.py --device cuda --model-dtype bf16    # bf16 weights, no autocast
+    python bench/throughput.py --thresholds 0.5 0.7 --masses 0.9   # + per-image keep counts
 
 All variants are timed interleaved in one run (ice_prune.benchmark_models); a speed-up is the ratio of
 the variant's median img/s to the baseline's. GMACs are fvcore counts with the SDPA and reorganize
-handles of ice_prune.flops. Weights are random unless --checkpoint or --pretrained: the work a forward
-does, and so its speed, does not depend on them (every variant keeps a fixed number of tokens).
+handles of ice_prune.flops. Weights are random (seeded by --seed) unless --checkpoint or --pretrained:
+the work a fixed-keep forward does, and so its speed, does not depend on them (it keeps a fixed number
+of tokens); a keep policy's does (below).
 ``--latency`` / ``--latency-only`` time single-image forwards, interleaved the same way
 (ice_prune.throughput.latency), each captured once as a CUDA graph on a GPU (``--no-cuda-graphs``: eager;
 ``--compile`` then uses mode="reduce-overhead"), and report median and p90 milliseconds.
@@ -27,6 +29,18 @@ map from the pruned forward, ``model.ice_explanation``; the ``ice@RATE`` model's
 and reports its throughput over ICE's: the ratio of medians, and the per-repetition ratios' median,
 quartiles and range.
 
+Per-image keep counts (``model.keep_policy``): ``--thresholds`` adds ICE keeping each image's tokens
+whose foreground probability passes the threshold (``ice@threshold=T``), ``--masses`` EViT keeping
+the fewest tokens that hold that share of the [CLS] attention (``evit@mass=M``), each image within
+``--policy-min-share`` and ``--policy-max-share`` of the tokens at each point. What they cost
+depends on the images, so with them every variant runs on one seeded batch of SyntheticScenes images
+(``--images synthetic``: objects of ``--object-scale`` of the image side, a wide range, so that the
+images keep different counts; random noise makes every token look alike). Each such row reports the
+mean tokens kept per selection point over the batch (``model.ice_keep_counts``), GMACs per image
+(``count_flops(images=...)`` over the batch) and its img/s, and its img/s over the fixed-keep
+variant of its method nearest in GMACs. They run eager: their packed forward syncs with the host at
+each point.
+
 Precision: ``--dtype fp16/bf16`` runs fp32 weights under autocast; ``--model-dtype fp16/bf16`` casts
 the weights and inputs instead (no autocast, as timm's benchmark.py offers). Each variant's first
 forward is timed before the warm-up (compilation, Triton compiles, cuDNN's search included), and its
@@ -37,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import itertools
 import json
@@ -51,6 +66,7 @@ from tqdm.auto import tqdm
 
 import ice_prune
 from ice_prune.checkpoint import read_state_dict, split_ice_head
+from ice_prune.select import KeepPolicy
 from ice_prune.training.cli import (TRUST_HELP, ArgumentParser, check_keep_rate_arg, check_model_name,
                                     check_output_file, run_script)
 from ice_prune.throughput import (DEFAULTS, LATENCY_DEFAULTS, benchmark_models, latency,
@@ -64,6 +80,8 @@ METHODS = ("evit", "ice")
 REFERENCE = "evit-ref"
 #: the method name of --explain's variants: ICE with the map from the pruned forward
 EXPLAIN = "ice-explain"
+#: the method names of the --thresholds / --masses variants: a keep policy, a count per image
+ADAPTIVE = {"ice": "ice-adaptive", "evit": "evit-adaptive"}
 
 
 def published(method: str, keep_rate: float = 1.0) -> Optional[Efficiency]:
@@ -141,6 +159,27 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     lat.add_argument("--latency-warmup", type=int, default=None, help="discarded rounds")
     lat.add_argument("--no-cuda-graphs", action="store_true",
                      help="on CUDA, time eager forwards instead of replaying a captured CUDA graph")
+    adaptive = parser.add_argument_group("per-image keep counts (model.keep_policy)")
+    adaptive.add_argument("--thresholds", type=float, nargs="+", default=[],
+                          help="ICE variants keeping each image's tokens whose foreground "
+                               "probability is at least each threshold (KeepPolicy(threshold=T))")
+    adaptive.add_argument("--masses", type=float, nargs="+", default=[],
+                          help="EViT variants keeping the fewest tokens that hold each share of "
+                               "the [CLS] attention (KeepPolicy(mass=M))")
+    adaptive.add_argument("--policy-min-share", type=float, default=0.0,
+                          help="each image keeps at least this share of the tokens at each point")
+    adaptive.add_argument("--policy-max-share", type=float, default=1.0,
+                          help="each image keeps at most this share of the tokens at each point")
+    adaptive.add_argument("--images", choices=["random", "synthetic"], default=None,
+                          help="what every variant runs on: random noise, or a seeded batch of "
+                               "SyntheticScenes images (the default, and needed, with --thresholds "
+                               "or --masses)")
+    adaptive.add_argument("--object-scale", type=float, nargs=2, default=[0.1, 0.6],
+                          metavar=("MIN", "MAX"),
+                          help="--images synthetic: object sizes, shares of the image side")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the random weights (those no checkpoint gives) and the "
+                             "--images synthetic batch")
     parser.add_argument("--json", default=None, help="write every figure and the settings here")
     parser.add_argument("--plot", default=None, help="write a PNG of speed-up and GMACs vs keep rate")
     args = parser.parse_args(argv)
@@ -160,16 +199,59 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     check_model_name(args.model)
+    check_adaptive_args(args)
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             check_output_file(path, flag)
     return args
 
 
+def keep_policies(args: argparse.Namespace) -> list[tuple[str, KeepPolicy]]:
+    """``(method, KeepPolicy)`` of each --thresholds / --masses variant; bad values raise."""
+    shares = dict(min_share=args.policy_min_share, max_share=args.policy_max_share)
+    return ([("ice", KeepPolicy(threshold=t, **shares)) for t in args.thresholds]
+            + [("evit", KeepPolicy(mass=m, **shares)) for m in args.masses])
+
+
+def check_adaptive_args(args: argparse.Namespace) -> None:
+    """The keep policies checked, ``args.images`` resolved, and the options the adaptive variants
+    cannot run with refused, the fix named."""
+    policies = keep_policies(args)
+    if args.images is None:
+        args.images = "synthetic" if policies else "random"
+    if policies and args.images != "synthetic":
+        raise ValueError("--thresholds / --masses keep what the images make them keep, and random "
+                         "noise makes every token look alike: use --images synthetic")
+    if args.images == "synthetic" and args.batch_size == "max":
+        raise ValueError("--images synthetic draws --batch-size images: give a number, not 'max'")
+    if policies and (args.latency or args.latency_only or args.cuda_graphs):
+        raise ValueError("--thresholds / --masses variants sync with the host at each selection "
+                         "point and run on the --images batch: drop --latency, --latency-only "
+                         "and --cuda-graphs, or run those without the adaptive variants")
+
+
+def policy_name(method: str, policy: KeepPolicy) -> str:
+    """``ice@threshold=T`` / ``evit@mass=M``: a variant with a keep policy."""
+    if policy.threshold is not None:
+        return f"{method}@threshold={policy.threshold:g}"
+    return f"{method}@mass={policy.mass:g}"
+
+
+def synthetic_images(count: int, input_size: tuple[int, int, int], seed: int,
+                     scale: tuple[float, float]) -> torch.Tensor:
+    """``[count, C, H, W]``: the first ``count`` images of SyntheticScenes' "val" split with
+    ``seed``, objects of ``scale`` of the image side, normalized as the models expect."""
+    from ice_prune.data import SyntheticScenes
+    scenes = SyntheticScenes(img_size=tuple(input_size[1:]), length=count, split="val", seed=seed,
+                             scale=tuple(scale))
+    return torch.stack([scenes[i][0] for i in range(count)])
+
+
 def build_variants(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module], dict[str, dict]]:
-    """The baseline and EViT / ICE at every keep rate, sharing the baseline's weights; the ICE models
-    get the checkpoint's ICE head, if it has one. With ``--explain``, ``ice-explain@RATE`` is
-    ``ice@RATE`` in explain mode, holding the same weight tensors."""
+    """The baseline and EViT / ICE at every keep rate and with every keep policy, sharing the
+    baseline's weights; the ICE models get the checkpoint's ICE head, if it has one. With
+    ``--explain``, ``ice-explain@RATE`` is ``ice@RATE`` in explain mode, holding the same weight
+    tensors."""
     kwargs = {} if args.img_size is None else {"img_size": args.img_size}
     state = read_state_dict(args.checkpoint, args.trust_checkpoint) if args.checkpoint else None
     base = ice_prune.load_model(args.model, split_ice_head(state)[0] if state else None,
@@ -195,6 +277,15 @@ def build_variants(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module]
                 copy.deepcopy(base), state, method="evit", keep_rate=rate,
                 patch_kwargs={"kernel": args.kernel}))
             meta[name] = {"method": REFERENCE, "keep_rate": rate}
+    for method, policy in keep_policies(args):
+        patch_kwargs = {"kernel": args.kernel, "keep_policy": policy}
+        if method == "ice" and args.ice_classes:
+            patch_kwargs["num_classes"] = args.ice_classes
+        name = policy_name(method, policy)
+        models[name] = ice_prune.load_model(copy.deepcopy(base), state, method=method,
+                                            patch_kwargs=patch_kwargs)
+        meta[name] = {"method": ADAPTIVE[method], "keep_rate": None,
+                      "policy": dataclasses.asdict(policy)}
     return models, meta
 
 
@@ -237,17 +328,30 @@ def environment(device: torch.device, threads: int) -> tuple[dict, dict]:
 
 def print_table(rows: list[dict], header: str) -> None:
     print(header)
-    cols = f"{'variant':<18}{'keep':>6}{'params(M)':>11}{'GMACs':>8}{'img/s med':>11}" \
-           f"{'img/s best':>12}{'speed-up':>10}{'paired':>8}{'vs EViT':>9}"
+    adaptive = any(row.get("kept_per_point") for row in rows)
+    width = name_width(rows)
+    cols = f"{'variant':<{width}}{'keep':>6}{'params(M)':>11}{'GMACs':>8}{'img/s med':>11}" \
+           f"{'img/s best':>12}{'speed-up':>10}{'paired':>8}{'vs EViT':>9}" \
+           f"{'  tokens kept per point' if adaptive else ''}"
     print(cols)
     print("-" * len(cols))
     for row in rows:
         vs_evit = f"{row['vs_evit']:.3f}" if row.get("vs_evit") is not None else ""
-        print(f"{row['name']:<18}{row['keep_rate']:>6.2f}{row['params_m']:>11.2f}{row['gmacs']:>8.2f}"
+        keep = f"{row['keep_rate']:.2f}" if row["keep_rate"] is not None else "-"
+        kept = "  " + " / ".join(f"{k:.1f}" for k in row["kept_per_point"]) \
+            if row.get("kept_per_point") else ""
+        print(f"{row['name']:<{width}}{keep:>6}{row['params_m']:>11.2f}{row['gmacs']:>8.2f}"
               f"{row['median_img_per_s']:>11.1f}{row['best_img_per_s']:>12.1f}{row['speedup']:>9.2f}x"
-              f"{row['paired_speedup']:>7.2f}x{vs_evit:>9}")
+              f"{row['paired_speedup']:>7.2f}x{vs_evit:>9}{kept}")
     print("speed-up: ratio of median img/s; paired: median over repetitions of the ratio within one "
           "repetition; vs EViT: ICE's median img/s over EViT's at the same keep rate")
+    if adaptive:
+        print("tokens kept per point: a keep policy's mean over the images of the tokens each "
+              "selection point kept; GMACs: the mean per image on the same images")
+    for row in rows:
+        if row.get("nearest_fixed"):
+            print(f"{row['name']}: {row['vs_nearest_fixed']:.3f} of the img/s of "
+                  f"{row['nearest_fixed']}, the fixed keep rate nearest in GMACs")
     for row in rows:
         if row.get("vs_evit") is None:
             continue
@@ -273,16 +377,23 @@ def print_table(rows: list[dict], header: str) -> None:
         print_first_calls(rows)
 
 
+def name_width(rows: list[dict]) -> int:
+    """The variant column's width: 18, or wider for a long name."""
+    return max(18, 2 + max(len(row["name"]) for row in rows))
+
+
 def print_first_calls(rows: list[dict]) -> None:
     """Each variant's first forward and its first at the new batch size, and both beyond the
     baseline's."""
     batch, new_batch = rows[0]["batch_size"], rows[0]["new_batch_size"]
-    cols = (f"{'variant':<18}{f'1st call B={batch} s':>18}{'- baseline s':>14}"
+    width = name_width(rows)
+    cols = (f"{'variant':<{width}}{f'1st call B={batch} s':>18}{'- baseline s':>14}"
             f"{f'1st call B={new_batch} s':>18}{'- baseline s':>14}")
     print(cols)
     print("-" * len(cols))
     for row in rows:
-        print(f"{row['name']:<18}{row['first_call_s']:>18.3f}{row['first_call_vs_baseline_s']:>+14.3f}"
+        print(f"{row['name']:<{width}}{row['first_call_s']:>18.3f}"
+              f"{row['first_call_vs_baseline_s']:>+14.3f}"
               f"{row['new_batch_call_s']:>18.3f}{row['new_batch_call_vs_baseline_s']:>+14.3f}")
     print(f"1st call: a variant's first forward, timed alone before the warm-up (compiles, "
           f"autotuning, cuDNN's search included); B={new_batch}: its first forward at that batch "
@@ -349,20 +460,23 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise ValueError(f"--cuda-graphs needs a CUDA device, got --device {args.device} ({device})")
     if args.compile is None:  # the default: eager and compiled figures on a GPU
         args.compile = device.type == "cuda"
+    torch.manual_seed(args.seed)
     models, meta = build_variants(args)
     embed = models["baseline"].patch_embed
     input_size = (embed.proj.in_channels, *embed.img_size)
+    images = None
+    if args.images == "synthetic":
+        images = synthetic_images(args.batch_size or DEFAULTS.get(device.type, DEFAULTS["cpu"])[
+            "batch_size"], input_size, args.seed, args.object_scale)
 
-    stats = {}
-    for name, model in tqdm(models.items(), desc="counting GMACs", leave=False):
-        stats[name] = {"params": sum(p.numel() for p in model.parameters()),
-                       "macs": count_flops(model, input_size)}
+    stats = {name: variant_stats(model, input_size, images)
+             for name, model in tqdm(models.items(), desc="counting GMACs", leave=False)}
     if args.compile:
         # with CUDA graphs or latency on CUDA: reduce-overhead, torch.compile's own CUDA graphs
         mode = ("reduce-overhead" if device.type == "cuda"
                 and (args.cuda_graphs or args.latency or args.latency_only) else None)
         args.compile_mode = mode or "default"
-        for name in list(models):
+        for name in [n for n in models if "policy" not in meta[n]]:  # a policy's forward syncs
             models[f"{name}+compile"] = torch.compile(models[name], mode=mode)
             meta[f"{name}+compile"], stats[f"{name}+compile"] = meta[name], stats[name]
 
@@ -374,7 +488,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "settings": dict(vars(args), input_size=list(input_size), device=str(device)),
     }
     if not args.latency_only:
-        result.update(measure_throughput(args, models, meta, stats, input_size, device, info))
+        result.update(measure_throughput(args, models, meta, stats, input_size, device, info,
+                                         images))
     if args.latency or args.latency_only:
         result["latency"] = measure_latency(args, models, meta, stats, input_size, device, info)
     result["paper"] = published_json()
@@ -392,11 +507,28 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return result
 
 
+def variant_stats(model: torch.nn.Module, input_size: tuple[int, int, int],
+                  images: Optional[torch.Tensor]) -> dict:
+    """Parameters and MACs per image (on ``images``, their mean, where given); for a model with a
+    keep policy, ``kept_per_point``: the mean tokens each selection point kept per image."""
+    out = {"params": sum(p.numel() for p in model.parameters())}
+    if images is None:
+        out["macs"] = count_flops(model, input_size)
+        return out
+    out["macs"] = count_flops(model, images=images) / images.shape[0]
+    if getattr(model, "keep_policy", None) is not None:
+        with torch.no_grad():
+            model.eval()(images)
+        out["kept_per_point"] = [c.float().mean().item() for c in model.ice_keep_counts]
+    return out
+
+
 def variant_row(measured: dict, meta: dict, stats: dict) -> dict:
     name = measured["name"]
     return dict(measured, **meta[name], compiled=name.endswith("+compile"),
                 params=stats[name]["params"], params_m=stats[name]["params"] / 1e6,
-                macs=stats[name]["macs"], gmacs=stats[name]["macs"] / 1e9)
+                macs=stats[name]["macs"], gmacs=stats[name]["macs"] / 1e9,
+                kept_per_point=stats[name].get("kept_per_point"))
 
 
 def precision(args: argparse.Namespace) -> str:
@@ -406,23 +538,26 @@ def precision(args: argparse.Namespace) -> str:
     return "fp32" if args.dtype == "fp32" else f"{args.dtype} autocast"
 
 
-def measure_throughput(args, models, meta, stats, input_size, device, info) -> dict:
-    """The throughput run, its table, and its part of the --json output."""
-    batch_size = args.batch_size
+def measure_throughput(args, models, meta, stats, input_size, device, info, images=None) -> dict:
+    """The throughput run (on ``images`` where given), its table, and its part of the --json
+    output."""
+    batch_size = None if images is not None else args.batch_size
     if batch_size == "max":
         batch_size = max_batch_size(models, input_size, device, args.dtype,
                                     model_dtype=args.model_dtype)
     run = benchmark_models(models, input_size, batch_size, device, args.dtype, args.reps,
                            args.warmup, baseline="baseline", progress=True,
                            cuda_graphs=args.cuda_graphs, cudnn_benchmark=True,
-                           model_dtype=args.model_dtype, first_call=True)
+                           model_dtype=args.model_dtype, first_call=True, inputs=images)
     rows = throughput_rows(run, meta, stats)
 
     reps = len(run[run.baseline].times)
     cudnn = device.type == "cuda"  # benchmark_models turns cuDNN benchmark on for CUDA runs
+    on = ("" if images is None else f", SyntheticScenes images (seed {args.seed}, objects "
+          f"{args.object_scale[0]:g}-{args.object_scale[1]:g} of the side)")
     header = (f"{args.model} on {info['name']} ({device.type}, {precision(args)}, batch "
               f"{run[run.baseline].batch_size}, {reps} reps, warm-up {run.warmup}, "
-              f"{info['threads']} threads{', cuDNN benchmark' if cudnn else ''})")
+              f"{info['threads']} threads{', cuDNN benchmark' if cudnn else ''}{on})")
     graphs = ", CUDA graphs" if any(r["cuda_graph"] for r in rows) else ""
     print_table([r for r in rows if not r["compiled"]], f"{header}\neager{graphs}")
     compiled = [r for r in rows if r["compiled"]]
@@ -449,7 +584,9 @@ def throughput_rows(run, meta: dict, stats: dict) -> list[dict]:
     variant's in each repetition); ``vs_reference``: EViT's over the --evit-reference variant's;
     ``vs_eager``: a compiled variant's over its eager self; ``first_call_vs_baseline_s`` /
     ``new_batch_call_vs_baseline_s``: seconds of the first forward (at the timed / the new batch
-    size) beyond the baseline's of the same kind."""
+    size) beyond the baseline's of the same kind; ``nearest_fixed`` / ``vs_nearest_fixed``: for a
+    variant with a keep policy, the fixed-keep variant of its method nearest in GMACs and the
+    policy's median img/s over it."""
     rows = []
     for measured in run.to_dict()["results"]:
         row = variant_row(measured, meta, stats)
@@ -459,7 +596,7 @@ def throughput_rows(run, meta: dict, stats: dict) -> list[dict]:
         row["first_call_vs_baseline_s"] = run.first_call_delta(name, "baseline" + suffix)
         row["new_batch_call_vs_baseline_s"] = run.first_call_delta(name, "baseline" + suffix,
                                                                    new_batch=True)
-        rate = f"{row['keep_rate']:g}"
+        rate = f"{row['keep_rate']:g}" if row["keep_rate"] is not None else None
         row["vs_evit"] = run.speedup(name, f"evit@{rate}{suffix}") if row["method"] == "ice" else None
         ice = f"ice@{rate}{suffix}"
         explains = row["method"] == EXPLAIN
@@ -471,6 +608,12 @@ def throughput_rows(run, meta: dict, stats: dict) -> list[dict]:
                                if row["method"] == "evit" and reference in run.measurements else None)
         row["vs_eager"] = run.speedup(name, name[:-len(suffix)]) if suffix else None
         rows.append(row)
+    for row in rows:
+        fixed = [r for r in rows if row.get("policy") and r["method"] == row["name"].split("@")[0]
+                 and not r["compiled"]]
+        nearest = min(fixed, key=lambda r: abs(r["macs"] - row["macs"]), default=None)
+        row["nearest_fixed"] = nearest["name"] if nearest else None
+        row["vs_nearest_fixed"] = run.speedup(row["name"], nearest["name"]) if nearest else None
     return rows
 
 

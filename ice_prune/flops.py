@@ -2,7 +2,9 @@
 
 fvcore, the counter behind the GMACs that DeiT, EViT and ICE report, skips scaled-dot-product
 attention (DeiT-S: 4.25 instead of 4.60 GMACs) and does not know the library's ops
-``ice_prune::reorganize`` and ``ice_prune::ice_score``. This module registers handles for them, counts index work (argsort, topk, gather) as zero, counts
+``ice_prune::reorganize`` and ``ice_prune::ice_score``. This module registers handles for them, counts
+index work (argsort, topk, gather) as zero and ``index_add`` (a packed batch's fused rows) as one
+multiply-add per summed element, counts
 a two-operand einsum exactly, and keeps fvcore's other defaults (linear, conv, norms), so a patched
 model's count includes its ICE head (an ``aten::linear``, or in eval the fused score, counted as the
 linear layer it replaces) and EViT's extra [CLS] attention row.
@@ -36,6 +38,9 @@ SDPA_OPS = (
 )
 #: index work: no multiply-adds
 ZERO_OPS = ("aten::topk", "aten::argsort", "aten::sort", "aten::gather", "aten::take_along_dim")
+#: a sum of source rows into the output: the fused rows of a packed selection point
+#: (:func:`~ice_prune.kernels.reorganize_packed_reference`), weighted rows summed per image
+INDEX_ADD_OPS = ("aten::index_add", "aten::index_add_")
 REORGANIZE_OP = "ice_prune::reorganize"
 REORGANIZE_RAGGED_OP = "ice_prune::reorganize_ragged"
 ICE_SCORE_OP = "ice_prune::ice_score"
@@ -60,6 +65,13 @@ def einsum_macs(equation: str, shapes: Sequence[Sequence[int]]) -> Optional[int]
     for term, shape in zip(lhs, shapes):
         sizes.update(zip(term, shape))
     return prod(sizes.values())
+
+
+def index_add_macs(source_shape: Sequence[int]) -> int:
+    """``index_add``: one multiply-add per source element. Where it sums weighted rows (the
+    fused rows of a packed selection point) the weighting is an elementwise product, which counts
+    zero, so the weighted sum counts as the dense reorganize counts its fused row."""
+    return prod(source_shape)
 
 
 # fvcore handles: (inputs, outputs) are torch._C.Value of the traced node
@@ -89,6 +101,11 @@ def _reorganize_ragged_flop_jit(inputs: list, outputs: list) -> int:
     return reorganize_ragged_macs(B, N - int(num_prefix), D, int(total), int(num_prefix), bool(fuse))
 
 
+def _index_add_flop_jit(inputs: list, outputs: list) -> int:
+    # schema: index_add(Tensor self, int dim, Tensor index, Tensor source, *, Scalar alpha)
+    return index_add_macs(_shape(inputs[3]))
+
+
 def _ice_score_flop_jit(inputs: list, outputs: list) -> int:
     # schema: ice_score(Tensor h, Tensor weight, Tensor? bias, ScalarType compute_dtype, str kernel)
     B, n, D = _shape(inputs[0])
@@ -110,6 +127,7 @@ def fvcore_handles() -> dict[str, Optional[Callable]]:
     handles.update({name: None for name in ZERO_OPS})
     handles[REORGANIZE_OP] = _reorganize_flop_jit
     handles[REORGANIZE_RAGGED_OP] = _reorganize_ragged_flop_jit
+    handles.update({name: _index_add_flop_jit for name in INDEX_ADD_OPS})
     handles[ICE_SCORE_OP] = _ice_score_flop_jit
     handles[ICE_SCORE_TOP_CLASS_OP] = _ice_score_flop_jit  # the same head product, same schema
     handles["aten::einsum"] = _einsum_flop_jit
@@ -133,6 +151,10 @@ def _sdpa_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return 2 * sdpa_macs(query, key, value)
 
 
+def _index_add_flop(self, dim, index, source, *args, out_shape=None, **kwargs) -> int:
+    return 2 * index_add_macs(source)
+
+
 def _layer_norm_flop(input, normalized_shape, weight=None, *args, out_shape=None, **kwargs) -> int:
     # fvcore's estimate for a norm: 5 operations per element with affine parameters, 4 without
     return 2 * prod(input) * (5 if weight is not None else 4)
@@ -140,11 +162,12 @@ def _layer_norm_flop(input, normalized_shape, weight=None, *args, out_shape=None
 
 def torch_formulas() -> dict:
     """Formulas :func:`count_flops` with ``counter="torch"`` adds to FlopCounterMode's registry:
-    the CPU flash attention it lacks and layer norm (as fvcore counts it). The library's ops
-    register their own formulas (``ice_prune.kernels``)."""
+    the CPU flash attention it lacks, layer norm and ``index_add`` (as fvcore counts them). The
+    library's ops register their own formulas (``ice_prune.kernels``)."""
     aten = torch.ops.aten
     return {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flop,
-            aten.native_layer_norm: _layer_norm_flop}
+            aten.native_layer_norm: _layer_norm_flop,
+            aten.index_add: _index_add_flop, aten.index_add_: _index_add_flop}
 
 
 def _count_fvcore(model: nn.Module, x: Tensor) -> int:

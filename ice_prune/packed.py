@@ -6,8 +6,8 @@ image's count comes from its scores, one host sync (``counts.tolist()``) sizes t
 and ``ice_prune::reorganize_ragged`` packs the images' rows, ``[prefix, kept tokens by rank, fused
 token]``, into ``[total, D]`` with :class:`Segments` saying where each image lies. From there every
 block runs on the packed rows: layer norms, MLP and LayerScale act on each row alone, attention runs
-per image over its segment. A later selection point scores the packed rows (ICE's head is per
-token), gives each image its own count (one host sync again) and repacks
+per image over its segment. A later selection point scores the packed non-prefix rows (ICE's head is
+per token), gives each image its own count (one host sync again) and repacks
 (:func:`~ice_prune.kernels.reorganize_packed_reference`). The final norm runs on the packed rows and
 ``forward_features`` returns each image's prefix rows, what timm's ``"token"`` pooling reads.
 
@@ -133,20 +133,23 @@ def select(state: ICEState, x: Tensor, h: Optional[Tensor], cls_attn: Optional[T
     """A selection point on packed rows ``x [T, D]``: each image keeps the count the policy gives
     it; ``state.segments`` follows."""
     P, segments = state.num_prefix, state.segments
-    # score every row (the prefix rows' scores are never read): cheaper than gathering the others
-    row_scores = _scores(state, None if h is None else h[None],
-                         None if cls_attn is None else cls_attn[None], 0, loc)[0]
+    n = [length - P for length in segments.lengths]
     sizes = segments.offsets.diff() - P
-    scores = _padded(row_scores, segments, P)
+    image, token = _row_positions(F.pad(sizes.cumsum(0), (1, 0)), n, sum(n))
+    rows = segments.offsets[image] + P + token  # the non-prefix rows: only they are scored
+    row_scores = _scores(state, None if h is None else h.index_select(0, rows)[None],
+                         None if cls_attn is None else cls_attn[rows][None], 0, loc)[0]
+    # [B, n_max], each image's scores in its row, zeros beyond
+    scores = row_scores.new_zeros(len(n), max(n)).index_put_((image, token), row_scores)
     counts = state.keep_policy.keep_counts(scores, sizes)
     state.keep_counts.append(counts)
     keep = counts.tolist()  # the point's one host sync
-    n = [length - P for length in segments.lengths]
     if keep == n:
         return x
     lengths = tuple(P + k + int(state.fuse and k < m) for k, m in zip(keep, n))
     x, offsets = reorganize_packed_reference(x, scores, segments.offsets, counts, sum(lengths), P,
-                                             state.fuse, state.selector.normalize)
+                                             state.fuse, state.selector.normalize,
+                                             dropped=sum(n) - sum(keep))
     state.segments = Segments(offsets, lengths)
     return x
 
@@ -156,17 +159,6 @@ def _scores(state: ICEState, h: Optional[Tensor], cls_attn: Optional[Tensor], nu
     head = state.heads[loc] if state.heads is not None else None
     return state.selector.scores(cls_attn, h, head, num_prefix, logits_needed=False,
                                  kernel=state.kernel)[0]
-
-
-def _padded(row_scores: Tensor, segments: Segments, num_prefix: int) -> Tensor:
-    """``[B, n_max]``: each image's non-prefix rows' scores in its row, zeros beyond."""
-    B, T = len(segments.lengths), row_scores.shape[0]
-    n_max = max(segments.lengths) - num_prefix
-    image, local = _row_positions(segments.offsets, segments.lengths, T)
-    # the prefix rows go to a spare column, cut off
-    column = torch.where(local >= num_prefix, local - num_prefix, n_max)
-    out = row_scores.new_zeros(B, n_max + 1).index_put_((image, column), row_scores)
-    return out[:, :n_max]
 
 
 def _first_rows(rows: Tensor, offsets: Tensor, lengths: tuple[int, ...]) -> tuple[Tensor, Tensor]:

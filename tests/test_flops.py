@@ -10,7 +10,7 @@ from torch import nn
 
 import ice_prune
 from ice_prune import flops
-from ice_prune.kernels import reorganize_reference
+from ice_prune.kernels import reorganize_packed_reference, reorganize_reference
 
 D, H, C = 384, 6, 1000  # DeiT-S width, heads, ImageNet classes
 
@@ -186,3 +186,28 @@ def test_count_flops_on_given_images():
             model, (3, 32, 32), batch_size=3, counter=counter)
     with pytest.raises(ValueError, match=r"images must be a \[B, C, H, W\] tensor"):
         flops.count_flops(model, images=images[0])
+
+
+class PackedReorganize(torch.nn.Module):
+    def __init__(self, offsets, keep_counts, total):
+        super().__init__()
+        self.offsets, self.keep_counts, self.total = offsets, keep_counts, total
+
+    def forward(self, rows, scores):
+        return reorganize_packed_reference(rows, scores, self.offsets, self.keep_counts,
+                                           self.total, 1, True, True)[0]
+
+
+def test_packed_reorganize_counts_the_dropped_rows():
+    """The packed batch's fused rows (an ``index_add`` of the weighted dropped rows) cost what
+    the dense reorganize counts: by hand, images of 7, 3 and 5 tokens keeping 2, 3 and 1 drop
+    5 + 0 + 4 rows of 6 elements."""
+    offsets = torch.tensor([0, 8, 12, 18])
+    rows, scores = torch.randn(18, 6), torch.rand(3, 7)
+    module = PackedReorganize(offsets, torch.tensor([2, 3, 1]), (1 + 2 + 1) + (1 + 3) + (1 + 1 + 1))
+    expected = (5 + 0 + 4) * 6
+    assert flops.flop_analysis(module, (rows, scores)).total() == expected
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False, custom_mapping=flops.torch_formulas()) as fc:
+        module(rows, scores)
+    assert fc.get_total_flops() == 2 * expected

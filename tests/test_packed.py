@@ -259,6 +259,76 @@ def test_the_fixed_keep_path_is_untouched_by_an_unset_policy():
     assert torch.equal(before, after) and model.ice_keep_counts == []
 
 
+# ----------------------------------------------------------------------------- the count
+def sizes_seen(counts, n=16):
+    """The non-prefix tokens each point saw, from an image's counts there (fusion on)."""
+    seen = []
+    for k in counts:
+        seen.append(n)
+        n = k + int(k < n)
+    return seen
+
+
+def dense_rates(counts):
+    """Keep rates with which the dense fixed-keep path keeps exactly ``counts`` at the points."""
+    return [(k - 0.5) / n for k, n in zip(counts, sizes_seen(counts))]  # ceil(rate * n) == k
+
+
+def scoring_macs(model, method, placement, n):
+    """The cost of scoring ``n`` non-prefix tokens at a point that then keeps them all: a dense
+    point keeping every token skips it, a policy cannot (the scores give the count). ICE: its head
+    on each token and, with EViT's placement, the norm2 the head reads (5 per element, as fvcore
+    counts a layer norm); EViT: the [CLS] row against the prefix and the n tokens, H multiply-adds
+    per key element (the block-diagonal product of ``cls_attention_row``)."""
+    P, D = model.num_prefix_tokens, model.embed_dim
+    if method == "ice":
+        head = n * D * model.ice_head.fc.out_features
+        return head + (5 * D * (P + n) if placement == "attn" else 0)
+    return model.blocks[0].attn.num_heads * D * (P + n)
+
+
+@pytest.mark.parametrize("method", ["ice", "evit"])
+@pytest.mark.parametrize("placement", ["attn", "block"])
+@pytest.mark.parametrize("prefix", [1, 5])
+def test_count_flops_on_images_is_each_image_alone_at_its_counts(method, placement, prefix):
+    """``count_flops(images=x)`` of a policy is the sum over the images of the dense fixed-keep
+    path's count, the image alone at its own counts, plus the scoring at the points where it kept
+    every token (which the dense path skips). Both counters; the fused rows of the packed points
+    (``index_add``) and the scores of the packed rows are where they could differ."""
+    model = make(method, prefix)
+    ice_prune.unpatch(model)
+    ice_prune.patch(model, method=method, placement=placement)
+    if method == "ice":
+        torch.nn.init.normal_(model.ice_head.fc.weight, std=0.02)
+        torch.nn.init.normal_(model.ice_head.fc.weight[-1], std=1.0)
+    x = images()
+
+    def both_terms(counts):
+        """Some image keeps every token at a point, and some image drops tokens at a point after
+        the batch was packed (fused rows summed by the packed reorganize)."""
+        drops = [[k < n for k, n in zip(c, sizes_seen(c))] for c in counts]
+        first = min((i for d in drops for i, dropped in enumerate(d) if dropped), default=None)
+        return (any(not all(d) for d in drops) and first is not None
+                and any(any(d[first + 1:]) for d in drops))
+
+    with torch.no_grad():
+        value = adaptive_value(model, x, method, require=both_terms, placement=placement)
+        model.keep_policy = policy(method, value)
+        model(x)
+        counts = torch.stack(model.ice_keep_counts, dim=1).tolist()
+    assert both_terms(counts) and len(set(map(tuple, counts))) > 1
+    keep_all = [n for c in counts for k, n in zip(c, sizes_seen(c)) if k == n]
+    for counter in ("fvcore", "torch"):
+        got = ice_prune.count_flops(model, images=x, counter=counter)
+        expected = sum(scoring_macs(model, method, placement, n) for n in keep_all)
+        model.keep_policy = None
+        for b in range(x.shape[0]):
+            model.keep_rate = dense_rates(counts[b])
+            expected += ice_prune.count_flops(model, images=x[b:b + 1], counter=counter)
+        model.keep_policy = policy(method, value)
+        assert got == expected, counter
+
+
 # ----------------------------------------------------------------------------- the pieces
 def _loop(rows, scores, offsets, counts, P, fuse, normalize):
     parts, out_offsets = [], [0]

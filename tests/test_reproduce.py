@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+import ice_prune
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # train/repro and the scripts its stages call (prune, explain, evaluate) import from train/
 sys.path.insert(0, os.path.join(ROOT, "train"))
@@ -39,7 +41,7 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     logs.clear()
     results = repro.run(scale, out, log=logs.append, jobs=2)
     assert [line for line in logs if "reused" in line] == [
-        f"[{i}/38] {name}: done before, reused" for i, name in
+        f"[{i}/39] {name}: done before, reused" for i, name in
         ((1, "pretrain"), (2, "budget-ice-e1"), (3, "budget-ice-e2"), (4, "budget-ice-e4"),
          (5, "explain-ice"))]
     names = [s.name for s in repro.plan(scale)]
@@ -54,7 +56,7 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
                      "classes-3-lambda-auto", "classes-3-lambda-0.5", "classes-3-lambda-auto-main",
                      "prune-none-1-s0", "prune-evit-0.5-s0", "prune-ice-0.5-s0",
                      "prune-evit-0.5-s0-e2", "prune-ice-0.5-s0-e2", "pruned-map-ice-0.5-s0",
-                     "speed", "examples"])
+                     "speed", "examples", "adaptive"])
     # the parallel run: each stage's output in its stage.log, the clock time of both invocations
     assert os.path.getsize(os.path.join(out, "work", "maps-baselines", "stage.log")) > 0
     with open(os.path.join(out, "work", "elapsed.json")) as f:
@@ -65,9 +67,10 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     for f in ("REPORT.md", "results.json", "figures/examples.png",
               "figures/accuracy_vs_keep_rate.png", "figures/speedup_vs_gmacs.png",
               "figures/miou_vs_lambda.png", "figures/pruned_forward_map.png",
-              "figures/explain_budget.png", "figures/prune_budget.png"):
+              "figures/explain_budget.png", "figures/prune_budget.png", "figures/adaptive.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     check_budgets(out, results, scale)
+    check_adaptive(out, results, scale)
 
     def meta(stage):
         return torch.load(os.path.join(out, "work", stage, "last.pth"), map_location="cpu",
@@ -305,7 +308,8 @@ def test_choose_budget_by_hand():
 
 def test_plan_runs_every_stage_after_what_it_reads():
     """At the cpu scale: each stage's ``after`` precedes it, the budget chains run in order, the
-    speed stage runs alone after every main pruning run, and ``until`` takes what a stage reads."""
+    speed stage runs alone after every main pruning run, the adaptive stage alone after the first
+    keep rate's pruning runs, and ``until`` takes what a stage reads."""
     scale = repro.cpu_scale()
     stages = repro.plan(scale)
     seen = set()
@@ -317,7 +321,10 @@ def test_plan_runs_every_stage_after_what_it_reads():
     assert by_name["explain-ice"].after == tuple(f"budget-ice-e{e}" for e in (2, 4, 8, 16, 32))
     assert by_name["explain-pm-style"].after == ("pretrain", "explain-ice")
     speed = by_name["speed"]
-    assert speed.exclusive and [s.name for s in stages if s.exclusive] == ["speed"]
+    # the stages that time models run alone
+    assert speed.exclusive and [s.name for s in stages if s.exclusive] == ["speed", "adaptive"]
+    assert by_name["adaptive"].after == ("prune-ice-0.7-s0", "prune-evit-0.7-s0")
+    assert stages[-1].name == "adaptive"
     assert set(speed.after) == {f"prune-{m}-{r:g}-s{seed}" for seed in (0, 1)
                                 for m, r in [("none", 1.0), ("evit", 0.7), ("ice", 0.7),
                                              ("evit", 0.5), ("ice", 0.5)]}
@@ -410,3 +417,73 @@ def test_gpu_synthetic_scale_plans_the_cpu_pipeline_with_gpu_budgets(tmp_path):
                                                                       num_classes=40)
                               + ["--output", str(tmp_path)])
     assert (args.epochs, args.synthetic_train, args.num_classes) == (4, 4000, 40)
+
+
+def check_adaptive(out, results, scale):
+    """The per-image token counts stage of a finished smoke run against what is computed here
+    apart from it: the same checkpoints (the first keep rate's, first seed) on the same images,
+    each variant's top-1, mean tokens per point and GMACs; keep rate 1 is the unpatched forward
+    of the same weights; the report's section shows the stage's numbers."""
+    from ice_prune import KeepPolicy
+    from ice_prune.data import SyntheticScenes
+    done = results["stages"]["adaptive"]
+    assert (done["source_keep_rate"], done["seed"], done["images"]) == (0.5, 0, 4)
+    scenes = SyntheticScenes(num_classes=4, img_size=32, length=4, split="val", seed=0,
+                             scale=(0.1, 0.6))
+    images = torch.stack([scenes[i][0] for i in range(4)])
+    labels = torch.tensor([scenes[i][1] for i in range(4)])
+    expected = [f"{m}@{r:g}" for m in ("ice", "evit") for r in (1.0, 0.9, 0.7, 0.5, 0.3)]
+    expected += [f"ice@threshold={t:g}" for t in (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)]
+    expected += [f"evit@mass={m:g}" for m in (0.5, 0.7, 0.8, 0.9, 0.95)]
+    assert sorted(done["variants"]) == sorted(expected)
+    kwargs = dict(img_size=32, **scale.model_kwargs)
+    for name, row in done["variants"].items():
+        method, setting = name.split("@")
+        checkpoint = os.path.join(out, "work", f"prune-{method}-0.5-s0", "last.pth")
+        if "=" in setting:
+            rule, value = setting.split("=")
+            policy = KeepPolicy(**{rule: float(value)}, min_share=0.1, max_share=1.0)
+            model = repro_load(scale, checkpoint, method, 0.5, policy, **kwargs)
+        else:
+            policy, model = None, repro_load(scale, checkpoint, method, float(setting), None,
+                                             **kwargs)
+        with torch.no_grad():
+            logits = model(images)
+        assert row["top1"] == pytest.approx(100 * (logits.argmax(-1) == labels).float().mean())
+        if policy is not None:
+            counts = torch.stack(model.ice_keep_counts, dim=1).double()
+            assert row["tokens_per_point"] == pytest.approx(counts.mean(dim=0).tolist())
+            assert row["gmacs"] == pytest.approx(
+                ice_prune.count_flops(model, images=images) / 4 / 1e9, rel=1e-12)
+        else:
+            assert row["gmacs"] == pytest.approx(
+                ice_prune.count_flops(model, (3, 32, 32)) / 1e9, rel=1e-12)
+        assert row["img_s_median"] > 0
+    # keep rate 1 runs the checkpoint's backbone as it is
+    for method in ("ice", "evit"):
+        plain = repro_load(scale, os.path.join(out, "work", f"prune-{method}-0.5-s0", "last.pth"),
+                           None, 1.0, None, **kwargs)
+        with torch.no_grad():
+            top1 = 100 * (plain(images).argmax(-1) == labels).float().mean()
+        assert done["variants"][f"{method}@1"]["top1"] == pytest.approx(top1)
+    summary = repro.summarize(results)["adaptive"]
+    assert [len(summary["curves"][c]) for c in ("fixed-ice", "adaptive-ice", "fixed-evit",
+                                                "adaptive-evit")] == [5, 6, 5, 5]
+    report = open(os.path.join(out, "REPORT.md")).read()
+    assert "## Per-image token counts" in report and "![per-image token counts]" in report
+    row = done["variants"]["ice@threshold=0.5"]
+    assert (f"| adaptive ICE | threshold 0.5, shares 0.1-1 | "
+            f"{' / '.join(f'{k:.1f}' for k in row['tokens_per_point'])} | {row['gmacs']:.4f} | "
+            f"{row['img_s_median']:.0f} | {row['top1']:.2f} |") in report
+    assert "Adaptive ICE at fixed keep 0.5's GMACs runs at least 0.95 of the fixed-keep ICE" in report
+    # a run without the stage reports without it
+    older = {**results, "stages": {k: v for k, v in results["stages"].items() if k != "adaptive"}}
+    older["summary"] = repro.summarize(older)
+    assert older["summary"]["adaptive"] == {}
+    assert "Per-image token counts" not in repro.render(older)
+
+
+def repro_load(scale, checkpoint, method, keep_rate, policy, **kwargs):
+    return ice_prune.load_model(scale.model, checkpoint, method=method, keep_rate=keep_rate,
+                                patch_kwargs={} if method is None else {"keep_policy": policy},
+                                **kwargs)

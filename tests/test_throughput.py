@@ -597,3 +597,74 @@ def test_models_timed_on_given_images():
         timing.benchmark_models(models, inputs=images[0], device="cpu")
     with pytest.raises(ValueError, match="batch_size 8 differs from the 4 images"):
         timing.benchmark_models(models, inputs=images, batch_size=8, device="cpu")
+
+
+def test_script_adaptive_variants_on_synthetic_images(tmp_path, throughput, capsys, monkeypatch):
+    """--thresholds / --masses: every variant timed on one seeded batch of SyntheticScenes images;
+    each adaptive row's mean tokens per point and GMACs are those of the same weights, with the
+    same policy, on the same images, computed here apart from the script."""
+    from ice_prune import KeepPolicy
+    from ice_prune.data import SyntheticScenes
+    torch.manual_seed(0)
+    src = ice_prune.patch(timm.create_model("vit_tiny_patch16_224", img_size=64), method="ice")
+    torch.nn.init.normal_(src.ice_head.fc.weight, std=0.02)
+    torch.nn.init.normal_(src.ice_head.fc.weight[-1], std=0.3)  # the images' counts differ
+    path = tmp_path / "ice.pth"
+    torch.save({"model": src.state_dict()}, path)
+    scenes = SyntheticScenes(img_size=64, length=4, split="val", seed=1, scale=(0.1, 0.6))
+    images = torch.stack([scenes[i][0] for i in range(4)])
+    timed = []
+
+    def recording(models, *args, inputs=None, **kwargs):
+        timed.append((list(models), inputs))
+        return timing.benchmark_models(models, *args, inputs=inputs, **kwargs)
+
+    monkeypatch.setattr(throughput, "benchmark_models", recording)
+    out = tmp_path / "r.json"
+    throughput.main(["--model", "vit_tiny_patch16_224", "--img-size", "64", "--checkpoint",
+                     str(path), "--keep-rates", "0.5", "--thresholds", "0.7", "--masses", "0.8",
+                     "--policy-max-share", "0.9", "--seed", "1", "--batch-size", "4",
+                     "--reps", "1", "--warmup", "0", "--threads", "1", "--json", str(out)])
+    table = capsys.readouterr().out
+    names = ["baseline", "evit@0.5", "ice@0.5", "ice@threshold=0.7", "evit@mass=0.8"]
+    assert timed[0][0] == names and torch.equal(timed[0][1], images)
+    assert "tokens kept per point" in table and "SyntheticScenes images (seed 1" in table
+    rows = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == names
+    for name, method, policy in (("ice@threshold=0.7", "ice", KeepPolicy(threshold=0.7,
+                                                                         max_share=0.9)),
+                                 ("evit@mass=0.8", "evit", KeepPolicy(mass=0.8, max_share=0.9))):
+        row = rows[name]
+        assert row["method"] == f"{method}-adaptive" and row["keep_rate"] is None
+        assert row["policy"] == {"threshold": policy.threshold, "mass": policy.mass,
+                                 "min_share": 0.0, "max_share": 0.9}
+        model = ice_prune.load_model("vit_tiny_patch16_224", path, method=method, img_size=64,
+                                     patch_kwargs={"keep_policy": policy})
+        with torch.no_grad():
+            model(images)
+        counts = torch.stack(model.ice_keep_counts, dim=1)  # [image, point]
+        assert len(set(map(tuple, counts.tolist()))) > 1  # the images kept different counts
+        assert row["kept_per_point"] == pytest.approx(counts.double().mean(dim=0).tolist())
+        assert row["macs"] == ice_prune.count_flops(model, images=images) / 4
+        assert row["img_per_s"] and row["nearest_fixed"] == f"{method}@0.5"
+        assert row["vs_nearest_fixed"] == pytest.approx(
+            row["median_img_per_s"] / rows[f"{method}@0.5"]["median_img_per_s"])
+        assert name in table
+    # the fixed-keep variants ran on the same images, at their fixed cost
+    fixed = ice_prune.load_model("vit_tiny_patch16_224", path, method="ice", keep_rate=0.5,
+                                 img_size=64)
+    assert rows["ice@0.5"]["macs"] == ice_prune.count_flops(fixed, (3, 64, 64))
+    assert rows["ice@0.5"]["kept_per_point"] is None
+
+
+def test_adaptive_variants_refuse_what_they_cannot_run_with(throughput):
+    with pytest.raises(ValueError, match="use --images synthetic"):
+        throughput.parse_args(TINY + ["--thresholds", "0.5", "--images", "random"])
+    with pytest.raises(ValueError, match="drop --latency"):
+        throughput.parse_args(TINY + ["--masses", "0.9", "--latency"])
+    with pytest.raises(ValueError, match="not 'max'"):
+        throughput.parse_args(TINY + ["--images", "synthetic", "--batch-size", "max"])
+    with pytest.raises(ValueError, match="threshold is a foreground probability"):
+        throughput.parse_args(TINY + ["--thresholds", "1.5"])
+    assert throughput.parse_args(TINY + ["--masses", "0.9"]).images == "synthetic"
+    assert throughput.parse_args(TINY).images == "random"

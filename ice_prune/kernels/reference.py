@@ -141,6 +141,8 @@ def reorganize_ragged_reference(
         keep_counts: ``[B]`` integer, non-prefix tokens kept per image, each in ``[1, N - P]``.
         total: the packed row count, ``sum_b num_prefix + keep_counts[b] (+ 1 if fuse)``.
         num_prefix, fuse, normalize: as :func:`reorganize_reference`.
+        dropped: the rows dropped in all, ``sum_b n_b - keep_counts[b]``, from the caller's host
+            sync; read from ``keep_counts`` (a host sync) when not given.
 
     Returns:
         ``rows``: ``[total, D]``, per image ``[prefix, kept tokens in descending score order, fused
@@ -214,6 +216,7 @@ def reorganize_ragged_backward_reference(
     grad_x[:, num_prefix:] = grad_tokens.to(x.dtype)
     return grad_x, grad_scores.to(scores.dtype)
 
+
 def reorganize_packed_reference(
     rows: Tensor,
     scores: Tensor,
@@ -223,6 +226,7 @@ def reorganize_packed_reference(
     num_prefix: int,
     fuse: bool = True,
     normalize: bool = False,
+    dropped: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     """The reorganize step on an already packed batch: images of different token counts, each
     keeping its own count, packed in and packed out, nothing padded but the scores.
@@ -237,6 +241,8 @@ def reorganize_packed_reference(
         total: the output row count, ``sum_b num_prefix + keep_counts[b] (+ 1 where fuse and
             keep_counts[b] < n_b)``: the caller's host sync.
         num_prefix, fuse, normalize: as :func:`reorganize_reference`.
+        dropped: the rows dropped in all, ``sum_b n_b - keep_counts[b]``, from the caller's host
+            sync; read from ``keep_counts`` (a host sync) when not given.
 
     Returns:
         ``rows``: ``[total, D]``, per image ``[prefix, kept tokens in descending score order (ties
@@ -265,19 +271,21 @@ def reorganize_packed_reference(
     token = order[image, (local - num_prefix).clamp(0, max(n_max - 1, 0))]
     source = offsets[image] + torch.where(local < num_prefix, local, num_prefix + token)
     if fuse:
-        # each packed row's fusion weight; the rows of tokens ranked >= keep are the dropped ones
-        dropped = (rank >= keep[:, None]) & ~padding
-        w = torch.where(dropped, scores.gather(1, order), 0)
+        w = torch.where((rank >= keep[:, None]) & ~padding, scores.gather(1, order), 0)
         if normalize:
             w = w / w.sum(dim=1, keepdim=True).clamp_min(EPS)
-        row_of = torch.where(padding, T, offsets[:-1, None] + num_prefix + order)  # T: a spare
-        row_weight = w.new_zeros(T + 1).scatter_(0, row_of.flatten(), w.flatten())[:T]
-        row_dropped = dropped.new_zeros(T + 1).scatter_(0, row_of.flatten(), dropped.flatten())[:T]
-        row_image = torch.repeat_interleave(torch.arange(B, device=device), offsets.diff(),
-                                            output_size=T)
-        # where, not only a zero weight: a kept row may hold inf, and 0 * inf is NaN
-        terms = torch.where(row_dropped[:, None], row_weight.to(acc)[:, None] * rows.to(acc), 0)
-        fused = terms.new_zeros(B, D).index_add_(0, row_image, terms).to(rows.dtype)
+        # the dropped tokens alone, image by image in rank order: ranks keep[b] .. n_b - 1
+        drops = sizes - keep
+        if dropped is None:
+            dropped = int(drops.sum())
+        drop_image = torch.repeat_interleave(torch.arange(B, device=device), drops,
+                                             output_size=dropped)
+        drop_rank = (keep[drop_image] + torch.arange(dropped, device=device)
+                     - F.pad(drops.cumsum(0), (1, 0))[drop_image])
+        drop_row = offsets[drop_image] + num_prefix + order[drop_image, drop_rank]
+        terms = w[drop_image, drop_rank].to(acc)[:, None] * rows.index_select(0, drop_row).to(acc)
+        # one multiply-add per dropped element, as the dense reorganize counts its fused row
+        fused = terms.new_zeros(B, D).index_add_(0, drop_image, terms).to(rows.dtype)
         source = torch.where(local >= kept_end[image], T + image, source)
         rows = torch.cat([rows, fused])
     return rows.index_select(0, source), out_offsets

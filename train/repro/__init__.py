@@ -44,6 +44,11 @@ and ``OUT/figures/*.png`` from those ``done.json`` files only, beside the paper'
    (``train/evaluate.py agreement``).
 4. ``examples``: a grid of maps on a few validation images, and the pruned-forward maps beside the
    kept patches (``visualize.pruned_forward_rows``).
+5. ``adaptive`` (SyntheticScenes scales): per-image token counts (``model.keep_policy``) against
+   fixed keep rates, from the first keep rate's ICE and EViT pruning checkpoints (first seed), on
+   scenes with objects of 10% to 60% of the image side: each at fixed keep rates 1 to 0.3, ICE at
+   a sweep of foreground thresholds, EViT at a sweep of attention masses; top-1, mean tokens kept
+   per point, mean GMACs per image and img/s (all variants in one interleaved run, alone).
 
 Modules: ``scales`` (:class:`Scale`, :class:`TrainSpec`, the ``smoke`` / ``cpu`` / ``gpu`` factories
 in :data:`SCALES`), ``stages`` (the stages, :func:`plan`, :func:`run`, :func:`collect`), ``summary``

@@ -151,3 +151,28 @@ def plot_prune_curve(summary: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_adaptive(summary: dict, path: str) -> None:
+    """Per-image token counts: top-1 against mean GMACs per image and against img/s, fixed-keep ICE
+    and EViT (solid) beside adaptive ICE and EViT (dashed), from the adaptive stage."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    styles = {"fixed-ice": ("ice", "-", "o"), "adaptive-ice": ("ice", "--", "s"),
+              "fixed-evit": ("evit", "-", "o"), "adaptive-evit": ("evit", "--", "s")}
+    for curve, rows in summary["adaptive"]["curves"].items():
+        method, line, marker = styles[curve]
+        label = f"{'fixed keep' if curve.startswith('fixed') else 'adaptive'} {LABEL[method]}"
+        for ax, key in zip(axes, ("gmacs", "img_s_median")):
+            ordered = sorted(rows, key=lambda r: r[key])
+            ax.plot([r[key] for r in ordered], [r["top1"] for r in ordered], line, marker=marker,
+                    color=COLOR[method], label=label)
+    axes[0].set_xlabel("GMACs per image (mean over the images)")
+    axes[1].set_xlabel("img/s (one interleaved run)")
+    for ax in axes:
+        ax.set_ylabel("top-1 (%)")
+        ax.legend(fontsize=7)
+    fig.suptitle("per-image token counts against fixed keep rates, the same checkpoints", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -11,10 +11,10 @@ from typing import Any, Optional
 from ice_prune.evaluation.paper import TABLE1, TABLE3, TABLE5, TABLE6
 from ice_prune.loss import auto_lambda
 
-from .plots import (plot_accuracy, plot_budget_curve, plot_class_counts, plot_prune_curve,
-                    plot_speed)
+from .plots import (plot_accuracy, plot_adaptive, plot_budget_curve, plot_class_counts,
+                    plot_prune_curve, plot_speed)
 from .scales import BASELINES, TABLE6 as TABLE6_SETTINGS, VARIANTS
-from .summary import ABLATION_LABELS, summarize
+from .summary import ABLATION_LABELS, ADAPTIVE_CURVES, summarize
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -40,6 +40,8 @@ def write_report(results: dict, out: str) -> str:
         plot_budget_curve(summary, os.path.join(figures, "explain_budget.png"))
     if summary["prune_curve"]:
         plot_prune_curve(summary, os.path.join(figures, "prune_budget.png"))
+    if summary["adaptive"]:
+        plot_adaptive(summary, os.path.join(figures, "adaptive.png"))
     examples = results["stages"]["examples"]
     shutil.copyfile(examples["figure"], os.path.join(figures, "examples.png"))
     if "pruned_forward_figure" in examples:
@@ -71,6 +73,8 @@ def render(results: dict) -> str:
         lines += _render_prune_curve(summary["prune_curve"])
     if summary["pruned_maps"]:
         lines += _render_pruned_maps(summary)
+    if summary["adaptive"]:
+        lines += _render_adaptive(summary["adaptive"])
     lines += _render_claims(summary["comparisons"])
     lines += _render_figures(bool(summary["classes"]),
                              "pruned_forward_figure" in results["stages"]["examples"])
@@ -346,6 +350,77 @@ def _render_pruned_maps(summary: dict) -> list[str]:
                  "rules).")
     lines.append("")
     return lines
+
+
+def _render_adaptive(adaptive: dict) -> list[str]:
+    """Per-image token counts: every variant of the adaptive stage, the four curves' points."""
+    rate, seed = adaptive["source_keep_rate"], adaptive["seed"]
+    low, high = adaptive["data"]["object_scale"]
+    lines = ["## Per-image token counts", "",
+             f"A keep policy gives each image its own token count at each selection point (ICE: the "
+             f"tokens whose foreground probability reaches a threshold; EViT: the fewest holding a "
+             f"share of the [CLS] attention), and the batch runs packed. The pruning checkpoints "
+             f"at keep rate {rate:g} (prune-ice-{rate:g}-s{seed}, prune-evit-{rate:g}-s{seed}), "
+             f"trained at that fixed rate, run at the fixed keep rates "
+             f"{', '.join(f'{r:g}' for r in adaptive['fixed_rates'])} (every rate but {rate:g} is "
+             f"one they were not trained at) and under the policies: ICE at thresholds "
+             f"{', '.join(f'{t:g}' for t in adaptive['thresholds'])} (from the head's own "
+             f"scale, around its foreground/background boundary 0.5, not from the evaluation "
+             f"labels), EViT at masses {', '.join(f'{m:g}' for m in adaptive['masses'])}, each "
+             f"image keeping between {adaptive['min_share']:g} and {adaptive['max_share']:g} of "
+             f"its tokens at each point (at least a few tokens for an image the head calls all "
+             f"background; all of them for a cluttered one). No run was trained with a policy.",
+             "",
+             f"Images: {adaptive['images']} SyntheticScenes validation images (seed "
+             f"{adaptive['data']['seed']}) with objects of {low:g} to {high:g} of the image side, "
+             f"so that the images hold very different amounts of foreground: a set apart from the "
+             f"maps and accuracy images wherever the scale's object sizes differ from these, and "
+             f"harder for small objects than the training scenes. Tokens kept: the mean over the "
+             f"images at each point, of {adaptive['num_patches']} patches (fixed keep: the "
+             f"schedule). GMACs: `ice_prune.count_flops` on the images, the mean per image (fixed "
+             f"keep: one image's, the same for every image). img/s: every variant in one "
+             f"interleaved `ice_prune.benchmark_models` run on the first {adaptive['batch']} of "
+             f"the images, {adaptive['reps']} repetitions, eager, {adaptive['dtype']}, torch "
+             f"threads: {adaptive['threads']}, {adaptive['device']}.",
+             "",
+             "| variant | policy | tokens kept per point | GMACs | img/s | top-1 (%) |",
+             "|---|---|---|---|---|---|"]
+    for curve in ("fixed-ice", "adaptive-ice", "fixed-evit", "adaptive-evit"):
+        for row in sorted(adaptive["curves"][curve], key=_adaptive_order):
+            policy = row["policy"]
+            if policy is None:
+                described = f"keep rate {row['keep_rate']:g}"
+            else:
+                rule = (f"threshold {policy['threshold']:g}" if policy["threshold"] is not None
+                        else f"mass {policy['mass']:g}")
+                described = f"{rule}, shares {policy['min_share']:g}-{policy['max_share']:g}"
+            tokens = " / ".join(f"{k:.1f}" for k in row["tokens_per_point"])
+            lines.append(f"| {ADAPTIVE_CURVES[curve]} | {described} | {tokens} | "
+                         f"{row['gmacs']:.4f} | {row['img_s_median']:.0f} | {row['top1']:.2f} |")
+    lines.append("")
+    for method in ("ice", "evit"):
+        study = adaptive["matched"][method]
+        point, fixed = study["adaptive"], study["fixed"]
+        label = ADAPTIVE_CURVES[f"adaptive-{method}"]
+        lines.append(f"- {label[0].upper() + label[1:]} nearest fixed keep "
+                     f"{adaptive['match_rate']:g}'s GMACs ({fixed['gmacs']:.4f}): "
+                     f"{point['name']} at {point['gmacs']:.4f} GMACs, top-1 {point['top1']:.2f} "
+                     f"against {study[f'fixed-{method}_top1']:.2f} on the "
+                     f"{ADAPTIVE_CURVES[f'fixed-{method}']} curve there (interpolated in GMACs), "
+                     f"{point['img_s_median']:.0f} img/s against "
+                     f"{study[f'fixed-{method}_img_s_median']:.0f}.")
+    lines.append("")
+    lines.append("![per-image token counts](figures/adaptive.png)")
+    lines.append("")
+    return lines
+
+
+def _adaptive_order(row: dict) -> float:
+    """Fixed keep rates from 1 down, thresholds and masses from low to high."""
+    policy = row["policy"]
+    if policy is None:
+        return -row["keep_rate"]
+    return policy["threshold"] if policy["threshold"] is not None else policy["mass"]
 
 
 def _render_claims(comparisons: list[dict]) -> list[str]:

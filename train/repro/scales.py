@@ -48,6 +48,22 @@ BASELINES = ("rollout", "gradcam", "generic", "raw-attention", "pm-style")
 PM_RUNS = ("pm-style", "pm-style-pseudo", "pm-style-no-masks")
 
 
+# the per-image token counts stage (``adaptive``): SyntheticScenes with objects from 10% to 60% of the
+# image side, so that the images hold very different amounts of foreground
+ADAPTIVE_OBJECT_SCALE = (0.1, 0.6)
+# the fixed keep rates the pruning checkpoints also run at
+ADAPTIVE_FIXED_RATES = (1.0, 0.9, 0.7, 0.5, 0.3)
+# ICE: foreground-probability thresholds, from the method's own scale: around its decision boundary
+# 0.5 (a token the head calls more likely foreground than background), out to 0.1 and 0.99
+ADAPTIVE_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)
+# EViT: shares of the [CLS] attention the kept tokens hold
+ADAPTIVE_MASSES = (0.5, 0.7, 0.8, 0.9, 0.95)
+# every image keeps at least 10% of its tokens at each point (one the head calls all background still
+# reaches the classifier through some of its own tokens) and at most all of them (a cluttered one
+# drops nothing): fixed for both methods, so that only the threshold or mass sets the count
+ADAPTIVE_MIN_SHARE, ADAPTIVE_MAX_SHARE = 0.1, 1.0
+
+
 def pm_runs(scale: "Scale") -> tuple[str, ...]:
     """The PM-style runs of a scale: ground-truth masks only where the training data has them
     (SyntheticScenes; an ImageFolder has none)."""

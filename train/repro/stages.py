@@ -21,13 +21,14 @@ import torch
 from torch.utils.data import Dataset
 
 import ice_prune
-from ice_prune import visualize
+from ice_prune import KeepPolicy, visualize
 from ice_prune.data import ImageNetSegmentation, SyntheticScenes
 from ice_prune.checkpoint import read_checkpoint
 from ice_prune.training.engine import CHECKPOINT, LOG
 from ice_prune.loss import ICELoss, parse_lambda
 from ice_prune.maps import ice_explain, upsample
 from ice_prune.evaluation.paper import TABLES
+from ice_prune.select import keep_count
 
 # the sibling scripts in train/ (on sys.path, see train/reproduce.py)
 import evaluate
@@ -36,8 +37,9 @@ import pm
 import prune
 
 from .report import write_json, write_report
-from .scales import (BASELINES, VARIANTS, Scale, TrainSpec, ablation_runs, class_count_runs,
-                     pm_runs)
+from .scales import (ADAPTIVE_FIXED_RATES, ADAPTIVE_MASSES, ADAPTIVE_MAX_SHARE, ADAPTIVE_MIN_SHARE,
+                     ADAPTIVE_OBJECT_SCALE, ADAPTIVE_THRESHOLDS, BASELINES, VARIANTS, Scale,
+                     TrainSpec, ablation_runs, class_count_runs, pm_runs)
 from .summary import choose_budget
 
 DONE = "done.json"
@@ -449,6 +451,112 @@ def _speed(context: Context, out: str) -> dict:
             "benchmark": benchmark.to_dict()}
 
 
+# images per forward (and per count) while the adaptive stage scores its images
+ADAPTIVE_EVAL_BATCH = 200
+
+
+def adaptive_dataset(scale: Scale) -> SyntheticScenes:
+    """The adaptive stage's images: the evaluation images' settings (validation split, seed 0, as
+    many images) with objects of ``ADAPTIVE_OBJECT_SCALE`` of the image side, so a set apart from
+    the maps images wherever the scale's object sizes differ."""
+    return SyntheticScenes(**{"img_size": scale.img_size, "split": "val",
+                              **synthetic_eval_kwargs(scale),
+                              "scale": list(ADAPTIVE_OBJECT_SCALE)})
+
+
+def adaptive_variants(context: Context, rate: float, seed: int
+                      ) -> dict[str, tuple[torch.nn.Module, dict]]:
+    """name -> (eval-mode model, what it is) of the adaptive stage: the ``rate`` pruning
+    checkpoints of ICE and EViT at each fixed keep rate of ``ADAPTIVE_FIXED_RATES``
+    (``ice@0.5``), ICE at each threshold (``ice@threshold=0.5``) and EViT at each mass
+    (``evit@mass=0.9``), the policies within ``ADAPTIVE_MIN_SHARE`` / ``ADAPTIVE_MAX_SHARE``."""
+    scale = context.scale
+    shares = dict(min_share=ADAPTIVE_MIN_SHARE, max_share=ADAPTIVE_MAX_SHARE)
+    settings = []
+    for method, policies in (("ice", [KeepPolicy(threshold=t, **shares)
+                                      for t in ADAPTIVE_THRESHOLDS]),
+                             ("evit", [KeepPolicy(mass=m, **shares) for m in ADAPTIVE_MASSES])):
+        settings += [(f"{method}@{r:g}", method, r, None) for r in ADAPTIVE_FIXED_RATES]
+        settings += [(f"{method}@threshold={p.threshold:g}" if method == "ice" else
+                      f"{method}@mass={p.mass:g}", method, None, p) for p in policies]
+    variants = {}
+    for name, method, keep_rate, policy in settings:
+        model = ice_prune.load_model(scale.model, context.checkpoint(prune_name(method, rate, seed)),
+                                     method=method, keep_rate=keep_rate or rate,
+                                     patch_kwargs={"keep_policy": policy},
+                                     img_size=scale.img_size, **scale.model_kwargs)
+        variants[name] = (model, {"method": method, "keep_rate": keep_rate,
+                                  "policy": None if policy is None else dataclasses.asdict(policy)})
+    return variants
+
+
+def fixed_kept(num_patches: int, keep_rate: float, points: int) -> list[int]:
+    """The tokens each of ``points`` selection points keeps at a fixed ``keep_rate`` (EViT's rule,
+    with fusion) from ``num_patches``."""
+    kept, n = [], num_patches
+    for _ in range(points):
+        k = keep_count(keep_rate, n)
+        kept.append(k)
+        n = k + int(k < n)
+    return kept
+
+
+def _adaptive(context: Context, out: str) -> dict:
+    """Per-image keep counts against fixed keep rates, from the first keep rate's pruning
+    checkpoints (first seed): on :func:`adaptive_dataset`, each variant's top-1, mean tokens kept
+    per selection point, mean GMACs per image (:func:`ice_prune.count_flops` on the images,
+    in batches; a fixed keep rate's on one image, the same for every image) and img/s (every
+    variant in one :func:`ice_prune.benchmark_models` run on the first ``bench_batch`` images,
+    eager: a policy's forward syncs with the host)."""
+    scale = context.scale
+    rate, seed = scale.keep_rates[0], scale.seeds[0]
+    dataset = adaptive_dataset(scale)
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([item[0] for item in items])
+    labels = torch.tensor([item[1] for item in items])
+    variants = adaptive_variants(context, rate, seed)
+    num_patches = next(iter(variants.values()))[0].patch_embed.num_patches
+    rows, points = {}, None
+    for name, (model, meta) in variants.items():
+        correct, macs, counts = 0, 0, []
+        for start in range(0, len(images), ADAPTIVE_EVAL_BATCH):
+            x = images[start:start + ADAPTIVE_EVAL_BATCH]
+            with torch.no_grad():
+                correct += int((model(x).argmax(-1) == labels[start:start + len(x)]).sum())
+            if meta["policy"] is not None:
+                counts.append(torch.stack(model.ice_keep_counts, dim=1))
+                macs += ice_prune.count_flops(model, images=x)
+        if meta["policy"] is not None:
+            counts = torch.cat(counts).double()
+            points = counts.shape[1]
+            tokens = counts.mean(dim=0).tolist()
+            gmacs = macs / len(images) / 1e9
+        else:
+            tokens = None  # filled in below, once a policy gave the number of points
+            gmacs = ice_prune.count_flops(model, images=images[:1]) / 1e9
+        rows[name] = {**meta, "top1": 100 * correct / len(images), "gmacs": gmacs,
+                      "tokens_per_point": tokens}
+    for row in rows.values():
+        if row["tokens_per_point"] is None:
+            row["tokens_per_point"] = fixed_kept(num_patches, row["keep_rate"], points)
+    timed = {name: model for name, (model, _) in variants.items()}
+    benchmark = ice_prune.benchmark_models(timed, inputs=images[:scale.bench_batch],
+                                           device=scale.device, dtype=scale.bench_dtype,
+                                           reps=scale.bench_reps, progress=True)
+    for name, row in rows.items():
+        row["img_s_median"], row["img_s_best"] = benchmark[name].median, benchmark[name].best
+    return {"source_keep_rate": rate, "seed": seed,
+            "sources": {m: context.checkpoint(prune_name(m, rate, seed)) for m in ("ice", "evit")},
+            "images": len(images), "num_patches": num_patches,
+            "data": {"object_scale": list(ADAPTIVE_OBJECT_SCALE), "split": "val", "seed": 0},
+            "fixed_rates": list(ADAPTIVE_FIXED_RATES), "thresholds": list(ADAPTIVE_THRESHOLDS),
+            "masses": list(ADAPTIVE_MASSES), "min_share": ADAPTIVE_MIN_SHARE,
+            "max_share": ADAPTIVE_MAX_SHARE, "variants": rows,
+            "batch": benchmark[benchmark.baseline].batch_size, "reps": scale.bench_reps,
+            "dtype": scale.bench_dtype, "threads": torch.get_num_threads(),
+            "device": _device_name(), "benchmark": benchmark.to_dict()}
+
+
 def _device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
@@ -589,6 +697,10 @@ def plan(scale: Scale) -> list[Stage]:
     stages.append(Stage("examples", _examples, "examples",
                         tuple(f"explain-{v}" for v in VARIANTS)
                         + tuple(prune_name("ice", r, scale.seeds[0]) for r in scale.keep_rates)))
+    if scale.synthetic:  # SyntheticScenes images of the models' own classes
+        stages.append(Stage("adaptive", _adaptive, "adaptive",
+                            tuple(prune_name(m, scale.keep_rates[0], scale.seeds[0])
+                                  for m in ("ice", "evit")), exclusive=True))
     names = set()
     for stage in stages:
         missing = [n for n in stage.after if n not in names]

@@ -20,6 +20,13 @@ ABLATION_LABELS = {"ice": "ICE (alpha 0.5, lambda 0.975)", "ice-alpha1": "alpha 
 # the map from the pruned forward should be within this many mIoU points of the unpruned pass of
 # the same weights (the goal, stated at keep rate 0.7, applied to every keep rate run)
 PRUNED_MAP_MIOU = 2.0
+# per-image token counts: adaptive ICE is compared with the fixed-keep curves at the GMACs of this
+# fixed keep rate, and its img/s there should be at least this share of the fixed curve's
+ADAPTIVE_MATCH_RATE = 0.5
+ADAPTIVE_SPEED_GOAL = 0.95
+# the four curves of the adaptive stage, as the report names them
+ADAPTIVE_CURVES = {"fixed-ice": "fixed-keep ICE", "adaptive-ice": "adaptive ICE",
+                   "fixed-evit": "fixed-keep EViT", "adaptive-evit": "adaptive EViT"}
 # the PM paper states only an abstract: what each comparison of a trained PM-style map rests on
 PM_ABSTRACT = ("the PM abstract claims better maps and classification than previous techniques, "
                "no figure")
@@ -61,17 +68,19 @@ def summarize(results: dict) -> dict:
     pruned_maps = _pruned_maps(stages)
     budgets = _budgets(stages, scale)
     prune_curve = _prune_curve(stages, scale)
+    adaptive = _adaptive(stages)
     comparisons = (_budget_claims(budgets)
                    + _map_claims(maps, best_baseline, scale["num_classes"])
                    + _pm_claims(pm, maps, best_baseline, unmodified_top1)
                    + _class_count_claims(classes)
                    + _prune_claims(prune, scale["keep_rates"])
                    + _prune_curve_claims(prune_curve)
-                   + _pruned_map_claims(pruned_maps))
+                   + _pruned_map_claims(pruned_maps)
+                   + _adaptive_claims(adaptive))
     return {"maps": maps, "best_baseline": best_baseline, "pm": pm,
             "unmodified_top1": unmodified_top1, "prune": prune, "classes": classes,
             "pruned_maps": pruned_maps, "budgets": budgets, "prune_curve": prune_curve,
-            "comparisons": comparisons}
+            "adaptive": adaptive, "comparisons": comparisons}
 
 
 def _budgets(stages: dict, scale: dict) -> dict:
@@ -224,6 +233,82 @@ def _pruned_map_claims(pruned_maps: dict) -> list[dict]:
             f"(eager, {agreement['images']} images)", agreement["logits_identical"],
             f"{agreement['logits_differing_images']} images differ, max |difference| "
             f"{agreement['logits_max_abs_diff']:.3g}", "our goal: no extra pass, the same output"))
+    return claims
+
+
+def _adaptive(stages: dict) -> dict:
+    """Per-image token counts (the ``adaptive`` stage): its variants as four curves sorted by GMACs
+    (:data:`ADAPTIVE_CURVES`), the study's settings, and per method the adaptive point nearest in
+    GMACs to fixed keep ``ADAPTIVE_MATCH_RATE`` beside the fixed-keep curves interpolated there
+    (linearly in GMACs; outside a curve's GMACs, its nearest end). Empty without the stage."""
+    result = stages.get("adaptive")
+    if result is None:
+        return {}
+    curves: dict[str, list[dict]] = {key: [] for key in ADAPTIVE_CURVES}
+    for name, row in result["variants"].items():
+        kind = "fixed" if row["policy"] is None else "adaptive"
+        curves[f"{kind}-{row['method']}"].append({"name": name, **row})
+    for rows in curves.values():
+        rows.sort(key=lambda r: r["gmacs"])
+
+    def along(curve: str, key: str, gmacs: float) -> float:
+        rows = curves[curve]
+        return float(np.interp(gmacs, [r["gmacs"] for r in rows], [r[key] for r in rows]))
+
+    matched = {}
+    for method in ("ice", "evit"):
+        fixed = next(r for r in curves[f"fixed-{method}"]
+                     if r["keep_rate"] == ADAPTIVE_MATCH_RATE)
+        point = min(curves[f"adaptive-{method}"], key=lambda r: abs(r["gmacs"] - fixed["gmacs"]))
+        gmacs = point["gmacs"]
+        matched[method] = {
+            "adaptive": point, "fixed": fixed,
+            "within_fixed_curve": (curves[f"fixed-{method}"][0]["gmacs"] <= gmacs
+                                   <= curves[f"fixed-{method}"][-1]["gmacs"]),
+            **{f"{curve}_{key}": along(curve, key, gmacs)
+               for curve in ("fixed-ice", "fixed-evit") for key in ("top1", "img_s_median")}}
+    settings = ("source_keep_rate", "seed", "images", "num_patches", "data", "fixed_rates",
+                "thresholds", "masses", "min_share", "max_share", "batch", "reps", "dtype",
+                "threads", "device")
+    return {"curves": curves, "matched": matched, "match_rate": ADAPTIVE_MATCH_RATE,
+            **{key: result[key] for key in settings}}
+
+
+def _adaptive_claims(adaptive: dict) -> list[dict]:
+    """Adaptive ICE (and EViT) against the fixed-keep curves at fixed keep 0.5's GMACs: top-1, and
+    adaptive ICE's img/s against the speed goal."""
+    if not adaptive:
+        return []
+    claims = []
+    goal = "our goal (issue 24): the adaptive policy above the fixed-keep curves"
+    for method, curves in (("ice", ("fixed-ice", "fixed-evit")), ("evit", ("fixed-evit",))):
+        study = adaptive["matched"][method]
+        point, fixed = study["adaptive"], study["fixed"]
+        where = ("" if study["within_fixed_curve"] else
+                 "; outside the fixed curve's GMACs, compared with its nearest end")
+        for curve in curves:
+            label = ADAPTIVE_CURVES[f"adaptive-{method}"]
+            claims.append(_claim(
+                f"{label[0].upper() + label[1:]} ({point['name']}, "
+                f"{point['gmacs']:.4f} GMACs: the adaptive point nearest fixed keep "
+                f"{adaptive['match_rate']:g}'s {fixed['gmacs']:.4f}) is above the "
+                f"{ADAPTIVE_CURVES[curve]} curve in top-1 at equal mean GMACs",
+                point["top1"] - study[f"{curve}_top1"],
+                f"{goal}; the curve interpolated linearly in GMACs gives "
+                f"{study[f'{curve}_top1']:.2f}{where}", unit=" points top-1"))
+    study = adaptive["matched"]["ice"]
+    point, fixed = study["adaptive"], study["fixed"]
+    ratio = point["img_s_median"] / study["fixed-ice_img_s_median"]
+    claims.append(_check(
+        f"Adaptive ICE at fixed keep {adaptive['match_rate']:g}'s GMACs runs at least "
+        f"{ADAPTIVE_SPEED_GOAL:g} of the fixed-keep ICE curve's img/s",
+        ratio >= ADAPTIVE_SPEED_GOAL,
+        f"{point['name']} at {point['gmacs']:.4f} GMACs: {point['img_s_median']:.0f} img/s, "
+        f"{ratio:.3f} of the fixed curve's {study['fixed-ice_img_s_median']:.0f} there; fixed keep "
+        f"{adaptive['match_rate']:g} itself: {fixed['img_s_median']:.0f} img/s at "
+        f"{fixed['gmacs']:.4f} GMACs ({point['img_s_median'] / fixed['img_s_median']:.3f})",
+        f"our goal (issue 24): at least {ADAPTIVE_SPEED_GOAL:g}, measured in one interleaved run, "
+        f"{adaptive['device']}"))
     return claims
 
 
