@@ -135,9 +135,9 @@ def _render_setup(results: dict) -> list[str]:
                            f"({sweep['chosen']['updates']} updates)"
                            for variant, sweep in summary["budgets"].items())
         budget = (f"ICE, ICE-f and ICEv2-style for the budget chosen on the mapval split (see "
-                  f"Training budgets: {chosen}); PM-style for ICE's; Table 6's ablation and the "
-                  f"class-count study {explain_spec['epochs']} epoch(s) (the sweep's first budget), "
-                  f"with the class-count rule's row of every class count also at ICE's")
+                  f"Training budgets: {chosen}); Table 6's ablation, PM-style and the class-count "
+                  f"study {explain_spec['epochs']} epoch(s) (the recipe's, the sweep's first "
+                  f"budget), with the class-count rule's row of every class count also at ICE's")
     else:
         budget = f"{explain_spec['epochs']} epoch(s)"
     lines.append(f"- Explanation runs (`train/explain.py`): {budget}; each epoch "
@@ -471,7 +471,8 @@ def _render_stage_times(stages: dict) -> list[str]:
     lines.append("| stage | wall (s) |")
     lines.append("|---|---|")
     for name, result in stages.items():
-        lines.append(f"| {name} | {result['wall_s']:.0f} |")
+        reused = f" (reused: {result['reused_from']})" if "reused_from" in result else ""
+        lines.append(f"| {name}{reused} | {result['wall_s']:.0f} |")
     lines.append("")
     return lines
 

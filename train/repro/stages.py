@@ -296,7 +296,7 @@ def _pm_stage(run: str) -> Callable[[Context, str], dict]:
         argv = ["--checkpoint", context.pretrained, "--mask-fraction", f"{fraction:g}"]
         if run == "pm-style-pseudo":
             argv += ["--pseudo-masks", f"ice:{context.checkpoint('explain-ice')}"]
-        spec = dataclasses.replace(scale.explain, epochs=main_explain_epochs(context))
+        spec = scale.explain  # the recipe's budget, as the ablation's
         record = train(pm, argv + train_argv(scale, spec), out)
         checkpoint = os.path.join(out, CHECKPOINT)
         maps = evaluate.main(eval_argv(scale, "explain", checkpoint, os.path.join(out, "eval"))
@@ -660,8 +660,9 @@ def plan(scale: Scale) -> list[Stage]:
     for run in ablation_runs(scale.num_classes):
         stages.append(Stage(f"explain-{run}", _explain_stage(run), "explain", first))
     stages.append(Stage("maps-baselines", _maps_baselines, "maps", first))
-    for run in pm_runs(scale):
-        stages.append(Stage(f"explain-{run}", _pm_stage(run), "pm", first + ("explain-ice",)))
+    for run in pm_runs(scale):  # the pseudo masks come from explain-ice
+        stages.append(Stage(f"explain-{run}", _pm_stage(run), "pm",
+                            first + (("explain-ice",) if run == "pm-style-pseudo" else ())))
     for num_classes in scale.class_counts:
         stages.append(Stage(f"classes-{num_classes}-generic", _class_count_baseline(num_classes),
                             "classes", first))
