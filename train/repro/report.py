@@ -89,8 +89,8 @@ def _render_header(results: dict) -> list[str]:
     lines = [f"# ICE in miniature: `{scale['name']}` scale", ""]
     lines.append(f"Written by `train/reproduce.py --scale {scale['name']}` on {results['date']} "
                  f"({stages['speed']['device']}; torch {results['versions']['torch']}, timm "
-                 f"{results['versions']['timm']}); the stages took {results['wall_s'] / 60:.1f} "
-                 f"minutes in all{_elapsed(results)}. Every figure below is read from the stages' outputs "
+                 f"{results['versions']['timm']}); the stages' compute took "
+                 f"{results['wall_s'] / 60:.1f} minutes in all{_elapsed(results)}. Every figure below is read from the stages' outputs "
                  f"(`results.json` holds them all). **The paper's figures are DeiT-S on ImageNet and "
                  f"its evaluation sets; ours are a small ViT on SyntheticScenes**: compare directions "
                  f"and gaps, not values.")
@@ -210,11 +210,17 @@ def _render_maps(results: dict) -> list[str]:
 
 
 def _elapsed(results: dict) -> str:
-    """How long the stages took by the clock, where they ran in parallel."""
+    """How long the stages took by the clock, where they ran in parallel, and how much of the
+    compute was reused from an earlier run."""
+    text = ""
+    reused = [r["wall_s"] for r in results["stages"].values() if "reused_from" in r]
+    if reused:
+        text += (f" ({sum(reused) / 60:.1f} of them in {len(reused)} stages reused from an earlier "
+                 f"run, marked in the stage times)")
     if results.get("jobs", 1) > 1 and results.get("elapsed_s"):
-        return (f" of compute, {results['elapsed_s'] / 60:.1f} minutes elapsed with up to "
-                f"{results['jobs']} stages at once (one torch thread each)")
-    return ""
+        text += (f"; {results['elapsed_s'] / 60:.1f} minutes elapsed with up to {results['jobs']} "
+                 f"stages at once (one torch thread each)")
+    return text
 
 
 def _render_budgets(summary: dict, scale: dict) -> list[str]:
