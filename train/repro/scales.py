@@ -173,7 +173,7 @@ def smoke_scale(**overrides) -> Scale:
 
 
 def cpu_scale(**overrides) -> Scale:
-    """About 90 minutes on a 2-core CPU (pretraining 35 of them, then two stages at once): a
+    """About 100 minutes on a 2-core CPU (pretraining 30 of them, then two stages at once): a
     12-block, 3-head ViT of width 96
     on 64-pixel images with 8-pixel patches (an 8 x 8 grid, 64 patch tokens), SyntheticScenes with 10
     classes in the setting a small ViT learns from scratch (see ``note``)."""
