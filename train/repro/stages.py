@@ -150,16 +150,13 @@ def maps_dataset(scale: Scale) -> Dataset:
 class Stage:
     """``fn(context, folder) -> results`` (JSON-serializable), written to ``folder/done.json``.
     ``after``: the stages whose results or checkpoints it reads (run before it); ``exclusive``: it
-    runs with no other stage beside it (the speed stage's timings); ``solo``: every other stage
-    waits for it (pretraining), so it gets the threads of all ``jobs`` (on this machine's 2 cores:
-    1.26x the speed of one thread on pretraining updates, measured 2026-12-04)."""
+    runs with no other stage beside it (the speed stage's timings)."""
 
     name: str
     fn: Callable[["Context", str], dict]
     kind: str
     after: tuple[str, ...] = ()
     exclusive: bool = False
-    solo: bool = False
 
 
 @dataclasses.dataclass
@@ -184,8 +181,7 @@ def _pretrain(context: Context, out: str) -> dict:
                    + train_argv(scale, scale.pretrain), out)
     accuracy = evaluate.main(eval_argv(scale, "accuracy", context.checkpoint("pretrain"),
                                        os.path.join(out, "eval")))
-    return {"train": record, "top1": accuracy["top1"], "checkpoint": context.checkpoint("pretrain"),
-            "threads": torch.get_num_threads()}
+    return {"train": record, "top1": accuracy["top1"], "checkpoint": context.checkpoint("pretrain")}
 
 
 def _explain_stage(run: str) -> Callable[[Context, str], dict]:
@@ -638,7 +634,7 @@ def plan(scale: Scale) -> list[Stage]:
     stages = []
     first = ("pretrain",) if scale.pretrain is not None else ()
     if scale.pretrain is not None:
-        stages.append(Stage("pretrain", _pretrain, "pretrain", solo=True))
+        stages.append(Stage("pretrain", _pretrain, "pretrain"))
     if scale.explain_budgets:
         if not scale.synthetic or scale.map_val_images < 1:
             raise ValueError("explain_budgets needs SyntheticScenes and map_val_images >= 1: the "
@@ -741,20 +737,18 @@ def _needed(stages: list[Stage], until: str) -> list[Stage]:
     return [stage for stage in stages if stage.name in needed]
 
 
-def run_stage(scale: Scale, work: str, name: str, log_path: Optional[str] = None,
-              jobs: int = 1) -> float:
+def run_stage(scale: Scale, work: str, name: str, log_path: Optional[str] = None) -> float:
     """Run the stage ``name`` of ``plan(scale)`` into ``work/<name>`` and write its ``done.json``;
     returns its wall time. ``log_path``: where its output goes (a worker process of a parallel
-    run sends its stdout and stderr there, so that the stages' progress bars do not interleave).
-    ``jobs``: the run's; a ``solo`` stage gets ``jobs`` times the scale's threads."""
+    run sends its stdout and stderr there, so that the stages' progress bars do not interleave)."""
     if log_path is not None:
         stream = open(log_path, "a", buffering=1)
         os.dup2(stream.fileno(), 1)
         os.dup2(stream.fileno(), 2)
         sys.stdout = sys.stderr = stream
-    stage = next(stage for stage in plan(scale) if stage.name == name)
     if scale.threads is not None:
-        torch.set_num_threads(scale.threads * (jobs if stage.solo else 1))
+        torch.set_num_threads(scale.threads)
+    stage = next(stage for stage in plan(scale) if stage.name == name)
     context = Context(scale, work)
     folder = context.folder(name)
     os.makedirs(folder, exist_ok=True)
@@ -796,7 +790,7 @@ def run(scale: Scale, out: str, fresh: bool = False, log: Callable[[str], None] 
         for stage in todo:
             i = index[stage.name]
             log(f"[{i}/{total}] {stage.name} ...  ({time.time() - t_start:.0f} s so far)")
-            wall = run_stage(scale, work, stage.name, jobs=jobs)
+            wall = run_stage(scale, work, stage.name)
             log(f"[{i}/{total}] {stage.name}: {wall:.0f} s")
     else:
         _run_parallel(scale, work, todo, done, jobs, index, total, t_start, log)
@@ -835,8 +829,7 @@ def _run_parallel(scale: Scale, work: str, todo: list[Stage], done: set, jobs: i
                 os.makedirs(folder, exist_ok=True)
                 log(f"[{index[stage.name]}/{total}] {stage.name} ...  ({time.time() - t_start:.0f} "
                     f"s so far; output in {os.path.join(folder, 'stage.log')})")
-                future = pool.submit(run_stage, scale, work, stage.name, jobs=jobs,
-                                     log_path=
+                future = pool.submit(run_stage, scale, work, stage.name,
                                      os.path.join(folder, "stage.log"))
                 running[future] = stage
                 pending.remove(stage)
