@@ -141,8 +141,6 @@ def reorganize_ragged_reference(
         keep_counts: ``[B]`` integer, non-prefix tokens kept per image, each in ``[1, N - P]``.
         total: the packed row count, ``sum_b num_prefix + keep_counts[b] (+ 1 if fuse)``.
         num_prefix, fuse, normalize: as :func:`reorganize_reference`.
-        dropped: the rows dropped in all, ``sum_b n_b - keep_counts[b]``, from the caller's host
-            sync; read from ``keep_counts`` (a host sync) when not given.
 
     Returns:
         ``rows``: ``[total, D]``, per image ``[prefix, kept tokens in descending score order, fused
