@@ -192,12 +192,19 @@ def _explain_stage(run: str) -> Callable[[Context, str], dict]:
         argv = (["--variant", variant, "--checkpoint", context.pretrained]
                 + list(ablation_runs(scale.num_classes).get(run, ())))
         record = train(explain, argv + train_argv(scale, scale.explain), out)
-        maps = evaluate.main(eval_argv(scale, "explain", context.checkpoint(f"explain-{run}"),
-                                       os.path.join(out, "eval")) + ["--methods", "ice"])
-        return {"run": run, "variant": variant, "args": argv[4:], "train": record,
-                "maps": maps["methods"]["ice"], "images": maps["images"],
-                "budget": {"epochs": scale.explain.epochs, "updates": record["num_updates"]}}
+        return _ice_map_result(scale, out, out, run, variant, argv[4:], record,
+                               {"epochs": scale.explain.epochs, "updates": record["num_updates"]})
     return fn
+
+
+def _ice_map_result(scale: Scale, source: str, out: str, run: str, variant: str, args: list,
+                    record: dict, budget: dict) -> dict:
+    """An explanation stage's results: the ICE map of ``source``'s checkpoint scored on the
+    evaluation images (``train/evaluate.py explain``, into ``out/eval``) beside its training."""
+    maps = evaluate.main(eval_argv(scale, "explain", os.path.join(source, CHECKPOINT),
+                                   os.path.join(out, "eval")) + ["--methods", "ice"])
+    return {"run": run, "variant": variant, "args": args, "train": record,
+            "maps": maps["methods"]["ice"], "images": maps["images"], "budget": budget}
 
 
 def budget_name(variant: str, epochs: int) -> str:
@@ -262,11 +269,8 @@ def _chosen_explain_stage(variant: str) -> Callable[[Context, str], dict]:
         source = context.folder(budget_name(variant, chosen["epochs"]))
         for name in (CHECKPOINT, LOG):
             shutil.copyfile(os.path.join(source, name), os.path.join(out, name))
-        maps = evaluate.main(eval_argv(scale, "explain", os.path.join(out, CHECKPOINT),
-                                       os.path.join(out, "eval")) + ["--methods", "ice"])
-        return {"run": variant, "variant": variant, "args": [], "train": last_epoch(out),
-                "maps": maps["methods"]["ice"], "images": maps["images"],
-                "budget": {**chosen, "source": budget_name(variant, chosen["epochs"])}}
+        return _ice_map_result(scale, out, out, variant, variant, [], last_epoch(out),
+                               {**chosen, "source": budget_name(variant, chosen["epochs"])})
     return fn
 
 
@@ -715,14 +719,12 @@ def _ablation_ice_stage(context: Context, out: str) -> dict:
     """The sweep's first ICE run (the ablation's budget) evaluated on the evaluation images: Table
     6's ICE row, trained as long as the ablation's other rows."""
     scale = context.scale
-    source = context.folder(budget_name("ice", scale.explain_budgets[0]))
-    maps = evaluate.main(eval_argv(scale, "explain", os.path.join(source, CHECKPOINT),
-                                   os.path.join(out, "eval")) + ["--methods", "ice"])
+    epochs = scale.explain_budgets[0]
+    source = context.folder(budget_name("ice", epochs))
     record = last_epoch(source)
-    return {"run": "ice", "variant": "ice", "args": [], "train": record,
-            "maps": maps["methods"]["ice"], "images": maps["images"],
-            "budget": {"epochs": scale.explain_budgets[0], "updates": record["num_updates"],
-                       "source": budget_name("ice", scale.explain_budgets[0])}}
+    return _ice_map_result(scale, source, out, "ice", "ice", [], record,
+                           {"epochs": epochs, "updates": record["num_updates"],
+                            "source": budget_name("ice", epochs)})
 
 
 def _needed(stages: list[Stage], until: str) -> list[Stage]:
