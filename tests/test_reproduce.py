@@ -488,3 +488,29 @@ def repro_load(scale, checkpoint, method, keep_rate, policy, **kwargs):
     return ice_prune.load_model(scale.model, checkpoint, method=method, keep_rate=keep_rate,
                                 patch_kwargs={} if method is None else {"keep_policy": policy},
                                 **kwargs)
+
+
+START_METHOD = "__import__('multiprocessing').get_start_method()"
+
+
+def test_parallel_stage_forks_its_data_loader_workers(tmp_path):
+    """A stage of a parallel run lives in a spawned process, whose default start method is 'spawn':
+    every data loader worker would import torch afresh (3-4 s a loader, three loaders an epoch).
+    After ``run_stage`` the process forks them, as a standalone training script does."""
+    import concurrent.futures
+    import multiprocessing
+
+    work = str(tmp_path / "work")
+    os.makedirs(os.path.join(work, "pretrain"))
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        # the worker inherits its parent's start method (reproduce.py's: spawn; pytest's: fork);
+        # the child's own multiprocessing module is asked through eval (a bound method of it would
+        # be pickled with a copy of the parent's context)
+        pool.submit(eval, "__import__('multiprocessing').set_start_method('spawn', force=True)"
+                    ).result()
+        assert pool.submit(eval, START_METHOD).result() == "spawn"
+        pool.submit(repro.stages.run_stage, tiny_scale(), work, "pretrain",
+                    os.path.join(work, "pretrain", "stage.log")).result()
+        assert pool.submit(eval, START_METHOD).result() == "fork"
+    assert os.path.exists(os.path.join(work, "pretrain", "done.json"))
