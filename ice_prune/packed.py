@@ -16,11 +16,16 @@ output does not depend on the rest of its batch. An image that keeps all its tok
 no fused token there, as a dense point that keeps everything is skipped; where every image keeps
 everything the batch stays dense.
 
-Attention is a loop of ``F.scaled_dot_product_attention`` over the images, on the CPU and on CUDA
-alike (a variable-length kernel would replace the loop on CUDA).
+Attention: on CUDA in fp16 / bf16, where torch has it (``torch.nn.attention.varlen``, torch 2.9+),
+one call of the variable-length flash kernel ``varlen_attn`` over the packed rows, told
+``num_splits=1`` where it takes it so that an image's result does not depend on the batch (split-KV
+would choose its splits from the batch); elsewhere (the CPU, fp32, an older torch) a loop of
+``F.scaled_dot_product_attention`` over the images. EViT's [CLS] attention row comes from the loop
+on that path, from one segment softmax over the packed rows on the variable-length one.
 """
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple, Optional
 
 import torch
@@ -65,21 +70,74 @@ def attention(attn: nn.Module, x: Tensor, segments: Segments,
     image's row at its own rows)."""
     T = x.shape[0]
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(T, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3)
-    q, k, v = qkv.unbind(0)  # [H, T, d]
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    outs, rows, start = [], [], 0
-    for length in segments.lengths:
-        qi, ki, vi = (t[None, :, start:start + length] for t in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qi, ki, vi)[0])
-        if cls_row:
-            rows.append(cls_attention_row(qi, ki, attn.scale)[0])
-        start += length
-    out = torch.cat(outs, dim=1).transpose(0, 1).reshape(T, attn.attn_dim)
+    qkv = attn.qkv(x).reshape(T, 3, attn.num_heads, attn.head_dim)
+    if use_varlen(x):
+        q, k, v = qkv.unbind(1)  # [T, H, d]
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out = varlen_attention(q, k, v, segments, attn.scale).reshape(T, attn.attn_dim)
+        row = segment_cls_row(q, k, segments, attn.scale) if cls_row else None
+    else:
+        q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)  # [H, T, d]
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        outs, rows, start = [], [], 0
+        for length in segments.lengths:
+            qi, ki, vi = (t[None, :, start:start + length] for t in (q, k, v))
+            outs.append(F.scaled_dot_product_attention(qi, ki, vi)[0])
+            if cls_row:
+                rows.append(cls_attention_row(qi, ki, attn.scale)[0])
+            start += length
+        out = torch.cat(outs, dim=1).transpose(0, 1).reshape(T, attn.attn_dim)
+        row = torch.cat(rows) if cls_row else None
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out)), torch.cat(rows) if cls_row else None
+    return attn.proj_drop(attn.proj(out)), row
+
+
+def use_varlen(x: Tensor) -> bool:
+    """Whether :func:`attention` takes the variable-length kernel for rows like ``x``: CUDA,
+    fp16 / bf16 (flash attention's dtypes), and a torch that has ``varlen_attn``."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
+
+
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch before 2.9
+        return None
+    return varlen_attn
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments,
+                     scale: float) -> Tensor:
+    """Attention of each image over its own rows in one call of torch's ``varlen_attn``: ``q``,
+    ``k``, ``v`` ``[T, H, d]`` -> ``[T, H, d]``. ``num_splits=1`` where the kernel takes it keeps
+    the result independent of the batch."""
+    varlen_attn = _varlen_attn()
+    cu_seq = segments.offsets.to(torch.int32)
+    longest = max(segments.lengths)
+    kwargs = {"scale": scale}
+    if "num_splits" in inspect.signature(varlen_attn).parameters:
+        kwargs["num_splits"] = 1
+    return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq, cu_seq, longest,
+                       longest, **kwargs)
+
+
+def segment_cls_row(q: Tensor, k: Tensor, segments: Segments, scale: float) -> Tensor:
+    """EViT's head-mean [CLS] attention row of every image of a packed batch at once: ``q``, ``k``
+    ``[T, H, d]`` -> ``[T]`` fp32, each image's softmax over its own rows (a segment softmax: the
+    per-image max and sum gathered back to the rows), what :func:`cls_attention_row` gives for
+    each image alone."""
+    starts = segments.offsets[:-1]
+    image = torch.repeat_interleave(torch.arange(len(segments.lengths), device=q.device),
+                                    segments.offsets.diff(), output_size=q.shape[0])
+    logits = (q[starts][image].float() * scale * k.float()).sum(-1)  # [T, H], fp32 as EViT's
+    H = logits.shape[1]
+    peak = logits.new_full((len(segments.lengths), H), -torch.inf)
+    peak = peak.scatter_reduce(0, image[:, None].expand_as(logits), logits, "amax")
+    e = (logits - peak[image]).exp()
+    total = e.new_zeros(peak.shape).index_add_(0, image, e)
+    return (e / total[image]).mean(dim=1)
 
 
 def block_forward(block: nn.Module, x: Tensor, segments: Segments) -> Tensor:

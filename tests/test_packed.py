@@ -210,6 +210,59 @@ def test_per_image_counts_match_a_plain_per_image_reference(method, placement, f
             model.keep_policy = policy(method, value, **shares)
 
 
+def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
+                     num_splits=None):
+    """torch's ``varlen_attn`` as its documentation states it (``[T, H, d]`` rows, int32
+    cumulative sequence starts, the longest sequence), with the attention matrix materialized; it
+    also checks what the packed path passes."""
+    assert cu_seq_q.dtype == torch.int32 and torch.equal(cu_seq_q, cu_seq_k)
+    bounds = cu_seq_q.tolist()
+    assert max_q == max_k == max(b - a for a, b in zip(bounds, bounds[1:]))
+    assert num_splits == 1  # split-KV would make an image's result depend on the batch
+    out = torch.full_like(query, torch.nan)
+    for a, b in zip(bounds, bounds[1:]):
+        q, k, v = (t[a:b].transpose(0, 1) for t in (query, key, value))  # [H, L, d]
+        out[a:b] = ((q @ k.transpose(-2, -1) * scale).softmax(-1) @ v).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("method", ["ice", "evit"])
+def test_the_variable_length_attention_path_matches_the_per_image_loop(method, monkeypatch):
+    """CUDA's path (one ``varlen_attn`` call, EViT's row from one segment softmax), taken here
+    with a stand-in for the kernel written from its documentation: the same counts and logits as
+    the loop of scaled-dot-product attention."""
+    from ice_prune import packed
+
+    model = make(method, prefix=5 if method == "ice" else 1)
+    x = images()
+    with torch.no_grad():
+        model.keep_policy = policy(method, adaptive_value(model, x, method))
+        loop = model(x)
+        loop_counts = [c.tolist() for c in model.ice_keep_counts]
+        monkeypatch.setattr(packed, "use_varlen", lambda rows: True)
+        monkeypatch.setattr(packed, "_varlen_attn", lambda: reference_varlen)
+        varlen = model(x)
+    assert [c.tolist() for c in model.ice_keep_counts] == loop_counts
+    assert len(set(map(tuple, zip(*loop_counts)))) > 1  # the images kept different counts
+    assert (varlen - loop).abs().max().item() <= TOL
+
+
+def test_segment_cls_row_is_each_image_alone():
+    from ice_prune import packed
+    from ice_prune.integrations.common import cls_attention_row
+
+    torch.manual_seed(0)
+    lengths = (5, 9, 1, 3)
+    q, k = torch.randn(2, sum(lengths), 3, 8).unbind(0)  # [T, H, d]
+    offsets = torch.tensor([0, 5, 14, 15, 18])
+    row = packed.segment_cls_row(q, k, packed.Segments(offsets, lengths), 0.4)
+    for b, length in enumerate(lengths):
+        a = offsets[b]
+        alone = cls_attention_row(q[None, a:a + length].transpose(1, 2),
+                                  k[None, a:a + length].transpose(1, 2), 0.4)[0]
+        assert (row[a:a + length] - alone).abs().max().item() <= 1e-6, b
+
+
 @pytest.mark.parametrize("method, prefix", [("ice", 5), ("evit", 1)])
 def test_an_image_keeping_every_token_beside_images_that_drop(method, prefix):
     """The first point packs the batch, and an image that keeps all its tokens there gets no fused
