@@ -71,7 +71,7 @@ def attention(attn: nn.Module, x: Tensor, segments: Segments,
     T = x.shape[0]
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x).reshape(T, 3, attn.num_heads, attn.head_dim)
-    if use_varlen(x):
+    if use_varlen(x, attn.head_dim):
         q, k, v = qkv.unbind(1)  # [T, H, d]
         q, k = attn.q_norm(q), attn.k_norm(k)
         out = varlen_attention(q, k, v, segments, attn.scale).reshape(T, attn.attn_dim)
@@ -94,10 +94,12 @@ def attention(attn: nn.Module, x: Tensor, segments: Segments,
     return attn.proj_drop(attn.proj(out)), row
 
 
-def use_varlen(x: Tensor) -> bool:
+def use_varlen(x: Tensor, head_dim: int) -> bool:
     """Whether :func:`attention` takes the variable-length kernel for rows like ``x``: CUDA,
-    fp16 / bf16 (flash attention's dtypes), and a torch that has ``varlen_attn``."""
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
+    fp16 / bf16 and a head size of at most 256 in steps of 8 (flash attention's), and a torch that
+    has ``varlen_attn``."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0
+            and head_dim <= 256 and _varlen_attn() is not None)
 
 
 def _varlen_attn():

@@ -239,12 +239,41 @@ def test_the_variable_length_attention_path_matches_the_per_image_loop(method, m
         model.keep_policy = policy(method, adaptive_value(model, x, method))
         loop = model(x)
         loop_counts = [c.tolist() for c in model.ice_keep_counts]
-        monkeypatch.setattr(packed, "use_varlen", lambda rows: True)
+        monkeypatch.setattr(packed, "use_varlen", lambda rows, head_dim: True)
         monkeypatch.setattr(packed, "_varlen_attn", lambda: reference_varlen)
         varlen = model(x)
     assert [c.tolist() for c in model.ice_keep_counts] == loop_counts
     assert len(set(map(tuple, zip(*loop_counts)))) > 1  # the images kept different counts
     assert (varlen - loop).abs().max().item() <= TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["ice", "evit"])
+def test_cuda_alone_and_in_a_batch(method):
+    """On CUDA: fp32 with TF32 off (the per-image loop), an image alone and in a batch within 1e-4;
+    bf16 (``varlen_attn`` where torch has it), the same counts and top-1."""
+    from ice_prune import packed
+
+    # a head size flash attention takes (16)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32,
+                              num_heads=2, num_classes=5).eval().cuda()
+    ice_prune.patch(model, method=method)
+    x = images().cuda()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    with torch.no_grad():
+        model.keep_policy = policy(method, adaptive_value(model, x, method))
+        for dtype, tol in [(torch.float32, 1e-4), (torch.bfloat16, None)]:
+            model.to(dtype)
+            batch = model(x.to(dtype)).float()
+            batch_counts = torch.stack(model.ice_keep_counts, dim=1)
+            for b in range(x.shape[0]):
+                alone = model(x[b:b + 1].to(dtype)).float()
+                assert torch.equal(torch.stack(model.ice_keep_counts, dim=1)[0], batch_counts[b])
+                if tol is None:
+                    assert alone[0].argmax() == batch[b].argmax(), b
+                else:
+                    assert (alone[0] - batch[b]).abs().max().item() <= tol, b
+    print("bf16 took varlen_attn:", packed.use_varlen(x.to(torch.bfloat16), 16))
 
 
 def test_segment_cls_row_is_each_image_alone():
