@@ -8,6 +8,7 @@
     python bench/throughput.py --explain                           # + ICE with its map, vs ICE
     python bench/throughput.py --device cuda --model-dtype bf16    # bf16 weights, no autocast
     python bench/throughput.py --thresholds 0.5 0.7 --masses 0.9   # + per-image keep counts
+    python bench/throughput.py --thresholds 0.5 --masses 0.9 --masked   # + padded-and-masked twins
 
 All variants are timed interleaved in one run (ice_prune.benchmark_models); a speed-up is the ratio of
 the variant's median img/s to the baseline's. GMACs are fvcore counts with the SDPA and reorganize
@@ -39,7 +40,12 @@ images keep different counts; random noise makes every token look alike). Each s
 mean tokens kept per selection point over the batch (``model.ice_keep_counts``), GMACs per image
 (``count_flops(images=...)`` over the batch) and its img/s, and its img/s over the fixed-keep
 variant of its method nearest in GMACs. They run eager: their packed forward syncs with the host at
-each point.
+each point. ``--masked`` adds, for each of them, its padded-and-masked twin
+(``ice@threshold=T,masked``: ``KeepPolicy(masked=True)``, ice_prune.masked, what A-ViT-style code
+does) on the same weights: the same tokens kept, the same outputs, but the batch stays ``[B, N, D]``
+and the dropped tokens are only masked out of attention. Its GMACs are what it computes, every row
+of every block (about the baseline's); its img/s is reported over its packed twin's, and its JSON
+row has ``"masked": true``.
 
 Precision: ``--dtype fp16/bf16`` runs fp32 weights under autocast; ``--model-dtype fp16/bf16`` casts
 the weights and inputs instead (no autocast, as timm's benchmark.py offers). Each variant's first
@@ -166,6 +172,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     adaptive.add_argument("--masses", type=float, nargs="+", default=[],
                           help="EViT variants keeping the fewest tokens that hold each share of "
                                "the [CLS] attention (KeepPolicy(mass=M))")
+    adaptive.add_argument("--masked", action="store_true",
+                          help="also time each --thresholds / --masses variant padded and masked "
+                               "(NAME,masked: KeepPolicy(masked=True), as A-ViT-style code runs "
+                               "it: the same tokens kept, dropped ones masked out of attention "
+                               "but still computed) and report its img/s over the packed one's; "
+                               "its GMACs count what it computes, all N rows of every block")
     adaptive.add_argument("--policy-min-share", type=float, default=0.0,
                           help="each image keeps at least this share of the tokens at each point")
     adaptive.add_argument("--policy-max-share", type=float, default=1.0,
@@ -207,16 +219,24 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def keep_policies(args: argparse.Namespace) -> list[tuple[str, KeepPolicy]]:
-    """``(method, KeepPolicy)`` of each --thresholds / --masses variant; bad values raise."""
+    """``(method, KeepPolicy)`` of each --thresholds / --masses variant, each followed by its
+    masked twin with --masked; bad values raise."""
     shares = dict(min_share=args.policy_min_share, max_share=args.policy_max_share)
-    return ([("ice", KeepPolicy(threshold=t, **shares)) for t in args.thresholds]
-            + [("evit", KeepPolicy(mass=m, **shares)) for m in args.masses])
+    policies = ([("ice", KeepPolicy(threshold=t, **shares)) for t in args.thresholds]
+                + [("evit", KeepPolicy(mass=m, **shares)) for m in args.masses])
+    if not args.masked:
+        return policies
+    return [(method, p) for method, policy in policies
+            for p in (policy, dataclasses.replace(policy, masked=True))]
 
 
 def check_adaptive_args(args: argparse.Namespace) -> None:
     """The keep policies checked, ``args.images`` resolved, and the options the adaptive variants
     cannot run with refused, the fix named."""
     policies = keep_policies(args)
+    if args.masked and not policies:
+        raise ValueError("--masked adds the padded-and-masked twin of each --thresholds / "
+                         "--masses variant: give some of those too")
     if args.images is None:
         args.images = "synthetic" if policies else "random"
     if policies and args.images != "synthetic":
@@ -231,10 +251,13 @@ def check_adaptive_args(args: argparse.Namespace) -> None:
 
 
 def policy_name(method: str, policy: KeepPolicy) -> str:
-    """``ice@threshold=T`` / ``evit@mass=M``: a variant with a keep policy."""
+    """``ice@threshold=T`` / ``evit@mass=M``: a variant with a keep policy; ``,masked`` appended
+    for a masked one."""
     if policy.threshold is not None:
-        return f"{method}@threshold={policy.threshold:g}"
-    return f"{method}@mass={policy.mass:g}"
+        name = f"{method}@threshold={policy.threshold:g}"
+    else:
+        name = f"{method}@mass={policy.mass:g}"
+    return name + ",masked" if policy.masked else name
 
 
 def synthetic_images(count: int, input_size: tuple[int, int, int], seed: int,
@@ -251,7 +274,8 @@ def build_variants(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module]
     """The baseline and EViT / ICE at every keep rate and with every keep policy, sharing the
     baseline's weights; the ICE models get the checkpoint's ICE head, if it has one. With
     ``--explain``, ``ice-explain@RATE`` is ``ice@RATE`` in explain mode, holding the same weight
-    tensors."""
+    tensors; with ``--masked``, ``NAME,masked`` is the policy variant ``NAME`` run masked, holding
+    the same weight tensors."""
     kwargs = {} if args.img_size is None else {"img_size": args.img_size}
     state = read_state_dict(args.checkpoint, args.trust_checkpoint) if args.checkpoint else None
     base = ice_prune.load_model(args.model, split_ice_head(state)[0] if state else None,
@@ -278,14 +302,19 @@ def build_variants(args: argparse.Namespace) -> tuple[dict[str, torch.nn.Module]
                 patch_kwargs={"kernel": args.kernel}))
             meta[name] = {"method": REFERENCE, "keep_rate": rate}
     for method, policy in keep_policies(args):
-        patch_kwargs = {"kernel": args.kernel, "keep_policy": policy}
-        if method == "ice" and args.ice_classes:
-            patch_kwargs["num_classes"] = args.ice_classes
         name = policy_name(method, policy)
-        models[name] = ice_prune.load_model(copy.deepcopy(base), state, method=method,
-                                            patch_kwargs=patch_kwargs)
-        meta[name] = {"method": ADAPTIVE[method], "keep_rate": None,
-                      "policy": dataclasses.asdict(policy)}
+        if policy.masked:  # the packed twin's weight tensors (its ICE head too), run masked
+            models[name] = sharing_weights(models[name.removesuffix(",masked")])
+            models[name].keep_policy = policy
+        else:
+            patch_kwargs = {"kernel": args.kernel, "keep_policy": policy}
+            if method == "ice" and args.ice_classes:
+                patch_kwargs["num_classes"] = args.ice_classes
+            models[name] = ice_prune.load_model(copy.deepcopy(base), state, method=method,
+                                                patch_kwargs=patch_kwargs)
+        rule = {k: v for k, v in dataclasses.asdict(policy).items() if k != "masked"}
+        meta[name] = {"method": ADAPTIVE[method], "keep_rate": None, "policy": rule,
+                      "masked": policy.masked}
     return models, meta
 
 
@@ -369,6 +398,10 @@ def print_table(rows: list[dict], header: str) -> None:
                   f"repetition: median {row['vs_ice_paired']:.3f}, quartiles "
                   f"{percentile(reps, 25):.3f}-{percentile(reps, 75):.3f}, range {min(reps):.3f}-"
                   f"{max(reps):.3f}; goal: at least 0.98 on a GPU at batch 256 bf16)")
+    for row in rows:
+        if row.get("vs_packed") is not None:
+            print(f"{row['name']}: {row['vs_packed']:.3f} of the img/s of {row['packed']}, the "
+                  f"same policy packed (the same tokens kept; masked computes every row)")
     for row in rows:
         if row.get("vs_reference") is not None:
             print(f"{row['name']}: {row['vs_reference']:.2f}x the img/s of EViT materializing the "
@@ -586,7 +619,8 @@ def throughput_rows(run, meta: dict, stats: dict) -> list[dict]:
     ``new_batch_call_vs_baseline_s``: seconds of the first forward (at the timed / the new batch
     size) beyond the baseline's of the same kind; ``nearest_fixed`` / ``vs_nearest_fixed``: for a
     variant with a keep policy, the fixed-keep variant of its method nearest in GMACs and the
-    policy's median img/s over it."""
+    policy's median img/s over it; ``packed`` / ``vs_packed``: for a --masked variant, its packed
+    twin and its median img/s over the twin's."""
     rows = []
     for measured in run.to_dict()["results"]:
         row = variant_row(measured, meta, stats)
@@ -607,6 +641,9 @@ def throughput_rows(run, meta: dict, stats: dict) -> list[dict]:
         row["vs_reference"] = (run.speedup(name, reference)
                                if row["method"] == "evit" and reference in run.measurements else None)
         row["vs_eager"] = run.speedup(name, name[:-len(suffix)]) if suffix else None
+        masked = row.get("masked", False)
+        row["packed"] = name.removesuffix(",masked") if masked else None
+        row["vs_packed"] = run.speedup(name, row["packed"]) if masked else None
         rows.append(row)
     for row in rows:
         fixed = [r for r in rows if row.get("policy") and r["method"] == row["name"].split("@")[0]

@@ -287,12 +287,20 @@ class KeepPolicy:
     ``mass`` of the [CLS] attention, :func:`mass_keep_counts`). Each image keeps between
     ``ceil(min_share * n)`` (at least one) and ``ceil(max_share * n)`` of its ``n`` non-prefix
     tokens.
+
+    ``masked``: run the policy padded and masked (:mod:`ice_prune.masked`), as A-ViT-style code
+    does, instead of packed (:mod:`ice_prune.packed`). The batch keeps its ``[B, N, D]`` shape and
+    every image keeps the same tokens as packed and gives the same outputs, but its dropped tokens
+    are only masked out of attention: every block still computes all ``N`` rows. It saves FLOPs on
+    paper and no time; it is there to be measured beside the packed run (bench/throughput.py
+    ``--masked``).
     """
 
     threshold: Optional[float] = None
     mass: Optional[float] = None
     min_share: float = 0.0
     max_share: float = 1.0
+    masked: bool = False
 
     def __post_init__(self) -> None:
         if (self.threshold is None) == (self.mass is None):
@@ -312,6 +320,9 @@ class KeepPolicy:
         if self.min_share > self.max_share:
             raise ValueError(f"min_share ({self.min_share}) must not exceed max_share "
                              f"({self.max_share})")
+        if not isinstance(self.masked, bool):
+            raise TypeError(f"masked is True (run the policy padded and masked, for comparison) "
+                            f"or False (packed, the fast path), got {self.masked!r}")
 
     def keep_counts(self, scores: Tensor, sizes: Optional[Tensor] = None) -> Tensor:
         """``[B]`` int64 tokens kept per image from the scores ``[B, n]`` of the non-prefix tokens

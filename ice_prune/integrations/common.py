@@ -70,6 +70,8 @@ class ICEState:
         self.keep_counts: list[Tensor] = []
         # under a keep policy, where each image's rows lie once the batch is packed (else None)
         self.segments = None
+        # under a masked keep policy, which rows are still tokens once a point has run (else None)
+        self.padded = None
         self._grid: tuple[int, int] = (0, 0)
         # with trace or explain: the original patch index of each current non-prefix token,
         # num_patches for a fused token (which stands for no single patch)
@@ -88,7 +90,7 @@ class ICEState:
         self.record_logits = training
         self.logits = []
         self.keep_counts = []
-        self.segments = None
+        self.segments = self.padded = None
         self._grid = tuple(grid)
         self._patches = self._foreground = self._point = self.explanation = None
         if self.trace:
@@ -185,8 +187,8 @@ class ICEModel:
 
     @property
     def keep_policy(self) -> Optional[KeepPolicy]:
-        """Per-image keep counts (eval mode; :mod:`ice_prune.packed`), or ``None`` for the fixed
-        ``keep_rate``."""
+        """Per-image keep counts (eval mode; :mod:`ice_prune.packed`, or :mod:`ice_prune.masked`
+        with ``masked=True``), or ``None`` for the fixed ``keep_rate``."""
         return self._ice.keep_policy
 
     @keep_policy.setter

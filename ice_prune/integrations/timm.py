@@ -9,7 +9,8 @@ back.
 
 Supported: timm 1.0's ``VisionTransformer`` (DeiT, ViT, DeiT III, register and distilled ViTs) whose
 blocks at the selection points are timm's pre-norm ``Block`` with timm ``Attention``. A keep policy
-(per-image counts, :mod:`ice_prune.packed`) needs those blocks from the first selection point on and
+(per-image counts, :mod:`ice_prune.packed`, or padded and masked for comparison,
+:mod:`ice_prune.masked`) needs those blocks from the first selection point on and
 ``global_pool="token"``, and runs in eval mode.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ice_prune import packed
+from ice_prune import masked, packed
 from ice_prune.integrations.common import (ICEModel, ICEState, Integration, check_keep_policy,
                                            cls_attention_row)
 from ice_prune.select import keep_count
@@ -47,6 +48,8 @@ class ICEVisionTransformer(ICEModel):
                              "to train with keep_rate")
         check_keep_policy(state.keep_policy, state.selector, state.trace, state.explain,
                           self._keep_policy_refusal(self, state.locs))
+        if state.keep_policy.masked:  # for comparison: [B, N, D] throughout, tokens masked
+            return masked.forward_features(self, x)
         return packed.forward_features(self, x)
 
     @staticmethod
@@ -75,6 +78,8 @@ class ICEBlock:
             raise ValueError("attention masks are not supported on a token-pruned ViT")
         state, loc = self._ice, self._ice_loc
         if state.keep_policy is not None:
+            if state.keep_policy.masked:  # the batch stays [B, N, D], dropped tokens masked out
+                return masked.selection_block_forward(self, x, state, loc)
             if state.segments is not None:  # an earlier point packed the batch
                 return packed.selection_block_forward(self, x, state, loc)
             keep = None  # one count per image, from the scores
