@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ice_prune import packed
 from ice_prune.kernels import ice_score_macs, reorganize_macs
 from ice_prune.kernels.ops import reorganize_ragged_macs
 
@@ -199,7 +200,10 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), bat
         images: ``[B, C, H, W]``, real images to count on instead of random ones of
             ``input_size`` (``batch_size`` and ``input_size`` are then not used). A model that keeps a
             number of tokens per image (``keep_policy``) costs what its images make it keep: divide
-            the count by ``B`` for the mean per image.
+            the count by ``B`` for the mean per image. A masked policy
+            (``KeepPolicy(masked=True)``, :mod:`ice_prune.masked`) computes every row of every
+            block whatever it keeps, and that is what it counts: the unpruned model plus the
+            selection steps, not the FLOPs the masking saves on paper.
     """
     if counter not in COUNTERS:
         raise ValueError(f"unknown counter {counter!r}; choose one of {sorted(COUNTERS)}")
@@ -216,7 +220,8 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), bat
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # a packed batch's attention without the padding of its buckets: each image's own work
+        with torch.no_grad(), packed.exact_buckets():
             return COUNTERS[counter](model, x)
     finally:
         model.train(was_training)

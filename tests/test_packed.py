@@ -276,6 +276,37 @@ def test_cuda_alone_and_in_a_batch(method):
     print("bf16 took varlen_attn:", packed.use_varlen(x.to(torch.bfloat16), 16))
 
 
+def test_buckets_by_hand():
+    """Sorted by length; a bucket grows while padding to its longest costs at most 1.25 times the
+    images' own attention work (sum of squared lengths)."""
+    from ice_prune import packed
+
+    # 10, 10 (2*100 <= 1.25*200); 11 joins (3*121=363 <= 1.25*321=401); 20 does not (4*400 >
+    # 1.25*721); 20, 21: 2*441=882 <= 1.25*841=1051
+    assert packed.buckets((20, 10, 11, 10, 21)) == [[1, 3, 2], [0, 4]]
+    assert packed.buckets((20, 10, 11, 10, 21), slack=1.0) == [[1, 3], [2], [0], [4]]
+    assert packed.buckets((7,)) == [[0]]
+
+
+@pytest.mark.parametrize("lengths", [(5, 9, 1, 3, 9, 8), (6, 6, 6), (4, 4, 9, 4)])
+def test_bucketed_attention_is_each_image_alone(lengths):
+    from ice_prune import packed
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, sum(lengths), 2, 8).unbind(0)  # [T, H, d]
+    offsets = torch.tensor((0,) + lengths).cumsum(0)
+    for exact in (False, True):
+        with packed.exact_buckets() if exact else torch.no_grad():
+            segments = packed.make_segments(offsets, lengths)
+        assert len(segments.buckets) < len(lengths) or exact
+        out = packed.bucketed_attention(q, k, v, segments)
+        for b, length in enumerate(lengths):
+            a = offsets[b]
+            qi, ki, vi = (t[a:a + length].transpose(0, 1) for t in (q, k, v))
+            alone = ((qi @ ki.transpose(-2, -1) / 8 ** 0.5).softmax(-1) @ vi).transpose(0, 1)
+            assert (out[a:a + length] - alone).abs().max().item() <= 1e-6, (exact, b)
+
+
 def test_segment_cls_row_is_each_image_alone():
     from ice_prune import packed
     from ice_prune.integrations.common import cls_attention_row
@@ -284,7 +315,7 @@ def test_segment_cls_row_is_each_image_alone():
     lengths = (5, 9, 1, 3)
     q, k = torch.randn(2, sum(lengths), 3, 8).unbind(0)  # [T, H, d]
     offsets = torch.tensor([0, 5, 14, 15, 18])
-    row = packed.segment_cls_row(q, k, packed.Segments(offsets, lengths), 0.4)
+    row = packed.segment_cls_row(q, k, packed.make_segments(offsets, lengths), 0.4)
     for b, length in enumerate(lengths):
         a = offsets[b]
         alone = cls_attention_row(q[None, a:a + length].transpose(1, 2),
@@ -356,17 +387,18 @@ def dense_rates(counts):
     return [(k - 0.5) / n for k, n in zip(counts, sizes_seen(counts))]  # ceil(rate * n) == k
 
 
-def scoring_macs(model, method, placement, n):
+def scoring_macs(model, method, placement, n, packed=False):
     """The cost of scoring ``n`` non-prefix tokens at a point that then keeps them all: a dense
     point keeping every token skips it, a policy cannot (the scores give the count). ICE: its head
     on each token and, with EViT's placement, the norm2 the head reads (5 per element, as fvcore
     counts a layer norm); EViT: the [CLS] row against the prefix and the n tokens, H multiply-adds
-    per key element (the block-diagonal product of ``cls_attention_row``)."""
+    per key element on a dense batch (the block-diagonal product of ``cls_attention_row``), one on
+    a packed one (``packed.segment_cls_row``)."""
     P, D = model.num_prefix_tokens, model.embed_dim
     if method == "ice":
         head = n * D * model.ice_head.fc.out_features
         return head + (5 * D * (P + n) if placement == "attn" else 0)
-    return model.blocks[0].attn.num_heads * D * (P + n)
+    return (1 if packed else model.blocks[0].attn.num_heads) * D * (P + n)
 
 
 @pytest.mark.parametrize("method", ["ice", "evit"])
@@ -399,10 +431,19 @@ def test_count_flops_on_images_is_each_image_alone_at_its_counts(method, placeme
         model(x)
         counts = torch.stack(model.ice_keep_counts, dim=1).tolist()
     assert both_terms(counts) and len(set(map(tuple, counts))) > 1
-    keep_all = [n for c in counts for k, n in zip(c, sizes_seen(c)) if k == n]
+    # the first point where an image drops packs the batch; the points after it score packed rows
+    first = min(i for c in counts for i, (k, n) in enumerate(zip(c, sizes_seen(c))) if k < n)
+    keep_all = [(n, i > first) for c in counts for i, (k, n) in enumerate(zip(c, sizes_seen(c)))
+                if k == n]
+    # EViT's [CLS] row on packed rows: one multiply-add per key element, H on the dense path
+    H, D, P = model.blocks[0].attn.num_heads, model.embed_dim, model.num_prefix_tokens
+    packed_drops = sum(P + n for c in counts for i, (k, n) in enumerate(zip(c, sizes_seen(c)))
+                       if i > first and k < n)
     for counter in ("fvcore", "torch"):
         got = ice_prune.count_flops(model, images=x, counter=counter)
-        expected = sum(scoring_macs(model, method, placement, n) for n in keep_all)
+        expected = sum(scoring_macs(model, method, placement, n, p) for n, p in keep_all)
+        if method == "evit":  # the dense path alone counts the row H times where it drops
+            expected -= (H - 1) * D * packed_drops
         model.keep_policy = None
         for b in range(x.shape[0]):
             model.keep_rate = dense_rates(counts[b])
