@@ -8,13 +8,16 @@
 >>> pruned = ice_prune.load_model("deit_small_patch16_224", "runs/ice-0.7/last.pth", method="ice")
 
 This namespace is the core: patching and its selectors, heads, loss and kernels, maps, ``restore``,
-checkpoints and ``load_model`` (a model with its ICE head and checkpoint, ready to run), and the
-measurements. The training and evaluation harness behind ``train/`` lives in the subpackages
-:mod:`ice_prune.data`, :mod:`ice_prune.training` and :mod:`ice_prune.evaluation`, imported on first
-use (``import ice_prune`` loads none of them); :mod:`ice_prune.export` needs the ``export`` extra.
+checkpoints and ``load_model`` (a model with its ICE head and checkpoint, ready to run), the
+measurements, and ``calibrate_keep_policy`` (the ICE threshold or EViT mass whose per-image counts
+cost what a fixed keep rate costs, on a set of images). The training and evaluation harness behind
+``train/`` lives in the subpackages :mod:`ice_prune.data`, :mod:`ice_prune.training` and
+:mod:`ice_prune.evaluation`, imported on first use (``import ice_prune`` loads none of them);
+:mod:`ice_prune.export` needs the ``export`` extra.
 """
 import importlib
 
+from ice_prune.calibration import calibrate_keep_policy
 from ice_prune.checkpoint import load_checkpoint
 from ice_prune.flops import count_flops
 from ice_prune.head import ICEHead
@@ -34,6 +37,7 @@ __all__ = [
     "KeepPolicy",
     "benchmark",
     "benchmark_models",
+    "calibrate_keep_policy",
     "count_flops",
     "explain",
     "keep_rate_schedule",
