@@ -1,5 +1,6 @@
 """train/reproduce.py and train/repro: the whole pipeline at a seconds-long scale, resumability, the
 report read from the stages' outputs, and the gpu scale's command lines."""
+import dataclasses
 import json
 import os
 import sys
@@ -422,9 +423,12 @@ def test_gpu_synthetic_scale_plans_the_cpu_pipeline_with_gpu_budgets(tmp_path):
 
 def check_adaptive(out, results, scale):
     """The per-image token counts stage of a finished smoke run against what is computed here
-    apart from it: the same checkpoints (the first keep rate's, first seed) on the same images,
-    each variant's top-1, mean tokens per point and GMACs; keep rate 1 is the unpatched forward
-    of the same weights; the report's section shows the stage's numbers."""
+    apart from it: the calibration images rebuilt from their description (SyntheticScenes'
+    training split, the pruning run's seed, the adaptive object scale) and each policy calibrated
+    on them again, the same checkpoints (the first keep rate's, first seed) on the same evaluation
+    images, each variant's top-1, mean tokens per point and GMACs; keep rate 1 is the unpatched
+    forward of the same weights; the bookkeeping variant keeps fixed keep 0.5's counts in every
+    image; the report's section shows the stage's numbers, the bookkeeping row apart."""
     from ice_prune import KeepPolicy
     from ice_prune.data import SyntheticScenes
     done = results["stages"]["adaptive"]
@@ -433,21 +437,43 @@ def check_adaptive(out, results, scale):
                              scale=(0.1, 0.6))
     images = torch.stack([scenes[i][0] for i in range(4)])
     labels = torch.tensor([scenes[i][1] for i in range(4)])
-    expected = [f"{m}@{r:g}" for m in ("ice", "evit") for r in (1.0, 0.9, 0.7, 0.5, 0.3)]
-    expected += [f"ice@threshold={t:g}" for t in (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)]
-    expected += [f"evit@mass={m:g}" for m in (0.5, 0.7, 0.8, 0.9, 0.95)]
-    assert sorted(done["variants"]) == sorted(expected)
+    rates = (0.9, 0.7, 0.5, 0.3)
+    assert done["calibration"] == {"images": 400, "split": "train", "seed": 0,
+                                   "object_scale": [0.1, 0.6], "iterations": 16,
+                                   "precision": 2.0 ** -16, "rates": list(rates)}
+    train = SyntheticScenes(num_classes=4, img_size=32, length=400, split="train", seed=0,
+                            scale=(0.1, 0.6))
+    calibration = torch.stack([train[i][0] for i in range(400)])
     kwargs = dict(img_size=32, **scale.model_kwargs)
+
+    def checkpoint(method):
+        return os.path.join(out, "work", f"prune-{method}-0.5-s0", "last.pth")
+
+    # name -> (method, fixed keep rate or None, policy or None, calibrated to)
+    expected = {f"{m}@{r:g}": (m, r, None, None) for m in ("ice", "evit")
+                for r in (1.0, 0.9, 0.7, 0.5, 0.3)}
+    calibrated = {}
+    for method, rule in (("ice", "threshold"), ("evit", "mass")):
+        model = repro_load(scale, checkpoint(method), method, 0.5, None, **kwargs)
+        for r in rates:
+            policy = ice_prune.calibrate_keep_policy(model, calibration, r, min_share=0.1,
+                                                     max_share=1.0, iterations=16)
+            name = f"{method}@{rule}={getattr(policy, rule):.4g}"
+            name += f" (to {r:g})" if name in expected else ""
+            expected[name] = (method, None, policy, r)
+            calibrated.setdefault(rule, []).append(getattr(policy, rule))
+    expected["ice@share=0.5"] = ("ice", None, KeepPolicy(threshold=0.5, min_share=0.5,
+                                                         max_share=0.5), None)
+    assert sorted(done["variants"]) == sorted(expected)
+    assert (done["thresholds"], done["masses"]) == (calibrated["threshold"], calibrated["mass"])
     for name, row in done["variants"].items():
-        method, setting = name.split("@")
-        checkpoint = os.path.join(out, "work", f"prune-{method}-0.5-s0", "last.pth")
-        if "=" in setting:
-            rule, value = setting.split("=")
-            policy = KeepPolicy(**{rule: float(value)}, min_share=0.1, max_share=1.0)
-            model = repro_load(scale, checkpoint, method, 0.5, policy, **kwargs)
-        else:
-            policy, model = None, repro_load(scale, checkpoint, method, float(setting), None,
-                                             **kwargs)
+        method, keep_rate, policy, calibrated_to = expected[name]
+        kind = ("fixed" if policy is None else "bookkeeping" if name == "ice@share=0.5"
+                else "adaptive")
+        assert (row["method"], row["kind"], row["keep_rate"], row["calibrated_to"]) == (
+            method, kind, keep_rate, calibrated_to)
+        model = repro_load(scale, checkpoint(method), method, keep_rate or 0.5, policy, **kwargs)
+        assert row["policy"] == (None if policy is None else dataclasses.asdict(policy))
         with torch.no_grad():
             logits = model(images)
         assert row["top1"] == pytest.approx(100 * (logits.argmax(-1) == labels).float().mean())
@@ -459,29 +485,52 @@ def check_adaptive(out, results, scale):
         else:
             assert row["gmacs"] == pytest.approx(
                 ice_prune.count_flops(model, (3, 32, 32)) / 1e9, rel=1e-12)
+        if kind == "bookkeeping":  # fixed keep 0.5 of 16 patches: 8, then 5 of 9, 3 of 6
+            assert counts.tolist() == [[8, 5, 3]] * 4 and row["tokens_per_point"] == [8, 5, 3]
+            assert row["gmacs"] == pytest.approx(done["variants"]["ice@0.5"]["gmacs"], rel=1e-12)
         assert row["img_s_median"] > 0
     # keep rate 1 runs the checkpoint's backbone as it is
     for method in ("ice", "evit"):
-        plain = repro_load(scale, os.path.join(out, "work", f"prune-{method}-0.5-s0", "last.pth"),
-                           None, 1.0, None, **kwargs)
+        plain = repro_load(scale, checkpoint(method), None, 1.0, None, **kwargs)
         with torch.no_grad():
             top1 = 100 * (plain(images).argmax(-1) == labels).float().mean()
         assert done["variants"][f"{method}@1"]["top1"] == pytest.approx(top1)
     summary = repro.summarize(results)["adaptive"]
     assert [len(summary["curves"][c]) for c in ("fixed-ice", "adaptive-ice", "fixed-evit",
-                                                "adaptive-evit")] == [5, 6, 5, 5]
+                                                "adaptive-evit")] == [5, 4, 5, 4]
+    assert all(r["name"] != "ice@share=0.5" for rows in summary["curves"].values() for r in rows)
+    for method in ("ice", "evit"):
+        assert summary["matched"][method]["adaptive"]["calibrated_to"] == 0.5
+        assert summary["matched"][method]["fixed"]["name"] == f"{method}@0.5"
+    book = summary["bookkeeping"]
+    assert book["name"] == "ice@share=0.5" and book["fixed"]["name"] == "ice@0.5"
+    speeds = {name: row["img_s_median"] for name, row in done["variants"].items()}
+    assert book["img_s_ratio"] == pytest.approx(speeds["ice@share=0.5"] / speeds["ice@0.5"])
     report = open(os.path.join(out, "REPORT.md")).read()
     assert "## Per-image token counts" in report and "![per-image token counts]" in report
-    row = done["variants"]["ice@threshold=0.5"]
-    assert (f"| adaptive ICE | threshold 0.5, shares 0.1-1 | "
-            f"{' / '.join(f'{k:.1f}' for k in row['tokens_per_point'])} | {row['gmacs']:.4f} | "
-            f"{row['img_s_median']:.0f} | {row['top1']:.2f} |") in report
+    ice_05 = next(n for n, (m, _, p, to) in expected.items() if m == "ice" and to == 0.5)
+    row = done["variants"][ice_05]
+    assert (f"| adaptive ICE | threshold {row['policy']['threshold']:.4g} (calibrated to keep "
+            f"0.5), shares 0.1-1 | {' / '.join(f'{k:.1f}' for k in row['tokens_per_point'])} | "
+            f"{row['gmacs']:.4f} | {row['img_s_median']:.0f} | {row['top1']:.2f} |") in report
+    row = done["variants"]["ice@share=0.5"]
+    assert (f"| packed ICE at fixed counts | threshold 0.5, shares 0.5-0.5 | 8.0 / 5.0 / 3.0 | "
+            f"{row['gmacs']:.4f} | {row['img_s_median']:.0f} | {row['top1']:.2f} |") in report
+    assert f"Thresholds: {', '.join(f'{t:.4g}' for t in calibrated['threshold'])};" in report
+    assert "400 SyntheticScenes training images (the split and seed 0" in report
     assert "Adaptive ICE at fixed keep 0.5's GMACs runs at least 0.95 of the fixed-keep ICE" in report
-    # a run without the stage reports without it
+    assert ("The packed bookkeeping at fixed keep 0.5's counts (ice@share=0.5: every image keeps "
+            "fixed keep 0.5's tokens, run packed) runs at least 0.95 of fixed keep 0.5's img/s: "
+            f"**{'yes' if book['img_s_ratio'] >= 0.95 else 'no'}**") in report
+    # a run without the stage reports without it; a stage result from before the calibration is
+    # refused, naming the fix
     older = {**results, "stages": {k: v for k, v in results["stages"].items() if k != "adaptive"}}
     older["summary"] = repro.summarize(older)
     assert older["summary"]["adaptive"] == {}
     assert "Per-image token counts" not in repro.render(older)
+    stale = {k: v for k, v in done.items() if k != "calibration"}
+    with pytest.raises(ValueError, match="delete OUT/work/adaptive"):
+        repro.summarize({**results, "stages": {**results["stages"], "adaptive": stale}})
 
 
 def repro_load(scale, checkpoint, method, keep_rate, policy, **kwargs):

@@ -46,9 +46,11 @@ and ``OUT/figures/*.png`` from those ``done.json`` files only, beside the paper'
    kept patches (``visualize.pruned_forward_rows``).
 5. ``adaptive`` (SyntheticScenes scales): per-image token counts (``model.keep_policy``) against
    fixed keep rates, from the first keep rate's ICE and EViT pruning checkpoints (first seed), on
-   scenes with objects of 10% to 60% of the image side: each at fixed keep rates 1 to 0.3, ICE at
-   a sweep of foreground thresholds, EViT at a sweep of attention masses; top-1, mean tokens kept
-   per point, mean GMACs per image and img/s (all variants in one interleaved run, alone).
+   scenes with objects of 10% to 60% of the image side: each at fixed keep rates 1 to 0.3, and ICE's
+   foreground threshold and EViT's attention mass calibrated to each rate below 1 on training
+   images (``ice_prune.calibrate_keep_policy``), plus ICE's packed path at fixed keep 0.5's counts
+   (the bookkeeping alone); top-1, mean tokens kept per point, mean GMACs per image and img/s (all
+   variants in one interleaved run, alone).
 
 Modules: ``scales`` (:class:`Scale`, :class:`TrainSpec`, the ``smoke`` / ``cpu`` / ``gpu`` factories
 in :data:`SCALES`), ``stages`` (the stages, :func:`plan`, :func:`run`, :func:`collect`), ``summary``

@@ -14,7 +14,7 @@ from ice_prune.loss import auto_lambda
 from .plots import (plot_accuracy, plot_adaptive, plot_budget_curve, plot_class_counts,
                     plot_prune_curve, plot_speed)
 from .scales import BASELINES, TABLE6 as TABLE6_SETTINGS, VARIANTS
-from .summary import ABLATION_LABELS, ADAPTIVE_CURVES, summarize
+from .summary import ABLATION_LABELS, ADAPTIVE_BOOKKEEPING, ADAPTIVE_CURVES, summarize
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -359,9 +359,13 @@ def _render_pruned_maps(summary: dict) -> list[str]:
 
 
 def _render_adaptive(adaptive: dict) -> list[str]:
-    """Per-image token counts: every variant of the adaptive stage, the four curves' points."""
+    """Per-image token counts: every variant of the adaptive stage, the four curves' points and
+    the bookkeeping variant in a row of its own."""
     rate, seed = adaptive["source_keep_rate"], adaptive["seed"]
     low, high = adaptive["data"]["object_scale"]
+    calibration = adaptive["calibration"]
+    cal_low, cal_high = calibration["object_scale"]
+    book = adaptive["bookkeeping"]
     lines = ["## Per-image token counts", "",
              f"A keep policy gives each image its own token count at each selection point (ICE: the "
              f"tokens whose foreground probability reaches a threshold; EViT: the fewest holding a "
@@ -369,52 +373,81 @@ def _render_adaptive(adaptive: dict) -> list[str]:
              f"at keep rate {rate:g} (prune-ice-{rate:g}-s{seed}, prune-evit-{rate:g}-s{seed}), "
              f"trained at that fixed rate, run at the fixed keep rates "
              f"{', '.join(f'{r:g}' for r in adaptive['fixed_rates'])} (every rate but {rate:g} is "
-             f"one they were not trained at) and under the policies: ICE at thresholds "
-             f"{', '.join(f'{t:g}' for t in adaptive['thresholds'])} (from the head's own "
-             f"scale, around its foreground/background boundary 0.5, not from the evaluation "
-             f"labels), EViT at masses {', '.join(f'{m:g}' for m in adaptive['masses'])}, each "
-             f"image keeping between {adaptive['min_share']:g} and {adaptive['max_share']:g} of "
-             f"its tokens at each point (at least a few tokens for an image the head calls all "
-             f"background; all of them for a cluttered one). No run was trained with a policy.",
-             "",
-             f"Images: {adaptive['images']} SyntheticScenes validation images (seed "
-             f"{adaptive['data']['seed']}) with objects of {low:g} to {high:g} of the image side, "
-             f"so that the images hold very different amounts of foreground: a set apart from the "
-             f"maps and accuracy images wherever the scale's object sizes differ from these, and "
-             f"harder for small objects than the training scenes. Tokens kept: the mean over the "
-             f"images at each point, of {adaptive['num_patches']} patches (fixed keep: the "
-             f"schedule). GMACs: `ice_prune.count_flops` on the images, the mean per image (fixed "
-             f"keep: one image's, the same for every image). img/s: every variant in one "
-             f"interleaved `ice_prune.benchmark_models` run on the first {adaptive['batch']} of "
-             f"the images, {adaptive['reps']} repetitions, eager, {adaptive['dtype']}, torch "
-             f"threads: {adaptive['threads']}, {adaptive['device']}.",
-             "",
-             "| variant | policy | tokens kept per point | GMACs | img/s | top-1 (%) |",
-             "|---|---|---|---|---|---|"]
+             f"one they were not trained at) and under policies calibrated to them: for each fixed "
+             f"rate below 1, the ICE threshold and the EViT mass whose mean cost per image equals "
+             f"the fixed rate's on {calibration['images']} SyntheticScenes training images (the "
+             f"split and seed {calibration['seed']} the pruning runs trained on, objects of "
+             f"{cal_low:g} to {cal_high:g} of the image side, no labels read), found by "
+             f"`ice_prune.calibrate_keep_policy` (bisection on [0, 1] to "
+             f"{calibration['precision']:.2g}; the cost: the token rows the blocks process per "
+             f"image, linear in the tokens, a stand-in for GMACs). The setting comes from the "
+             f"method and its training data, never from the evaluation images or labels. "
+             f"Thresholds: {', '.join(f'{t:.4g}' for t in adaptive['thresholds'])}; masses: "
+             f"{', '.join(f'{m:.4g}' for m in adaptive['masses'])} (for fixed keep "
+             f"{', '.join(f'{r:g}' for r in calibration['rates'])}). Each image keeps between "
+             f"{adaptive['min_share']:g} and {adaptive['max_share']:g} of its tokens at each point "
+             f"(at least a few tokens for an image the head calls all background; all of them for "
+             f"a cluttered one). No run was trained with a policy.", ""]
+    if book is not None:
+        share = book["policy"]["min_share"]
+        lines += [f"{ADAPTIVE_BOOKKEEPING[0].upper() + ADAPTIVE_BOOKKEEPING[1:]} "
+                  f"({book['name']}): ICE's policy with both share bounds at {share:g}, so that "
+                  f"every image keeps fixed keep {share:g}'s tokens (checked on every image) and "
+                  f"the run differs from fixed keep {share:g} only in the packed path's "
+                  f"bookkeeping. It is not adaptive: on no curve and not in the figure.", ""]
+    lines += [f"Images: {adaptive['images']} SyntheticScenes validation images (seed "
+              f"{adaptive['data']['seed']}) with objects of {low:g} to {high:g} of the image side, "
+              f"so that the images hold very different amounts of foreground: a set apart from the "
+              f"maps and accuracy images wherever the scale's object sizes differ from these, and "
+              f"harder for small objects than the training scenes. Tokens kept: the mean over the "
+              f"images at each point, of {adaptive['num_patches']} patches (fixed keep: the "
+              f"schedule). GMACs: `ice_prune.count_flops` on the images, the mean per image (fixed "
+              f"keep: one image's, the same for every image). img/s: every variant in one "
+              f"interleaved `ice_prune.benchmark_models` run on the first {adaptive['batch']} of "
+              f"the images, {adaptive['reps']} repetitions, eager, {adaptive['dtype']}, torch "
+              f"threads: {adaptive['threads']}, {adaptive['device']}.",
+              "",
+              "| variant | policy | tokens kept per point | GMACs | img/s | top-1 (%) |",
+              "|---|---|---|---|---|---|"]
+
+    def row_line(label: str, row: dict) -> str:
+        policy = row["policy"]
+        if policy is None:
+            described = f"keep rate {row['keep_rate']:g}"
+        else:
+            rule = (f"threshold {policy['threshold']:.4g}" if policy["threshold"] is not None
+                    else f"mass {policy['mass']:.4g}")
+            if row["calibrated_to"] is not None:
+                rule += f" (calibrated to keep {row['calibrated_to']:g})"
+            described = f"{rule}, shares {policy['min_share']:g}-{policy['max_share']:g}"
+        tokens = " / ".join(f"{k:.1f}" for k in row["tokens_per_point"])
+        return (f"| {label} | {described} | {tokens} | {row['gmacs']:.4f} | "
+                f"{row['img_s_median']:.0f} | {row['top1']:.2f} |")
+
     for curve in ("fixed-ice", "adaptive-ice", "fixed-evit", "adaptive-evit"):
         for row in sorted(adaptive["curves"][curve], key=_adaptive_order):
-            policy = row["policy"]
-            if policy is None:
-                described = f"keep rate {row['keep_rate']:g}"
-            else:
-                rule = (f"threshold {policy['threshold']:g}" if policy["threshold"] is not None
-                        else f"mass {policy['mass']:g}")
-                described = f"{rule}, shares {policy['min_share']:g}-{policy['max_share']:g}"
-            tokens = " / ".join(f"{k:.1f}" for k in row["tokens_per_point"])
-            lines.append(f"| {ADAPTIVE_CURVES[curve]} | {described} | {tokens} | "
-                         f"{row['gmacs']:.4f} | {row['img_s_median']:.0f} | {row['top1']:.2f} |")
+            lines.append(row_line(ADAPTIVE_CURVES[curve], row))
+        if curve == "adaptive-ice" and book is not None:
+            lines.append(row_line(ADAPTIVE_BOOKKEEPING, book))
     lines.append("")
     for method in ("ice", "evit"):
         study = adaptive["matched"][method]
         point, fixed = study["adaptive"], study["fixed"]
         label = ADAPTIVE_CURVES[f"adaptive-{method}"]
-        lines.append(f"- {label[0].upper() + label[1:]} nearest fixed keep "
-                     f"{adaptive['match_rate']:g}'s GMACs ({fixed['gmacs']:.4f}): "
+        lines.append(f"- {label[0].upper() + label[1:]} calibrated to fixed keep "
+                     f"{adaptive['match_rate']:g}'s cost ({fixed['gmacs']:.4f} GMACs): "
                      f"{point['name']} at {point['gmacs']:.4f} GMACs, top-1 {point['top1']:.2f} "
                      f"against {study[f'fixed-{method}_top1']:.2f} on the "
                      f"{ADAPTIVE_CURVES[f'fixed-{method}']} curve there (interpolated in GMACs), "
                      f"{point['img_s_median']:.0f} img/s against "
                      f"{study[f'fixed-{method}_img_s_median']:.0f}.")
+    if book is not None:
+        share = book["policy"]["min_share"]
+        lines.append(f"- {ADAPTIVE_BOOKKEEPING[0].upper() + ADAPTIVE_BOOKKEEPING[1:]}: "
+                     f"{book['img_s_median']:.0f} img/s against fixed keep {share:g}'s "
+                     f"{book['fixed']['img_s_median']:.0f} ({book['img_s_ratio']:.3f}), the same "
+                     f"tokens per point, {book['gmacs']:.4f} GMACs against "
+                     f"{book['fixed']['gmacs']:.4f}.")
     lines.append("")
     lines.append("![per-image token counts](figures/adaptive.png)")
     lines.append("")
@@ -422,11 +455,8 @@ def _render_adaptive(adaptive: dict) -> list[str]:
 
 
 def _adaptive_order(row: dict) -> float:
-    """Fixed keep rates from 1 down, thresholds and masses from low to high."""
-    policy = row["policy"]
-    if policy is None:
-        return -row["keep_rate"]
-    return policy["threshold"] if policy["threshold"] is not None else policy["mass"]
+    """Fixed keep rates from 1 down, calibrated policies by the rate they match, from 1 down."""
+    return -(row["keep_rate"] if row["policy"] is None else row["calibrated_to"])
 
 
 def _render_claims(comparisons: list[dict]) -> list[str]:

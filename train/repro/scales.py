@@ -53,11 +53,14 @@ PM_RUNS = ("pm-style", "pm-style-pseudo", "pm-style-no-masks")
 ADAPTIVE_OBJECT_SCALE = (0.1, 0.6)
 # the fixed keep rates the pruning checkpoints also run at
 ADAPTIVE_FIXED_RATES = (1.0, 0.9, 0.7, 0.5, 0.3)
-# ICE: foreground-probability thresholds, from the method's own scale: around its decision boundary
-# 0.5 (a token the head calls more likely foreground than background), out to 0.1 and 0.99
-ADAPTIVE_THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9, 0.99)
-# EViT: shares of the [CLS] attention the kept tokens hold
-ADAPTIVE_MASSES = (0.5, 0.7, 0.8, 0.9, 0.95)
+# ICE's threshold and EViT's mass are set per fixed rate below 1 from the method and its training
+# data: ice_prune.calibrate_keep_policy on this many SyntheticScenes training images (the pruning
+# run's split and seed, objects of ADAPTIVE_OBJECT_SCALE, labels unused) gives the value whose mean
+# token rows equal the fixed rate's, bisected to 2 ** -ADAPTIVE_CALIBRATION_ITERATIONS (a grid on
+# the selector's own scale can miss the range of costs: a head that calls nearly every patch
+# foreground keeps every token up to a threshold near 1)
+ADAPTIVE_CALIBRATION_IMAGES = 400
+ADAPTIVE_CALIBRATION_ITERATIONS = 16
 # every image keeps at least 10% of its tokens at each point (one the head calls all background still
 # reaches the classifier through some of its own tokens) and at most all of them (a cluttered one
 # drops nothing): fixed for both methods, so that only the threshold or mass sets the count

@@ -38,10 +38,11 @@ import pm
 import prune
 
 from .report import write_json, write_report
-from .scales import (ADAPTIVE_FIXED_RATES, ADAPTIVE_MASSES, ADAPTIVE_MAX_SHARE, ADAPTIVE_MIN_SHARE,
-                     ADAPTIVE_OBJECT_SCALE, ADAPTIVE_THRESHOLDS, BASELINES, VARIANTS, Scale,
-                     TrainSpec, ablation_runs, class_count_runs, pm_runs)
-from .summary import choose_budget
+from .scales import (ADAPTIVE_CALIBRATION_IMAGES, ADAPTIVE_CALIBRATION_ITERATIONS,
+                     ADAPTIVE_FIXED_RATES, ADAPTIVE_MAX_SHARE, ADAPTIVE_MIN_SHARE,
+                     ADAPTIVE_OBJECT_SCALE, BASELINES, VARIANTS, Scale, TrainSpec, ablation_runs,
+                     class_count_runs, pm_runs)
+from .summary import ADAPTIVE_MATCH_RATE, choose_budget
 
 DONE = "done.json"
 
@@ -469,29 +470,65 @@ def adaptive_dataset(scale: Scale) -> SyntheticScenes:
                               "scale": list(ADAPTIVE_OBJECT_SCALE)})
 
 
-def adaptive_variants(context: Context, rate: float, seed: int
+def adaptive_calibration_images(scale: Scale, seed: int) -> torch.Tensor:
+    """The images the adaptive stage calibrates its policies on: ``ADAPTIVE_CALIBRATION_IMAGES`` of
+    SyntheticScenes' training split with the pruning run's seed (where its training images come
+    from) and objects of ``ADAPTIVE_OBJECT_SCALE``; never an evaluation image, and no label read."""
+    dataset = SyntheticScenes(**{"img_size": scale.img_size, **scale.synthetic_kwargs,
+                                 "num_classes": scale.num_classes, "split": "train", "seed": seed,
+                                 "length": ADAPTIVE_CALIBRATION_IMAGES,
+                                 "scale": list(ADAPTIVE_OBJECT_SCALE)})
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def adaptive_variants(context: Context, rate: float, seed: int, calibration_images: torch.Tensor
                       ) -> dict[str, tuple[torch.nn.Module, dict]]:
-    """name -> (eval-mode model, what it is) of the adaptive stage: the ``rate`` pruning
-    checkpoints of ICE and EViT at each fixed keep rate of ``ADAPTIVE_FIXED_RATES``
-    (``ice@0.5``), ICE at each threshold (``ice@threshold=0.5``) and EViT at each mass
-    (``evit@mass=0.9``), the policies within ``ADAPTIVE_MIN_SHARE`` / ``ADAPTIVE_MAX_SHARE``."""
+    """name -> (eval-mode model, what it is) of the adaptive stage, all from the ``rate`` pruning
+    checkpoints of ICE and EViT:
+
+    * ``fixed``: each fixed keep rate of ``ADAPTIVE_FIXED_RATES`` (``ice@0.5``);
+    * ``adaptive``: for each of those rates below 1, the policy (ICE's threshold, EViT's mass)
+      that :func:`ice_prune.calibrate_keep_policy` gives on ``calibration_images`` within
+      ``ADAPTIVE_MIN_SHARE`` / ``ADAPTIVE_MAX_SHARE``, named by its value to 4 significant digits
+      (``ice@threshold=0.9731``; `` (to 0.7)`` added where two rates give one name), with the rate
+      in ``calibrated_to``;
+    * ``bookkeeping``: ``ice@share=0.5``, ICE's policy with both share bounds at
+      ``ADAPTIVE_MATCH_RATE``, so that every image keeps that fixed rate's counts and only the
+      packed path differs from it (not an adaptive point)."""
     scale = context.scale
     shares = dict(min_share=ADAPTIVE_MIN_SHARE, max_share=ADAPTIVE_MAX_SHARE)
-    settings = []
-    for method, policies in (("ice", [KeepPolicy(threshold=t, **shares)
-                                      for t in ADAPTIVE_THRESHOLDS]),
-                             ("evit", [KeepPolicy(mass=m, **shares) for m in ADAPTIVE_MASSES])):
-        settings += [(f"{method}@{r:g}", method, r, None) for r in ADAPTIVE_FIXED_RATES]
-        settings += [(f"{method}@threshold={p.threshold:g}" if method == "ice" else
-                      f"{method}@mass={p.mass:g}", method, None, p) for p in policies]
+
+    def load(method: str, keep_rate: float, policy: Optional[KeepPolicy]) -> torch.nn.Module:
+        return ice_prune.load_model(scale.model, context.checkpoint(prune_name(method, rate, seed)),
+                                    method=method, keep_rate=keep_rate,
+                                    patch_kwargs={"keep_policy": policy},
+                                    img_size=scale.img_size, **scale.model_kwargs)
+
+    def meta(method: str, kind: str, keep_rate: Optional[float] = None,
+             policy: Optional[KeepPolicy] = None, calibrated_to: Optional[float] = None) -> dict:
+        return {"method": method, "kind": kind, "keep_rate": keep_rate,
+                "policy": None if policy is None else dataclasses.asdict(policy),
+                "calibrated_to": calibrated_to}
+
     variants = {}
-    for name, method, keep_rate, policy in settings:
-        model = ice_prune.load_model(scale.model, context.checkpoint(prune_name(method, rate, seed)),
-                                     method=method, keep_rate=keep_rate or rate,
-                                     patch_kwargs={"keep_policy": policy},
-                                     img_size=scale.img_size, **scale.model_kwargs)
-        variants[name] = (model, {"method": method, "keep_rate": keep_rate,
-                                  "policy": None if policy is None else dataclasses.asdict(policy)})
+    for method, rule in (("ice", "threshold"), ("evit", "mass")):
+        for r in ADAPTIVE_FIXED_RATES:
+            variants[f"{method}@{r:g}"] = (load(method, r, None), meta(method, "fixed", r))
+        model = load(method, rate, None)
+        for r in ADAPTIVE_FIXED_RATES:
+            if r == 1.0:  # the policy keeping every token is keep rate 1 itself
+                continue
+            policy = ice_prune.calibrate_keep_policy(
+                model, calibration_images, r, iterations=ADAPTIVE_CALIBRATION_ITERATIONS, **shares)
+            name = f"{method}@{rule}={getattr(policy, rule):.4g}"
+            if name in variants:
+                name += f" (to {r:g})"
+            variants[name] = (load(method, rate, policy),
+                              meta(method, "adaptive", policy=policy, calibrated_to=r))
+    share = ADAPTIVE_MATCH_RATE
+    policy = KeepPolicy(threshold=0.5, min_share=share, max_share=share)
+    variants[f"ice@share={share:g}"] = (load("ice", rate, policy),
+                                        meta("ice", "bookkeeping", policy=policy))
     return variants
 
 
@@ -507,19 +544,22 @@ def fixed_kept(num_patches: int, keep_rate: float, points: int) -> list[int]:
 
 
 def _adaptive(context: Context, out: str) -> dict:
-    """Per-image keep counts against fixed keep rates, from the first keep rate's pruning
-    checkpoints (first seed): on :func:`adaptive_dataset`, each variant's top-1, mean tokens kept
-    per selection point, mean GMACs per image (:func:`ice_prune.count_flops` on the images,
-    in batches; a fixed keep rate's on one image, the same for every image) and img/s (every
-    variant in one :func:`ice_prune.benchmark_models` run on the first ``bench_batch`` images,
-    eager: a policy's forward syncs with the host)."""
+    """Per-image token counts against fixed keep rates, from the first keep rate's pruning
+    checkpoints (first seed), the policies calibrated on training images
+    (:func:`adaptive_calibration_images`, :func:`adaptive_variants`): on :func:`adaptive_dataset`,
+    each variant's top-1, mean tokens kept per selection point, mean GMACs per image
+    (:func:`ice_prune.count_flops` on the images, in batches; a fixed keep rate's on one image, the
+    same for every image) and img/s (every variant in one :func:`ice_prune.benchmark_models` run on
+    the first ``bench_batch`` images, eager: a policy's forward syncs with the host). The
+    bookkeeping variant must keep fixed keep ``ADAPTIVE_MATCH_RATE``'s counts in every image."""
     scale = context.scale
     rate, seed = scale.keep_rates[0], scale.seeds[0]
     dataset = adaptive_dataset(scale)
     items = [dataset[i] for i in range(len(dataset))]
     images = torch.stack([item[0] for item in items])
     labels = torch.tensor([item[1] for item in items])
-    variants = adaptive_variants(context, rate, seed)
+    calibration_images = adaptive_calibration_images(scale, seed)
+    variants = adaptive_variants(context, rate, seed, calibration_images)
     num_patches = next(iter(variants.values()))[0].patch_embed.num_patches
     rows, points = {}, None
     for name, (model, meta) in variants.items():
@@ -532,9 +572,15 @@ def _adaptive(context: Context, out: str) -> dict:
                 counts.append(torch.stack(model.ice_keep_counts, dim=1))
                 macs += ice_prune.count_flops(model, images=x)
         if meta["policy"] is not None:
-            counts = torch.cat(counts).double()
+            counts = torch.cat(counts)
             points = counts.shape[1]
-            tokens = counts.mean(dim=0).tolist()
+            if meta["kind"] == "bookkeeping":
+                fixed = fixed_kept(num_patches, meta["policy"]["min_share"], points)
+                if not torch.equal(counts, torch.tensor(fixed).expand_as(counts)):
+                    raise RuntimeError(f"{name} should keep fixed keep "
+                                       f"{meta['policy']['min_share']:g}'s counts {fixed} in "
+                                       f"every image, and some image kept otherwise")
+            tokens = counts.double().mean(dim=0).tolist()
             gmacs = macs / len(images) / 1e9
         else:
             tokens = None  # filled in below, once a policy gave the number of points
@@ -550,13 +596,25 @@ def _adaptive(context: Context, out: str) -> dict:
                                            reps=scale.bench_reps, progress=True)
     for name, row in rows.items():
         row["img_s_median"], row["img_s_best"] = benchmark[name].median, benchmark[name].best
+
+    def calibrated(rule: str) -> list[float]:
+        """The calibrated values of ``rule``, in the order of ``ADAPTIVE_FIXED_RATES``."""
+        found = {row["calibrated_to"]: row["policy"][rule] for row in rows.values()
+                 if row["kind"] == "adaptive" and row["policy"][rule] is not None}
+        return [found[r] for r in ADAPTIVE_FIXED_RATES if r in found]
+
     return {"source_keep_rate": rate, "seed": seed,
             "sources": {m: context.checkpoint(prune_name(m, rate, seed)) for m in ("ice", "evit")},
             "images": len(images), "num_patches": num_patches,
             "data": {"object_scale": list(ADAPTIVE_OBJECT_SCALE), "split": "val", "seed": 0},
-            "fixed_rates": list(ADAPTIVE_FIXED_RATES), "thresholds": list(ADAPTIVE_THRESHOLDS),
-            "masses": list(ADAPTIVE_MASSES), "min_share": ADAPTIVE_MIN_SHARE,
-            "max_share": ADAPTIVE_MAX_SHARE, "variants": rows,
+            "fixed_rates": list(ADAPTIVE_FIXED_RATES), "thresholds": calibrated("threshold"),
+            "masses": calibrated("mass"),
+            "calibration": {"images": len(calibration_images), "split": "train", "seed": seed,
+                            "object_scale": list(ADAPTIVE_OBJECT_SCALE),
+                            "iterations": ADAPTIVE_CALIBRATION_ITERATIONS,
+                            "precision": 2.0 ** -ADAPTIVE_CALIBRATION_ITERATIONS,
+                            "rates": [r for r in ADAPTIVE_FIXED_RATES if r < 1.0]},
+            "min_share": ADAPTIVE_MIN_SHARE, "max_share": ADAPTIVE_MAX_SHARE, "variants": rows,
             "batch": benchmark[benchmark.baseline].batch_size, "reps": scale.bench_reps,
             "dtype": scale.bench_dtype, "threads": torch.get_num_threads(),
             "device": _device_name(), "benchmark": benchmark.to_dict()}
