@@ -61,8 +61,12 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     # the parallel run: each stage's output in its stage.log, the clock time of both invocations
     assert os.path.getsize(os.path.join(out, "work", "maps-baselines", "stage.log")) > 0
     with open(os.path.join(out, "work", "elapsed.json")) as f:
-        assert [r["jobs"] for r in json.load(f)] == [1, 2]
+        runs = json.load(f)
+    assert [r["jobs"] for r in runs] == [1, 2]
     assert results["jobs"] == 2 and results["elapsed_s"] > 0
+    with open(os.path.join(out, "REPORT.md")) as f:  # each invocation's minutes, as they add up
+        assert "elapsed with up to 2 stages at once (one torch thread each) in " + "; ".join(
+            f"{r['seconds'] / 60:.1f}" for r in runs) in f.read()
     for name in names:
         assert os.path.exists(os.path.join(out, "work", name, repro.DONE))
     for f in ("REPORT.md", "results.json", "figures/examples.png",

@@ -220,6 +220,11 @@ def _elapsed(results: dict) -> str:
     if results.get("jobs", 1) > 1 and results.get("elapsed_s"):
         text += (f"; {results['elapsed_s'] / 60:.1f} minutes elapsed with up to {results['jobs']} "
                  f"stages at once (one torch thread each)")
+        runs = results.get("elapsed_runs", [])
+        if len(runs) > 1:  # a resumed or partly re-run report: each invocation, with its note
+            text += " in " + "; ".join(
+                f"{run['seconds'] / 60:.1f}" + (f" ({run['note']})" if run.get("note") else "")
+                for run in runs)
     return text
 
 

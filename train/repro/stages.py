@@ -952,7 +952,7 @@ def collect(scale: Scale, work: str, stages: Optional[list[Stage]] = None) -> di
             elapsed = json.load(f)
     return {"scale": dataclasses.asdict(scale), "stages": done, "paper": TABLES,
             "wall_s": round(sum(r["wall_s"] for r in done.values()), 1),
-            "elapsed_s": round(sum(r["seconds"] for r in elapsed), 1),
+            "elapsed_s": round(sum(r["seconds"] for r in elapsed), 1), "elapsed_runs": elapsed,
             "jobs": max([r["jobs"] for r in elapsed], default=1),
             "versions": {"torch": torch.__version__, "timm": timm.__version__},
             "date": time.strftime("%Y-%m-%d")}
