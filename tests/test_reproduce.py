@@ -326,6 +326,10 @@ def test_plan_runs_every_stage_after_what_it_reads():
     assert by_name["explain-ice"].after == tuple(f"budget-ice-e{e}" for e in (2, 4, 8, 16, 32))
     assert by_name["explain-pm-style"].after == ("pretrain",)
     assert by_name["explain-pm-style-pseudo"].after == ("pretrain", "explain-ice")
+    # the long class-count runs at the main budget start as soon as ICE's budget is chosen
+    names = [s.name for s in stages]
+    assert by_name["classes-5-lambda-auto-main"].after == ("pretrain", "explain-ice")
+    assert names.index("classes-20-lambda-auto-main") < names.index("explain-ice-lambda0.5")
     speed = by_name["speed"]
     # the stages that time models run alone
     assert speed.exclusive and [s.name for s in stages if s.exclusive] == ["speed", "adaptive"]

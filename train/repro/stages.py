@@ -717,6 +717,14 @@ def plan(scale: Scale) -> list[Stage]:
         # Table 6's ICE row at the ablation's budget: the sweep's first run, evaluated
         stages.append(Stage("explain-ice-ablation", _ablation_ice_stage, "explain",
                             (budget_name("ice", scale.explain_budgets[0]),)))
+        # the rule's row of every class count at the main budget (explain-ice is the scale's
+        # own): planned here, the longest runs after the sweeps, so that a parallel run starts them
+        # as soon as ICE's budget is chosen rather than after the short class-count runs
+        for num_classes in scale.class_counts:
+            if num_classes != scale.num_classes:
+                stages.append(Stage(class_count_name(num_classes, "auto") + "-main",
+                                    _class_count_stage(num_classes, "auto", main_budget=True),
+                                    "classes", first + ("explain-ice",)))
     else:
         for run in VARIANTS:
             stages.append(Stage(f"explain-{run}", _explain_stage(run), "explain", first))
@@ -732,13 +740,6 @@ def plan(scale: Scale) -> list[Stage]:
     for num_classes, lambda_class in class_count_runs(scale):
         stages.append(Stage(class_count_name(num_classes, lambda_class),
                             _class_count_stage(num_classes, lambda_class), "classes", first))
-    if scale.explain_budgets:
-        # the rule's row of every class count at the main budget (explain-ice is the scale's own)
-        for num_classes in scale.class_counts:
-            if num_classes != scale.num_classes:
-                stages.append(Stage(class_count_name(num_classes, "auto") + "-main",
-                                    _class_count_stage(num_classes, "auto", main_budget=True),
-                                    "classes", first + ("explain-ice",)))
     main_prune = []
     for seed in scale.seeds:
         for method, rate in [("none", 1.0)] + [(m, r) for r in scale.keep_rates
