@@ -49,13 +49,12 @@ def test_pipeline_runs_resumes_and_reports_from_stage_outputs(tmp_path):
     sweep = [f"budget-{v}-e{e}" for v in ("ice", "ice-f", "icev2-style") for e in (1, 2, 4)]
     assert names == (["pretrain"] + sweep[:3] + ["explain-ice"] + sweep[3:6] + ["explain-ice-f"]
                      + sweep[6:] + ["explain-icev2-style", "explain-ice-ablation",
-                     "explain-ice-literal", "explain-ice-alpha1-literal", "explain-ice-alpha1",
+                     "classes-3-lambda-auto-main", "explain-ice-literal", "explain-ice-alpha1-literal", "explain-ice-alpha1",
                      "explain-ice-lambda0.5-literal", "explain-ice-lambda0.5",
                      "explain-ice-alpha1-lambda0.5-literal", "explain-ice-alpha1-lambda0.5",
                      "maps-baselines", "explain-pm-style", "explain-pm-style-pseudo",
                      "explain-pm-style-no-masks", "classes-3-generic", "classes-3-lambda-paper",
-                     "classes-3-lambda-auto", "classes-3-lambda-0.5", "classes-3-lambda-auto-main",
-                     "prune-none-1-s0", "prune-evit-0.5-s0", "prune-ice-0.5-s0",
+                     "classes-3-lambda-auto", "classes-3-lambda-0.5", "prune-none-1-s0", "prune-evit-0.5-s0", "prune-ice-0.5-s0",
                      "prune-evit-0.5-s0-e2", "prune-ice-0.5-s0-e2", "pruned-map-ice-0.5-s0",
                      "speed", "examples", "adaptive"])
     # the parallel run: each stage's output in its stage.log, the clock time of both invocations
