@@ -1,16 +1,20 @@
 #!/bin/bash
-# One device session for the open GPU goals, each step time-boxed, logs and JSON under $OUT (at most
-# 8 files; about 9 minutes of steps, plus the machine's start). Before the call, here:
+# The open GPU goals in two device calls, each step time-boxed, logs and JSON under $OUT (6 files at
+# most; the machine's start comes on top, out of the session's 15 minutes). Before the calls, here:
 #
 #   echo /.whl/ >> .git/info/exclude && mkdir -p .whl && cp ../shared/gpu/wheels/*.whl .whl/
 #
-# and run it with `carry: [".whl"]`, command `OUT=$OUT bash bench/device_session.sh`. It writes:
+# and run it with `carry: [".whl"]`, command `OUT=$OUT bash bench/device_session.sh tests` (about 4
+# minutes at most), then `... bench` (about 7); one call is at most 10 minutes. It writes:
 #   env.txt     GPU, versions, whether torch has varlen_attn
-#   steps.log   every step's output, its exit status and seconds: the CUDA tests of the packed
-#               per-image counts (varlen_attn in bf16, batch independence), the masked twin, the
-#               ragged and dense kernels and the ICE score (issues 24, 23); then the benchmarks
-#   policy.json DeiT-S bf16 batch 256 on SyntheticScenes: fixed keep 0.7 / 0.5, ICE and EViT keep
-#               policies, each packed and padded-and-masked (issue 24's GPU goals)
+#   steps.log   every step's output, its exit status and seconds: `tests`, the CUDA tests of the
+#               packed per-image counts (varlen_attn in bf16, batch independence), the masked twin,
+#               the ragged and dense kernels and the ICE score (issues 24, 23); `bench`, the runs
+#   policy.json DeiT-S bf16 batch 256 on SyntheticScenes, random weights: fixed keep 0.7 / 0.5, ICE
+#               and EViT keep policies (the values of docs/benchmarks.md's CPU run: a random head's
+#               foreground probabilities lie near 1 - 1/1001), each packed and padded-and-masked
+#               (issue 24's GPU goals)
+#   shares.json the policy at fixed keep 0.5's own counts, packed and masked: the bookkeeping alone
 #   t256.json   the throughput table with explain mode, batch 256, CUDA graphs (issues 22, 23)
 #   bd.json     the per-stage breakdown (issue 23)
 set -u
@@ -33,13 +37,23 @@ step() {  # step SECONDS COMMAND...: time-boxed, its output, exit status and sec
   echo "=== rc $? $((SECONDS - start)) s" >> "$OUT/steps.log"
 }
 
-step 100 python3 -m pytest -q -p no:cacheprovider -rs tests/test_packed.py tests/test_masked.py \
-  tests/test_ragged.py
-step 130 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_ice_score.py \
-  -m "gpu or not slow"
-step 130 python3 bench/throughput.py --device cuda --dtype bf16 --batch-size 256 --reps 20 \
-  --keep-rates 0.7 0.5 --thresholds 0.5 0.9 --masses 0.8 0.9 --masked --images synthetic \
-  --no-compile --json "$OUT/policy.json"
-step 130 python3 bench/throughput.py --device cuda --dtype bf16 --batch-size 256 --reps 20 \
-  --explain --cuda-graphs --json "$OUT/t256.json"
-step 60 python3 bench/breakdown.py --device cuda --dtype bf16 --batch-size 256 --json "$OUT/bd.json"
+group=${1:-tests}
+if [ "$group" = tests ]; then
+  step 100 python3 -m pytest -q -p no:cacheprovider -rs tests/test_packed.py tests/test_masked.py \
+    tests/test_ragged.py
+  step 130 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_ice_score.py \
+    -m "gpu or not slow"
+elif [ "$group" = bench ]; then
+  step 130 python3 bench/throughput.py --device cuda --dtype bf16 --batch-size 256 --reps 20 \
+    --keep-rates 0.7 0.5 --thresholds 0.9989 0.999 0.9991 --masses 0.6 0.8 --masked \
+    --images synthetic --no-compile --json "$OUT/policy.json"
+  step 70 python3 bench/throughput.py --device cuda --dtype bf16 --batch-size 256 --reps 20 \
+    --keep-rates 0.5 --thresholds 0.5 --policy-min-share 0.5 --policy-max-share 0.5 --masked \
+    --images synthetic --no-compile --json "$OUT/shares.json"
+  step 130 python3 bench/throughput.py --device cuda --dtype bf16 --batch-size 256 --reps 20 \
+    --explain --cuda-graphs --json "$OUT/t256.json"
+  step 60 python3 bench/breakdown.py --device cuda --dtype bf16 --batch-size 256 --json "$OUT/bd.json"
+else
+  echo "usage: OUT=folder bash bench/device_session.sh tests|bench" >&2
+  exit 2
+fi
