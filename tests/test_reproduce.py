@@ -340,7 +340,7 @@ def test_plan_runs_every_stage_after_what_it_reads():
     curve = [s.name for s in stages if s.kind == "prune-curve"]
     assert curve == [f"prune-{m}-0.7-s{seed}-e{e}" for e in (2, 4) for seed in (0, 1)
                      for m in ("evit", "ice")]
-    needed = [s.name for s in repro.stages._needed(stages, "explain-pm-style-pseudo")]
+    needed = [s.name for s in repro.runner._needed(stages, "explain-pm-style-pseudo")]
     assert needed == ["pretrain"] + [f"budget-ice-e{e}" for e in (2, 4, 8, 16, 32)] + [
         "explain-ice", "explain-pm-style-pseudo"]
     with pytest.raises(ValueError, match="must start at explain.epochs"):
@@ -566,7 +566,7 @@ def test_parallel_stage_forks_its_data_loader_workers(tmp_path):
         pool.submit(eval, "__import__('multiprocessing').set_start_method('spawn', force=True)"
                     ).result()
         assert pool.submit(eval, START_METHOD).result() == "spawn"
-        pool.submit(repro.stages.run_stage, tiny_scale(), work, "pretrain",
+        pool.submit(repro.runner.run_stage, tiny_scale(), work, "pretrain",
                     os.path.join(work, "pretrain", "stage.log")).result()
         assert pool.submit(eval, START_METHOD).result() == "fork"
     assert os.path.exists(os.path.join(work, "pretrain", "done.json"))

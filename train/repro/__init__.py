@@ -53,13 +53,15 @@ and ``OUT/figures/*.png`` from those ``done.json`` files only, beside the paper'
    variants in one interleaved run, alone).
 
 Modules: ``scales`` (:class:`Scale`, :class:`TrainSpec`, the ``smoke`` / ``cpu`` / ``gpu`` factories
-in :data:`SCALES`), ``stages`` (the stages, :func:`plan`, :func:`run`, :func:`collect`), ``summary``
-(:func:`summarize`: the derived tables and claims), ``report`` (:func:`render`,
-:func:`write_report`) and ``plots`` (the report's figures).
+in :data:`SCALES`), ``stages`` (the stages and :func:`plan`), ``runner`` (:func:`run`, one stage
+after another or several at once, and :func:`collect`), ``summary`` (:func:`summarize`: the derived
+tables and claims), ``report`` (:func:`render`, :func:`write_report`) and ``plots`` (the report's
+figures).
 """
 from .report import render, write_report
 from .scales import SCALES, Scale, TrainSpec, cpu_scale, gpu_scale, smoke_scale
-from .stages import DONE, Context, Stage, collect, eval_argv, plan, run, train_argv
+from .runner import collect, run
+from .stages import DONE, Context, Stage, eval_argv, plan, train_argv
 from .summary import summarize
 
 __all__ = [
