@@ -21,7 +21,7 @@ Attention: on CUDA in fp16 / bf16, where torch has it (``torch.nn.attention.varl
 one call of the variable-length flash kernel ``varlen_attn`` over the packed rows, told
 ``num_splits=1`` where it takes it so that an image's result does not depend on the batch (split-KV
 would choose its splits from the batch). Elsewhere (the CPU, fp32, an older torch) the images are
-grouped by length into buckets (:func:`buckets`, built once per packing) and each bucket is one call
+grouped by length into buckets (:func:`buckets`, planned once per packing) and each bucket is one call
 of ``F.scaled_dot_product_attention``, its images padded to its longest with the padding masked out
 of the keys, at most ``BUCKET_SLACK`` (1.25) times their own attention work. A loop over the images
 cost 8-10% of the forward at the cpu scale (576 calls of a few microseconds of work); buckets run the
@@ -32,6 +32,8 @@ counts with buckets of one length (:func:`exact_buckets`): each image's own work
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import inspect
 from typing import NamedTuple, Optional
 
@@ -61,15 +63,21 @@ class Bucket(NamedTuple):
     shape: tuple[int, int]
 
 
-class Segments(NamedTuple):
-    """Where each image's rows lie in a packed ``[total, D]`` batch (:func:`make_segments`)."""
+@dataclasses.dataclass
+class Segments:
+    """Where each image's rows lie in a packed ``[total, D]`` batch."""
 
     #: ``[B + 1]`` int64 row starts, on the rows' device
     offsets: Tensor
     #: rows per image, on the host
     lengths: tuple[int, ...]
-    #: the images grouped for attention (:func:`buckets`)
-    buckets: tuple[Bucket, ...] = ()
+
+    @functools.cached_property
+    def buckets(self) -> tuple[Bucket, ...]:
+        """The images grouped for :func:`bucketed_attention` (:func:`plan_buckets`), planned at the
+        first block that reads them and kept until the next selection point; the variable-length
+        kernel never reads them."""
+        return plan_buckets(self.offsets, self.lengths)
 
 
 #: the attention work a bucket of :func:`buckets` may reach padded, over its images' own (the
@@ -109,9 +117,9 @@ def buckets(lengths: tuple[int, ...], slack: float = BUCKET_SLACK) -> list[list[
     return groups
 
 
-def make_segments(offsets: Tensor, lengths: tuple[int, ...]) -> Segments:
-    """:class:`Segments` with their attention buckets, built once per packing and read by every
-    block until the next selection point."""
+def plan_buckets(offsets: Tensor, lengths: tuple[int, ...]) -> tuple[Bucket, ...]:
+    """The :class:`Bucket` of each group of :func:`buckets` (of one length only within
+    :func:`exact_buckets`), with the indices that gather its rows and scatter its results."""
     device = offsets.device
     starts = [0]
     for length in lengths:
@@ -130,7 +138,7 @@ def make_segments(offsets: Tensor, lengths: tuple[int, ...]) -> Segments:
         flat = valid.flatten().nonzero()[:, 0]
         plan.append(Bucket(rows, None if min(sizes) == longest else valid[:, None, None],
                            rows.flatten()[flat], flat, 0, (len(group), longest)))
-    return Segments(offsets, lengths, tuple(plan))
+    return tuple(plan)
 
 
 def forward_features(model: nn.Module, x: Tensor) -> Tensor:
@@ -293,7 +301,7 @@ def pack(state: ICEState, x: Tensor, h: Optional[Tensor], cls_attn: Optional[Ten
     lengths = tuple(P + k + f for k, f in zip(keep, fused))
     if state.fuse and not all(fused):  # images that dropped nothing have no fused row
         rows, offsets = _first_rows(rows, offsets, lengths)
-    state.segments = make_segments(offsets, lengths)
+    state.segments = Segments(offsets, lengths)
     return rows
 
 
@@ -319,7 +327,7 @@ def select(state: ICEState, x: Tensor, h: Optional[Tensor], cls_attn: Optional[T
     x, offsets = reorganize_packed_reference(x, scores, segments.offsets, counts, sum(lengths), P,
                                              state.fuse, state.selector.normalize,
                                              dropped=sum(n) - sum(keep))
-    state.segments = make_segments(offsets, lengths)
+    state.segments = Segments(offsets, lengths)
     return x
 
 

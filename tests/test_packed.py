@@ -296,9 +296,14 @@ def test_bucketed_attention_is_each_image_alone(lengths):
     q, k, v = torch.randn(3, sum(lengths), 2, 8).unbind(0)  # [T, H, d]
     offsets = torch.tensor((0,) + lengths).cumsum(0)
     for exact in (False, True):
+        segments = packed.Segments(offsets, lengths)
         with packed.exact_buckets() if exact else torch.no_grad():
-            segments = packed.make_segments(offsets, lengths)
-        assert len(segments.buckets) < len(lengths) or exact
+            planned = segments.buckets  # planned at first use, kept after
+        assert segments.buckets is planned
+        if exact:  # no padding: no mask
+            assert all(bucket.mask is None for bucket in planned)
+        else:
+            assert len(planned) < len(lengths)
         out = packed.bucketed_attention(q, k, v, segments)
         for b, length in enumerate(lengths):
             a = offsets[b]
@@ -315,7 +320,7 @@ def test_segment_cls_row_is_each_image_alone():
     lengths = (5, 9, 1, 3)
     q, k = torch.randn(2, sum(lengths), 3, 8).unbind(0)  # [T, H, d]
     offsets = torch.tensor([0, 5, 14, 15, 18])
-    row = packed.segment_cls_row(q, k, packed.make_segments(offsets, lengths), 0.4)
+    row = packed.segment_cls_row(q, k, packed.Segments(offsets, lengths), 0.4)
     for b, length in enumerate(lengths):
         a = offsets[b]
         alone = cls_attention_row(q[None, a:a + length].transpose(1, 2),
