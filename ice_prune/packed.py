@@ -73,6 +73,15 @@ class Segments:
     lengths: tuple[int, ...]
 
     @functools.cached_property
+    def cu_seqlens(self) -> Tensor:
+        """``offsets`` as the int32 the variable-length kernel reads, converted once per packing."""
+        return self.offsets.to(torch.int32)
+
+    @functools.cached_property
+    def longest(self) -> int:
+        return max(self.lengths)
+
+    @functools.cached_property
     def buckets(self) -> tuple[Bucket, ...]:
         """The images grouped for :func:`bucketed_attention` (:func:`plan_buckets`), planned at the
         first block that reads them and kept until the next selection point; the variable-length
@@ -189,12 +198,20 @@ def use_varlen(x: Tensor, head_dim: int) -> bool:
             and head_dim <= 256 and _varlen_attn() is not None)
 
 
+@functools.lru_cache(maxsize=None)
 def _varlen_attn():
+    """torch's ``varlen_attn``, or ``None`` before torch 2.9; looked up once, not per block."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch before 2.9
         return None
     return varlen_attn
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_invariant(varlen_attn) -> dict:
+    """``{"num_splits": 1}`` where ``varlen_attn`` takes it (read from its signature once)."""
+    return {"num_splits": 1} if "num_splits" in inspect.signature(varlen_attn).parameters else {}
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments,
@@ -203,13 +220,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments,
     ``k``, ``v`` ``[T, H, d]`` -> ``[T, H, d]``. ``num_splits=1`` where the kernel takes it keeps
     the result independent of the batch."""
     varlen_attn = _varlen_attn()
-    cu_seq = segments.offsets.to(torch.int32)
-    longest = max(segments.lengths)
-    kwargs = {"scale": scale}
-    if "num_splits" in inspect.signature(varlen_attn).parameters:
-        kwargs["num_splits"] = 1
+    cu_seq, longest = segments.cu_seqlens, segments.longest
     return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq, cu_seq, longest,
-                       longest, **kwargs)
+                       longest, scale=scale, **_batch_invariant(varlen_attn))
 
 
 def bucketed_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments) -> Tensor:
