@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ice_prune.integrations.common import ICEState, cls_attention_row
 from ice_prune.kernels.reference import EPS
+from ice_prune.packed import selection_block
 
 
 class Padded(NamedTuple):
@@ -112,17 +113,10 @@ def attention(attn: nn.Module, x: Tensor, padded: Optional[Padded],
 def selection_block_forward(block: nn.Module, x: Tensor, state: ICEState, loc: int) -> Tensor:
     """A selection point's block (:class:`~ice_prune.integrations.timm.ICEBlock`) on the padded
     batch ``x [B, N, D]``: the block with masked attention, :func:`select` at the state's
-    placement."""
-    y, cls_attn = attention(block.attn, block.norm1(x), state.padded,
-                            state.selector.needs_cls_attn)
-    x = x + block.drop_path1(block.ls1(y))
-    if state.placement == "attn":
-        h = block.norm2(x) if state.selector.needs_head else None
-        x = select(state, x, h, cls_attn, loc)
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    h = block.norm2(x)
-    x = x + block.drop_path2(block.ls2(block.mlp(h)))
-    return select(state, x, h, cls_attn, loc)
+    placement (:func:`ice_prune.packed.selection_block`, the packed run's skeleton)."""
+    return selection_block(block, x, state, loc,
+                           lambda attn, t, cls_row: attention(attn, t, state.padded, cls_row),
+                           select)
 
 
 def select(state: ICEState, x: Tensor, h: Optional[Tensor], cls_attn: Optional[Tensor],

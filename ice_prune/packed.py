@@ -35,7 +35,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -281,16 +281,26 @@ def block_forward(block: nn.Module, x: Tensor, segments: Segments) -> Tensor:
 def selection_block_forward(block: nn.Module, x: Tensor, state: ICEState, loc: int) -> Tensor:
     """A selection point's block (:class:`~ice_prune.integrations.timm.ICEBlock`) on packed rows:
     the block, with :func:`select` at the state's placement."""
-    y, cls_attn = attention(block.attn, block.norm1(x), state.segments,
-                            state.selector.needs_cls_attn)
+    return selection_block(block, x, state, loc,
+                           lambda attn, t, cls_row: attention(attn, t, state.segments, cls_row),
+                           select)
+
+
+def selection_block(block: nn.Module, x: Tensor, state: ICEState, loc: int,
+                    attend: Callable[[nn.Module, Tensor, bool], tuple[Tensor, Optional[Tensor]]],
+                    choose: Callable[..., Tensor]) -> Tensor:
+    """timm ``Block.forward`` with a selection point at the state's placement, for a batch laid out
+    as ``attend`` (``(attn, x, cls_row) -> (out, [CLS] row or None)``) and ``choose`` (``select(state,
+    x, h, cls_attn, loc)``) read it: packed here, padded and masked in :mod:`ice_prune.masked`."""
+    y, cls_attn = attend(block.attn, block.norm1(x), state.selector.needs_cls_attn)
     x = x + block.drop_path1(block.ls1(y))
     if state.placement == "attn":
         h = block.norm2(x) if state.selector.needs_head else None
-        x = select(state, x, h, cls_attn, loc)
+        x = choose(state, x, h, cls_attn, loc)
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     h = block.norm2(x)
     x = x + block.drop_path2(block.ls2(block.mlp(h)))
-    return select(state, x, h, cls_attn, loc)
+    return choose(state, x, h, cls_attn, loc)
 
 
 def pack(state: ICEState, x: Tensor, h: Optional[Tensor], cls_attn: Optional[Tensor],
