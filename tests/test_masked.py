@@ -3,9 +3,7 @@ the same counts and outputs as the packed run (tests/test_packed.py checks that 
 references), the unpatched model where nothing is dropped, batch independence, the honest MAC
 count (every row computed), and bench/throughput.py's ``--masked`` twins."""
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +15,9 @@ from ice_prune.kernels import reorganize_reference
 from ice_prune.masked import select
 from ice_prune.select import EViTSelector
 from test_packed import adaptive_value, images, make, policy
+from test_throughput import TINY, throughput  # noqa: F401 (a fixture)
 
 TOL = 1e-5
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def patched(method, prefix=1, **kw):
@@ -159,15 +157,6 @@ def test_count_flops_counts_every_row(method):
 
 
 # ----------------------------------------------------------------------------- bench --masked
-@pytest.fixture(scope="module")
-def throughput():
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "bench" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TINY = ["--model", "vit_tiny_patch16_224", "--img-size", "32"]
 
 
 def test_bench_masked_adds_a_twin_on_the_same_weights(throughput):
