@@ -25,7 +25,6 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ice_prune import packed
 from ice_prune.kernels import ice_score_macs, reorganize_macs
 from ice_prune.kernels.ops import reorganize_ragged_macs
 
@@ -220,8 +219,7 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), bat
     was_training = model.training
     model.eval()
     try:
-        # a packed batch's attention without the padding of its buckets: each image's own work
-        with torch.no_grad(), packed.exact_buckets():
+        with torch.no_grad():
             return COUNTERS[counter](model, x)
     finally:
         model.train(was_training)

@@ -11,8 +11,7 @@ per token), gives each image its own count (one host sync again) and repacks
 (:func:`~ice_prune.kernels.reorganize_packed_reference`). The final norm runs on the packed rows and
 ``forward_features`` returns each image's prefix rows, what timm's ``"token"`` pooling reads.
 
-Nothing is padded but the ``[B, n]`` scores and, inside attention on the CPU, the keys masked out
-of a bucket (below): an image's rows never meet another image's, so its output does not depend on
+Nothing is padded but the ``[B, n]`` scores: an image's rows never meet another image's, so its output does not depend on
 the rest of its batch (up to rounding). An image that keeps all its tokens at a point gets
 no fused token there, as a dense point that keeps everything is skipped; where every image keeps
 everything the batch stays dense.
@@ -20,22 +19,22 @@ everything the batch stays dense.
 Attention: on CUDA in fp16 / bf16, where torch has it (``torch.nn.attention.varlen``, torch 2.9+),
 one call of the variable-length flash kernel ``varlen_attn`` over the packed rows, told
 ``num_splits=1`` where it takes it so that an image's result does not depend on the batch (split-KV
-would choose its splits from the batch). Elsewhere (the CPU, fp32, an older torch) the images are
-grouped by length into buckets (:func:`buckets`, planned once per packing) and each bucket is one call
-of ``F.scaled_dot_product_attention``, its images padded to its longest with the padding masked out
-of the keys, at most ``BUCKET_SLACK`` (1.25) times their own attention work. A loop over the images
-cost 8-10% of the forward at the cpu scale (576 calls of a few microseconds of work); buckets run the
-packed path at the fixed keep rate's speed where the counts are equal. EViT's [CLS] attention row is
-one segment softmax over the packed rows (:func:`segment_cls_row`). :func:`~ice_prune.count_flops`
-counts with buckets of one length (:func:`exact_buckets`): each image's own work, not the padding.
+would choose its splits from the batch). Elsewhere (the CPU, fp32, an older torch) one call of
+``F.scaled_dot_product_attention`` per run of images of one length (:attr:`Segments.runs`): each
+packing lays the images out sorted by their row count (:attr:`Segments.order` says which image is
+where; the counts and outputs come back in the batch's order), so a run is a slice of the rows,
+viewed ``[G, L, H, d]`` as a dense batch: nothing gathered, padded or masked. A loop over the
+images cost 8-10% of the forward at the cpu scale (576 calls of a few microseconds of work); buckets
+of similar lengths padded and masked (the previous layout) gathered q, k and v and scattered the
+output for every bucket of every block. EViT's [CLS] attention row is one segment softmax over the
+packed rows (:func:`segment_cls_row`).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,32 +44,18 @@ from ice_prune.integrations.common import ICEState
 from ice_prune.kernels import reorganize_packed_reference, reorganize_ragged
 
 
-class Bucket(NamedTuple):
-    """Images of similar length that attend in one call (:func:`bucketed_attention`)."""
-
-    #: ``[G, L]`` int64 packed row of each image's position, padded to the longest ``L`` (the
-    #: padding repeats the image's first row); ``None`` where the images are consecutive and all
-    #: ``L`` long: their rows are then a slice of the batch, ``[start, start + G * L)``
-    rows: Optional[Tensor]
-    #: ``[G, 1, 1, L]`` bool, True at an image's own keys; ``None`` where all are ``L`` long
-    mask: Optional[Tensor]
-    #: ``rows[mask]`` flattened and the positions of ``[G * L]`` they come from (both ``None``
-    #: with ``rows``)
-    dest: Optional[Tensor]
-    source: Optional[Tensor]
-    #: the first packed row and the bucket's shape ``(G, L)``
-    start: int
-    shape: tuple[int, int]
-
-
 @dataclasses.dataclass
 class Segments:
-    """Where each image's rows lie in a packed ``[total, D]`` batch."""
+    """Where each image's rows lie in a packed ``[total, D]`` batch: the images in packed order,
+    sorted by their row count (ties in the order they had), image ``i`` at rows
+    ``offsets[i]:offsets[i + 1]``."""
 
     #: ``[B + 1]`` int64 row starts, on the rows' device
     offsets: Tensor
     #: rows per image, on the host
     lengths: tuple[int, ...]
+    #: the batch index of each packed image; ``None`` where that is the batch's own order
+    order: Optional[tuple[int, ...]] = None
 
     @functools.cached_property
     def cu_seqlens(self) -> Tensor:
@@ -82,72 +67,56 @@ class Segments:
         return max(self.lengths)
 
     @functools.cached_property
-    def buckets(self) -> tuple[Bucket, ...]:
-        """The images grouped for :func:`bucketed_attention` (:func:`plan_buckets`), planned at the
-        first block that reads them and kept until the next selection point; the variable-length
-        kernel never reads them."""
-        return plan_buckets(self.offsets, self.lengths)
+    def runs(self) -> tuple[tuple[int, int, int], ...]:
+        """``(first row, images, length)`` of each run of consecutive images of one length: the
+        calls of :func:`bucketed_attention`, one per distinct length in a sorted layout."""
+        runs, row = [], 0
+        for length in self.lengths:
+            if runs and runs[-1][2] == length:
+                runs[-1][1] += 1
+            else:
+                runs.append([row, 1, length])
+            row += length
+        return tuple(map(tuple, runs))
+
+    @functools.cached_property
+    def position(self) -> Optional[Tensor]:
+        """``[B]`` int64, the packed position of each batch image (``None`` in batch order)."""
+        if self.order is None:
+            return None
+        position = [0] * len(self.order)
+        for i, b in enumerate(self.order):
+            position[b] = i
+        return torch.tensor(position, device=self.offsets.device)
+
+    def to_batch(self, values: Tensor) -> Tensor:
+        """``values [B, ...]`` of the packed images in the batch's order."""
+        return values if self.position is None else values.index_select(0, self.position)
 
 
-#: the attention work a bucket of :func:`buckets` may reach padded, over its images' own (the
-#: sum of their squared lengths)
-BUCKET_SLACK = 1.25
-
-
-_exact = False
-
-
-@contextlib.contextmanager
-def exact_buckets():
-    """Within it, buckets hold images of one length only (no padding): what
-    :func:`~ice_prune.count_flops` counts under, so that an image's count is its own attention
-    work whatever else is in its batch."""
-    global _exact
-    before, _exact = _exact, True
-    try:
-        yield
-    finally:
-        _exact = before
-
-
-def buckets(lengths: tuple[int, ...], slack: float = BUCKET_SLACK) -> list[list[int]]:
-    """The images grouped for attention: sorted by length (stable), each group as long as padding
-    its images to its longest costs at most ``slack`` times their own attention work
-    (``size * longest ** 2 <= slack * sum(length ** 2)``)."""
-    groups, own = [], 0
-    for b in sorted(range(len(lengths)), key=lambda b: lengths[b]):
-        longest = lengths[b]
-        if groups and (len(groups[-1]) + 1) * longest ** 2 <= slack * (own + longest ** 2):
-            groups[-1].append(b)
-            own += longest ** 2
-        else:
-            groups.append([b])
-            own = longest ** 2
-    return groups
-
-
-def plan_buckets(offsets: Tensor, lengths: tuple[int, ...]) -> tuple[Bucket, ...]:
-    """The :class:`Bucket` of each group of :func:`buckets` (of one length only within
-    :func:`exact_buckets`), with the indices that gather its rows and scatter its results."""
-    device = offsets.device
-    starts = [0]
-    for length in lengths:
-        starts.append(starts[-1] + length)
-    plan = []
-    for group in buckets(lengths, 1.0 if _exact else BUCKET_SLACK):
-        sizes = [lengths[b] for b in group]
-        longest = max(sizes)
-        if min(sizes) == longest and group == list(range(group[0], group[0] + len(group))):
-            plan.append(Bucket(None, None, None, None, starts[group[0]], (len(group), longest)))
-            continue
-        local = torch.arange(longest, device=device)
-        first = offsets[torch.tensor(group, device=device)][:, None]
-        valid = local < torch.tensor(sizes, device=device)[:, None]  # [G, L]
-        rows = torch.where(valid, first + local, first)
-        flat = valid.flatten().nonzero()[:, 0]
-        plan.append(Bucket(rows, None if min(sizes) == longest else valid[:, None, None],
-                           rows.flatten()[flat], flat, 0, (len(group), longest)))
-    return tuple(plan)
+def sorted_layout(rows: Tensor, offsets: Tensor, lengths: tuple[int, ...],
+                  order: Optional[tuple[int, ...]] = None,
+                  trim: bool = False) -> tuple[Tensor, Segments]:
+    """Packed ``rows`` of images at ``offsets`` (batch images ``order``, ``None``: the batch's
+    order) laid out as :class:`Segments` wants them: sorted by ``lengths`` (stable), each image's
+    first ``lengths[i]`` rows (``trim``: an image may hold more, dropped here). One gather of the
+    rows where anything moves, none where nothing does."""
+    B = len(lengths)
+    perm = sorted(range(B), key=lengths.__getitem__)
+    moved = perm != list(range(B))
+    if not (moved or trim):
+        return rows, Segments(offsets, lengths, order)
+    new_lengths = tuple(lengths[i] for i in perm)
+    new_order = tuple(perm) if order is None else tuple(order[i] for i in perm)
+    if new_order == tuple(range(B)):
+        new_order = None
+    device = rows.device
+    total = sum(new_lengths)
+    new_offsets = F.pad(torch.tensor(new_lengths, device=device).cumsum(0), (1, 0))
+    image, local = _row_positions(new_offsets, new_lengths, total)
+    first = offsets[:-1][torch.tensor(perm, device=device)] if moved else offsets[:-1]
+    return (rows.index_select(0, first[image] + local),
+            Segments(new_offsets, new_lengths, new_order))
 
 
 def forward_features(model: nn.Module, x: Tensor) -> Tensor:
@@ -164,7 +133,7 @@ def forward_features(model: nn.Module, x: Tensor) -> Tensor:
     x = model.norm(x)
     if state.segments is None:
         return x
-    P, starts = state.num_prefix, state.segments.offsets[:-1]
+    P, starts = state.num_prefix, state.segments.to_batch(state.segments.offsets[:-1])
     return x[starts[:, None] + torch.arange(P, device=x.device)]
 
 
@@ -227,28 +196,19 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments,
 
 def bucketed_attention(q: Tensor, k: Tensor, v: Tensor, segments: Segments) -> Tensor:
     """Attention of each image over its own rows, ``[T, H, d]`` -> ``[T, H, d]``: one call of
-    scaled-dot-product attention per bucket of ``segments``, its images padded to its longest and
-    the padding masked out of the keys. A bucket's images keep their own results up to rounding,
-    whatever else is in the batch. (A Python loop over the images costs more than their attention
-    at small sizes: 9 blocks of 64 images are 576 calls.)"""
-    if len(segments.buckets) == 1 and segments.buckets[0].rows is None:
-        G, L = segments.buckets[0].shape  # the whole batch, images of one length
-        qg, kg, vg = (t.reshape(G, L, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).reshape(q.shape)
-    out = torch.empty_like(q)
-    for bucket in segments.buckets:
-        (G, L), start = bucket.shape, bucket.start
-        if bucket.rows is None:
-            qg, kg, vg = (t[start:start + G * L].reshape(G, L, *t.shape[1:]).transpose(1, 2)
-                          for t in (q, k, v))
-        else:
-            qg, kg, vg = (t[bucket.rows].transpose(1, 2) for t in (q, k, v))  # [G, H, L, d]
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=bucket.mask)
-        og = og.transpose(1, 2).reshape(G * L, *q.shape[1:])
-        if bucket.rows is None:
-            out[start:start + G * L] = og
-        else:
-            out[bucket.dest] = og[bucket.source]
+    scaled-dot-product attention per run of images of one length (:attr:`Segments.runs`), the run's
+    rows viewed as a ``[G, L]`` batch. Each image keeps its own result up to rounding, whatever
+    else is in the batch. (A Python loop over the images costs more than their attention at small
+    sizes: 9 blocks of 64 images are 576 calls.)"""
+    runs = segments.runs
+    out = None if len(runs) == 1 else torch.empty_like(q)
+    for start, G, L in runs:
+        qg, kg, vg = (t[start:start + G * L].view(G, L, *t.shape[1:]).transpose(1, 2)
+                      for t in (q, k, v))
+        og = F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2)  # [G, L, H, d]
+        if out is None:
+            return og.reshape(q.shape)
+        out[start:start + G * L].view(G, L, *q.shape[1:]).copy_(og)
     return out
 
 
@@ -322,9 +282,8 @@ def pack(state: ICEState, x: Tensor, h: Optional[Tensor], cls_attn: Optional[Ten
                                          total=sum(keep) + len(keep) * (P + int(state.fuse)),
                                          kernel=state.kernel)
     lengths = tuple(P + k + f for k, f in zip(keep, fused))
-    if state.fuse and not all(fused):  # images that dropped nothing have no fused row
-        rows, offsets = _first_rows(rows, offsets, lengths)
-    state.segments = Segments(offsets, lengths)
+    # images that dropped nothing have no fused row: trimmed from their slot
+    rows, state.segments = sorted_layout(rows, offsets, lengths, trim=state.fuse and not all(fused))
     return rows
 
 
@@ -342,7 +301,7 @@ def select(state: ICEState, x: Tensor, h: Optional[Tensor], cls_attn: Optional[T
     # [B, n_max], each image's scores in its row, zeros beyond
     scores = row_scores.new_zeros(len(n), max(n)).index_put_((image, token), row_scores)
     counts = state.keep_policy.keep_counts(scores, sizes)
-    state.keep_counts.append(counts)
+    state.keep_counts.append(segments.to_batch(counts))
     keep = counts.tolist()  # the point's one host sync
     if keep == n:
         return x
@@ -350,7 +309,7 @@ def select(state: ICEState, x: Tensor, h: Optional[Tensor], cls_attn: Optional[T
     x, offsets = reorganize_packed_reference(x, scores, segments.offsets, counts, sum(lengths), P,
                                              state.fuse, state.selector.normalize,
                                              dropped=sum(n) - sum(keep))
-    state.segments = Segments(offsets, lengths)
+    x, state.segments = sorted_layout(x, offsets, lengths, segments.order)
     return x
 
 
@@ -359,14 +318,6 @@ def _scores(state: ICEState, h: Optional[Tensor], cls_attn: Optional[Tensor], nu
     head = state.heads[loc] if state.heads is not None else None
     return state.selector.scores(cls_attn, h, head, num_prefix, logits_needed=False,
                                  kernel=state.kernel)[0]
-
-
-def _first_rows(rows: Tensor, offsets: Tensor, lengths: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """The first ``lengths[b]`` rows of each image of packed ``rows``, and their offsets."""
-    total = sum(lengths)
-    new_offsets = F.pad(torch.tensor(lengths, device=rows.device).cumsum(0), (1, 0))
-    image, local = _row_positions(new_offsets, lengths, total)
-    return rows.index_select(0, offsets[image] + local), new_offsets
 
 
 def _row_positions(offsets: Tensor, lengths: tuple[int, ...], total: int) -> tuple[Tensor, Tensor]:

@@ -276,16 +276,31 @@ def test_cuda_alone_and_in_a_batch(method):
     print("bf16 took varlen_attn:", packed.use_varlen(x.to(torch.bfloat16), 16))
 
 
-def test_buckets_by_hand():
-    """Sorted by length; a bucket grows while padding to its longest costs at most 1.25 times the
-    images' own attention work (sum of squared lengths)."""
+def test_sorted_layout_by_hand():
+    """Images sorted by their row count (ties in their order), each its own rows, the batch order
+    kept in ``order`` and given back by ``to_batch``; runs of one length are one attention call."""
     from ice_prune import packed
 
-    # 10, 10 (2*100 <= 1.25*200); 11 joins (3*121=363 <= 1.25*321=401); 20 does not (4*400 >
-    # 1.25*721); 20, 21: 2*441=882 <= 1.25*841=1051
-    assert packed.buckets((20, 10, 11, 10, 21)) == [[1, 3, 2], [0, 4]]
-    assert packed.buckets((20, 10, 11, 10, 21), slack=1.0) == [[1, 3], [2], [0], [4]]
-    assert packed.buckets((7,)) == [[0]]
+    lengths = (3, 1, 2, 1)  # image b's rows hold 10 * b + its row number
+    offsets = torch.tensor([0, 3, 4, 6, 7])
+    rows = torch.tensor([0., 1, 2, 10, 20, 21, 30])[:, None]
+    out, segments = packed.sorted_layout(rows, offsets, lengths)
+    assert out[:, 0].tolist() == [10, 30, 20, 21, 0, 1, 2]
+    assert segments.lengths == (1, 1, 2, 3) and segments.order == (1, 3, 2, 0)
+    assert segments.offsets.tolist() == [0, 1, 2, 4, 7]
+    assert segments.runs == ((0, 2, 1), (2, 1, 2), (4, 1, 3))
+    assert segments.to_batch(torch.tensor([1, 3, 2, 0])).tolist() == [0, 1, 2, 3]
+    # a second packing composes the orders: packed image i is batch image order[i]
+    again, twice = packed.sorted_layout(out, segments.offsets, (1, 1, 2, 1), segments.order,
+                                        trim=True)
+    assert twice.order == (1, 3, 0, 2) and twice.lengths == (1, 1, 1, 2)
+    assert again[:, 0].tolist() == [10, 30, 0, 20, 21]
+    assert twice.to_batch(torch.tensor([1, 3, 0, 2])).tolist() == [0, 1, 2, 3]
+    # trimmed: each image's first lengths[b] rows; already sorted and untrimmed: nothing moves
+    cut, trimmed = packed.sorted_layout(rows, offsets, (1, 1, 1, 1), trim=True)
+    assert cut[:, 0].tolist() == [0, 10, 20, 30] and trimmed.order is None
+    same, kept = packed.sorted_layout(rows, torch.tensor([0, 1, 3, 7]), (1, 2, 4))
+    assert same is rows and kept.order is None and kept.to_batch(rows) is rows
 
 
 @pytest.mark.parametrize("lengths", [(5, 9, 1, 3, 9, 8), (6, 6, 6), (4, 4, 9, 4)])
@@ -295,21 +310,15 @@ def test_bucketed_attention_is_each_image_alone(lengths):
     torch.manual_seed(0)
     q, k, v = torch.randn(3, sum(lengths), 2, 8).unbind(0)  # [T, H, d]
     offsets = torch.tensor((0,) + lengths).cumsum(0)
-    for exact in (False, True):
-        segments = packed.Segments(offsets, lengths)
-        with packed.exact_buckets() if exact else torch.no_grad():
-            planned = segments.buckets  # planned at first use, kept after
-        assert segments.buckets is planned
-        if exact:  # no padding: no mask
-            assert all(bucket.mask is None for bucket in planned)
-        else:
-            assert len(planned) < len(lengths)
-        out = packed.bucketed_attention(q, k, v, segments)
-        for b, length in enumerate(lengths):
-            a = offsets[b]
-            qi, ki, vi = (t[a:a + length].transpose(0, 1) for t in (q, k, v))
-            alone = ((qi @ ki.transpose(-2, -1) / 8 ** 0.5).softmax(-1) @ vi).transpose(0, 1)
-            assert (out[a:a + length] - alone).abs().max().item() <= 1e-6, (exact, b)
+    segments = packed.Segments(offsets, lengths)
+    assert len(segments.runs) == len([b for b in range(len(lengths))
+                                      if b == 0 or lengths[b] != lengths[b - 1]])
+    out = packed.bucketed_attention(q, k, v, segments)
+    for b, length in enumerate(lengths):
+        a = offsets[b]
+        qi, ki, vi = (t[a:a + length].transpose(0, 1) for t in (q, k, v))
+        alone = ((qi @ ki.transpose(-2, -1) / 8 ** 0.5).softmax(-1) @ vi).transpose(0, 1)
+        assert (out[a:a + length] - alone).abs().max().item() <= 1e-6, b
 
 
 def test_segment_cls_row_is_each_image_alone():

@@ -149,26 +149,38 @@ def reorganize_ragged_reference(
         ``offsets``: ``[B + 1]`` int64, image ``b``'s rows are ``rows[offsets[b]:offsets[b + 1]]``.
         ``order``: ``[B, N - num_prefix]`` int64, the stable descending argsort of ``scores``.
 
-    The fused row is summed in fp32 (fp64 for fp64 tokens), in rank order.
+    The fused row is summed in fp32 (fp64 for fp64 tokens), in rank order (``index_add_``). Only
+    the rows that land in the output and the dropped rows are read, each once (no ``[B, n, D]``
+    ranked copy of the batch), and ``total`` gives the dropped count without a host sync.
     """
     B, N, D = x.shape
-    n = N - num_prefix
+    P, n = num_prefix, N - num_prefix
+    device = x.device
     acc = torch.promote_types(x.dtype, torch.float32)
-    offsets = ragged_offsets(keep_counts, num_prefix, fuse)
+    keep = keep_counts.to(torch.int64)
+    offsets = ragged_offsets(keep_counts, P, fuse)
     order = torch.argsort(scores, dim=1, descending=True, stable=True)
-    ranked = x[:, num_prefix:].gather(1, order[..., None].expand(B, n, D))
+    flat = x.reshape(B * N, D)
+    image = torch.repeat_interleave(torch.arange(B, device=device), offsets.diff(),
+                                    output_size=total)
+    local = torch.arange(total, device=device) - offsets[image]
+    token = order[image, (local - P).clamp(0, max(n - 1, 0))]
+    # prefix, then kept tokens by rank; a fused slot reads a stand-in row, overwritten below
+    rows = flat.index_select(0, image * N + torch.where(local < P, local, P + token))
     if fuse:
-        dropped = (torch.arange(n, device=x.device) >= keep_counts[:, None])[..., None]
-        w = torch.where(dropped[..., 0], scores.gather(1, order), 0)
+        drops = n - keep
+        dropped = B * n - (total - B * (P + 1))
+        drop_image = torch.repeat_interleave(torch.arange(B, device=device), drops,
+                                             output_size=dropped)
+        drop_rank = (keep[drop_image] + torch.arange(dropped, device=device)
+                     - F.pad(drops.cumsum(0), (1, 0))[drop_image])
+        drop_token = order[drop_image, drop_rank]
+        w = scores[drop_image, drop_token]
         if normalize:
-            w = w / w.sum(dim=1, keepdim=True).clamp_min(EPS)
-        # where, not only w = 0: a kept row may hold inf, and 0 * inf is NaN
-        terms = torch.where(dropped, w.to(acc)[..., None] * ranked.to(acc), 0)
-        last = terms.sum(dim=1).to(x.dtype)[:, None]
-    else:  # never read: no packed row points at it
-        last = x.new_zeros(B, 1, D)
-    dense = torch.cat([x[:, :num_prefix], ranked, last], dim=1).reshape(B * (N + 1), D)
-    rows = dense.index_select(0, _packed_source(keep_counts, offsets, total, num_prefix, n))
+            w = w / w.new_zeros(B).index_add_(0, drop_image, w).clamp_min(EPS)[drop_image]
+        terms = w.to(acc)[:, None] * flat.index_select(0, drop_image * N + P + drop_token).to(acc)
+        fused = terms.new_zeros(B, D).index_add_(0, drop_image, terms)
+        rows.index_copy_(0, offsets[1:] - 1, fused.to(x.dtype))
     return rows, offsets, order
 
 
