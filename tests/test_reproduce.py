@@ -2,6 +2,7 @@
 report read from the stages' outputs, and the gpu scale's command lines."""
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -471,9 +472,29 @@ def check_adaptive(out, results, scale):
             calibrated.setdefault(rule, []).append(getattr(policy, rule))
     expected["ice@share=0.5"] = ("ice", None, KeepPolicy(threshold=0.5, min_share=0.5,
                                                          max_share=0.5), None)
-    assert sorted(done["variants"]) == sorted(expected)
+    # the schedule: fixed-keep ICE at the ICE policy's (calibrated to 0.5) mean counts, rounded
+    ice_05 = next(n for n, (m, _, p, to) in expected.items() if m == "ice" and to == 0.5)
+    scheduled = [max(1, round(k)) for k in done["variants"][ice_05]["tokens_per_point"]]
+    schedule_name = f"ice@counts={'/'.join(map(str, scheduled))}"
+    assert sorted(done["variants"]) == sorted([*expected, schedule_name])
     assert (done["thresholds"], done["masses"]) == (calibrated["threshold"], calibrated["mass"])
+    schedule = done["variants"][schedule_name]
+    assert (schedule["method"], schedule["kind"], schedule["counts"]) == ("ice", "schedule",
+                                                                          scheduled)
+    n = 16  # each point keeps ceil(rate * n) of the n tokens there, and fuses the rest into one
+    for k, rate in zip(scheduled, schedule["keep_rates"]):
+        assert math.ceil(rate * n) == k
+        n = k + 1 if k < n else n
+    model = repro_load(scale, checkpoint("ice"), "ice", tuple(schedule["keep_rates"]), None,
+                       **kwargs)
+    with torch.no_grad():
+        top1 = 100 * (model(images).argmax(-1) == labels).float().mean()
+    assert schedule["top1"] == pytest.approx(top1)
+    assert schedule["gmacs"] == pytest.approx(ice_prune.count_flops(model, (3, 32, 32)) / 1e9,
+                                              rel=1e-12)
     for name, row in done["variants"].items():
+        if name == schedule_name:
+            continue
         method, keep_rate, policy, calibrated_to = expected[name]
         kind = ("fixed" if policy is None else "bookkeeping" if name == "ice@share=0.5"
                 else "adaptive")
@@ -513,9 +534,14 @@ def check_adaptive(out, results, scale):
     assert book["name"] == "ice@share=0.5" and book["fixed"]["name"] == "ice@0.5"
     speeds = {name: row["img_s_median"] for name, row in done["variants"].items()}
     assert book["img_s_ratio"] == pytest.approx(speeds["ice@share=0.5"] / speeds["ice@0.5"])
+    assert summary["schedule"]["name"] == schedule_name
+    assert summary["schedule"]["img_s_ratio"] == pytest.approx(speeds[schedule_name]
+                                                               / speeds["ice@0.5"])
+    assert summary["schedule"]["adaptive_over_schedule"] == pytest.approx(
+        speeds[ice_05] / speeds[schedule_name])
+    assert all(r["name"] != schedule_name for rows in summary["curves"].values() for r in rows)
     report = open(os.path.join(out, "REPORT.md")).read()
     assert "## Per-image token counts" in report and "![per-image token counts]" in report
-    ice_05 = next(n for n, (m, _, p, to) in expected.items() if m == "ice" and to == 0.5)
     row = done["variants"][ice_05]
     assert (f"| adaptive ICE | threshold {row['policy']['threshold']:.4g} (calibrated to keep "
             f"0.5), shares 0.1-1 | {' / '.join(f'{k:.1f}' for k in row['tokens_per_point'])} | "
@@ -525,6 +551,12 @@ def check_adaptive(out, results, scale):
             f"{row['gmacs']:.4f} | {row['img_s_median']:.0f} | {row['top1']:.2f} |") in report
     assert f"Thresholds: {', '.join(f'{t:.4g}' for t in calibrated['threshold'])};" in report
     assert "400 SyntheticScenes training images (the split and seed 0" in report
+    assert (f"| fixed-keep ICE at adaptive ICE's mean counts | keep rates "
+            f"{' / '.join(f'{r:.4g}' for r in schedule['keep_rates'])} | "
+            f"{' / '.join(f'{k:.1f}' for k in scheduled)} | {schedule['gmacs']:.4f} | "
+            f"{schedule['img_s_median']:.0f} | {schedule['top1']:.2f} |") in report
+    assert (f"its mean counts as a fixed schedule ({schedule_name}, {schedule['gmacs']:.4f} "
+            f"GMACs) run at {summary['schedule']['img_s_ratio']:.3f} of it") in report
     assert "Adaptive ICE at fixed keep 0.5's GMACs runs at least 0.95 of the fixed-keep ICE" in report
     assert ("The packed bookkeeping at fixed keep 0.5's counts (ice@share=0.5: every image keeps "
             "fixed keep 0.5's tokens, run packed) runs at least 0.95 of fixed keep 0.5's img/s: "
@@ -570,3 +602,17 @@ def test_parallel_stage_forks_its_data_loader_workers(tmp_path):
                     os.path.join(work, "pretrain", "stage.log")).result()
         assert pool.submit(eval, START_METHOD).result() == "fork"
     assert os.path.exists(os.path.join(work, "pretrain", "done.json"))
+
+
+def test_schedule_rates_keep_the_counts_asked_for():
+    """Under EViT's rule (keep ceil(rate * n) of the n tokens at a point, fuse the rest into one),
+    the rates give the counts asked for; a point that keeps all its tokens keeps rate 1 and adds no
+    fused token; counts outside [1, n] are refused."""
+    from repro.stages import schedule_rates
+
+    rates = schedule_rates(64, [44, 10, 4])
+    assert rates == ((44 - 0.5) / 64, (10 - 0.5) / 45, (4 - 0.5) / 11)
+    assert [math.ceil(r * n) for r, n in zip(rates, (64, 45, 11))] == [44, 10, 4]
+    assert schedule_rates(16, [16, 9]) == (1.0, 8.5 / 16)
+    with pytest.raises(ValueError, match="between 1 and its 45 tokens"):
+        schedule_rates(64, [44, 46])

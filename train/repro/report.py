@@ -14,7 +14,8 @@ from ice_prune.loss import auto_lambda
 from .plots import (plot_accuracy, plot_adaptive, plot_budget_curve, plot_class_counts,
                     plot_prune_curve, plot_speed)
 from .scales import BASELINES, TABLE6 as TABLE6_SETTINGS, VARIANTS
-from .summary import ABLATION_LABELS, ADAPTIVE_BOOKKEEPING, ADAPTIVE_CURVES, summarize
+from .summary import (ABLATION_LABELS, ADAPTIVE_BOOKKEEPING, ADAPTIVE_CURVES, ADAPTIVE_SCHEDULE,
+                      summarize)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -400,6 +401,17 @@ def _render_adaptive(adaptive: dict) -> list[str]:
                   f"every image keeps fixed keep {share:g}'s tokens (checked on every image) and "
                   f"the run differs from fixed keep {share:g} only in the packed path's "
                   f"bookkeeping. It is not adaptive: on no curve and not in the figure.", ""]
+    schedule = adaptive.get("schedule")
+    if schedule is not None:
+        point = adaptive["matched"]["ice"]["adaptive"]
+        lines += [f"{ADAPTIVE_SCHEDULE[0].upper() + ADAPTIVE_SCHEDULE[1:]} ({schedule['name']}): the fixed-keep ICE model "
+                  f"with one keep rate per point, so that every image keeps the mean tokens per "
+                  f"point of {point['name']} (the ICE policy calibrated to fixed keep "
+                  f"{adaptive['match_rate']:g}) on these images, rounded, run dense. It splits "
+                  f"that point's time against fixed keep {adaptive['match_rate']:g} in two: what "
+                  f"its schedule of counts costs (how many tokens at which point) and what the "
+                  f"spread of its images' counts around that mean and the packed path cost. On no "
+                  f"curve and not in the figure.", ""]
     lines += [f"Images: {adaptive['images']} SyntheticScenes validation images (seed "
               f"{adaptive['data']['seed']}) with objects of {low:g} to {high:g} of the image side, "
               f"so that the images hold very different amounts of foreground: a set apart from the "
@@ -417,7 +429,9 @@ def _render_adaptive(adaptive: dict) -> list[str]:
 
     def row_line(label: str, row: dict) -> str:
         policy = row["policy"]
-        if policy is None:
+        if row["kind"] == "schedule":
+            described = "keep rates " + " / ".join(f"{r:.4g}" for r in row["keep_rates"])
+        elif policy is None:
             described = f"keep rate {row['keep_rate']:g}"
         else:
             rule = (f"threshold {policy['threshold']:.4g}" if policy["threshold"] is not None
@@ -434,6 +448,8 @@ def _render_adaptive(adaptive: dict) -> list[str]:
             lines.append(row_line(ADAPTIVE_CURVES[curve], row))
         if curve == "adaptive-ice" and book is not None:
             lines.append(row_line(ADAPTIVE_BOOKKEEPING, book))
+        if curve == "adaptive-ice" and schedule is not None:
+            lines.append(row_line(ADAPTIVE_SCHEDULE, schedule))
     lines.append("")
     for method in ("ice", "evit"):
         study = adaptive["matched"][method]
@@ -453,6 +469,16 @@ def _render_adaptive(adaptive: dict) -> list[str]:
                      f"{book['fixed']['img_s_median']:.0f} ({book['img_s_ratio']:.3f}), the same "
                      f"tokens per point, {book['gmacs']:.4f} GMACs against "
                      f"{book['fixed']['gmacs']:.4f}.")
+    if schedule is not None:
+        fixed = adaptive["matched"]["ice"]["fixed"]
+        point = adaptive["matched"]["ice"]["adaptive"]
+        lines.append(f"- Where {point['name']}'s time goes against fixed keep "
+                     f"{adaptive['match_rate']:g} ({fixed['img_s_median']:.0f} img/s): its mean "
+                     f"counts as a fixed schedule ({schedule['name']}, {schedule['gmacs']:.4f} "
+                     f"GMACs) run at {schedule['img_s_ratio']:.3f} of it, and the adaptive point at "
+                     f"{schedule['adaptive_over_schedule']:.3f} of the schedule (the spread of the "
+                     f"images' counts and the packed path), "
+                     f"{point['img_s_median'] / fixed['img_s_median']:.3f} in all.")
     lines.append("")
     lines.append("![per-image token counts](figures/adaptive.png)")
     lines.append("")

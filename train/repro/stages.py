@@ -13,7 +13,7 @@ import os
 import platform
 import shutil
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import timm
 import torch
@@ -528,6 +528,37 @@ def adaptive_variants(context: Context, rate: float, seed: int, calibration_imag
     return variants
 
 
+def schedule_rates(num_patches: int, counts: Sequence[int]) -> tuple[float, ...]:
+    """One fixed keep rate per selection point under which every image keeps ``counts[i]`` of its
+    non-prefix tokens at point ``i`` (EViT's rule ``ceil(rate * n)``, with fusion), from
+    ``num_patches``: ``(k - 1/2) / n``, safe from rounding at either side."""
+    rates, n = [], num_patches
+    for k in counts:
+        if not 1 <= k <= n:
+            raise ValueError(f"a point keeps between 1 and its {n} tokens, got {k} ({counts})")
+        rates.append(1.0 if k == n else (k - 0.5) / n)
+        n = k + int(k < n)
+    return tuple(rates)
+
+
+def schedule_variant(context: Context, rows: dict, rate: float, seed: int, num_patches: int
+                     ) -> tuple[str, torch.nn.Module, dict]:
+    """``(name, eval-mode model, what it is)`` of fixed-keep ICE at the adaptive ICE point's
+    (calibrated to ``ADAPTIVE_MATCH_RATE``) mean tokens per point, rounded: every image keeps
+    those counts, run dense. A timing decomposition of the adaptive point (its schedule of counts
+    against its spread around them and the packed path), on no curve."""
+    point = next(row for row in rows.values() if row["kind"] == "adaptive"
+                 and row["method"] == "ice" and row["calibrated_to"] == ADAPTIVE_MATCH_RATE)
+    counts = [max(1, round(k)) for k in point["tokens_per_point"]]
+    scale, rates = context.scale, schedule_rates(num_patches, counts)
+    model = ice_prune.load_model(scale.model, context.checkpoint(prune_name("ice", rate, seed)),
+                                 method="ice", keep_rate=rates, img_size=scale.img_size,
+                                 **scale.model_kwargs)
+    return (f"ice@counts={'/'.join(map(str, counts))}", model,
+            {"method": "ice", "kind": "schedule", "keep_rate": None, "policy": None,
+             "calibrated_to": None, "counts": counts, "keep_rates": list(rates)})
+
+
 def fixed_kept(num_patches: int, keep_rate: float, points: int) -> list[int]:
     """The tokens each of ``points`` selection points keeps at a fixed ``keep_rate`` (EViT's rule,
     with fusion) from ``num_patches``."""
@@ -547,7 +578,8 @@ def _adaptive(context: Context, out: str) -> dict:
     (:func:`ice_prune.count_flops` on the images, in batches; a fixed keep rate's on one image, the
     same for every image) and img/s (every variant in one :func:`ice_prune.benchmark_models` run on
     the first ``bench_batch`` images, eager: a policy's forward syncs with the host). The
-    bookkeeping variant must keep fixed keep ``ADAPTIVE_MATCH_RATE``'s counts in every image."""
+    bookkeeping variant must keep fixed keep ``ADAPTIVE_MATCH_RATE``'s counts in every image; the
+    schedule variant (:func:`schedule_variant`) is timed beside them."""
     scale = context.scale
     rate, seed = scale.keep_rates[0], scale.seeds[0]
     dataset = adaptive_dataset(scale)
@@ -586,6 +618,15 @@ def _adaptive(context: Context, out: str) -> dict:
     for row in rows.values():
         if row["tokens_per_point"] is None:
             row["tokens_per_point"] = fixed_kept(num_patches, row["keep_rate"], points)
+    name, model, meta = schedule_variant(context, rows, rate, seed, num_patches)
+    with torch.no_grad():
+        correct = sum(int((model(images[i:i + ADAPTIVE_EVAL_BATCH]).argmax(-1)
+                           == labels[i:i + ADAPTIVE_EVAL_BATCH]).sum())
+                      for i in range(0, len(images), ADAPTIVE_EVAL_BATCH))
+    rows[name] = {**meta, "top1": 100 * correct / len(images),
+                  "gmacs": ice_prune.count_flops(model, images=images[:1]) / 1e9,
+                  "tokens_per_point": [float(k) for k in meta["counts"]]}
+    variants[name] = (model, meta)
     timed = {name: model for name, (model, _) in variants.items()}
     benchmark = ice_prune.benchmark_models(timed, inputs=images[:scale.bench_batch],
                                            device=scale.device, dtype=scale.bench_dtype,

@@ -29,6 +29,7 @@ ADAPTIVE_CURVES = {"fixed-ice": "fixed-keep ICE", "adaptive-ice": "adaptive ICE"
                    "fixed-evit": "fixed-keep EViT", "adaptive-evit": "adaptive EViT"}
 # the variant that keeps fixed counts through the packed path, as the report names it
 ADAPTIVE_BOOKKEEPING = "packed ICE at fixed counts"
+ADAPTIVE_SCHEDULE = "fixed-keep ICE at adaptive ICE's mean counts"
 # the PM paper states only an abstract: what each comparison of a trained PM-style map rests on
 PM_ABSTRACT = ("the PM abstract claims better maps and classification than previous techniques, "
                "no figure")
@@ -241,7 +242,9 @@ def _pruned_map_claims(pruned_maps: dict) -> list[dict]:
 def _adaptive(stages: dict) -> dict:
     """Per-image token counts (the ``adaptive`` stage): its fixed and calibrated variants as four
     curves sorted by GMACs (:data:`ADAPTIVE_CURVES`), the bookkeeping variant beside fixed keep at
-    its share (on no curve: its counts are fixed), the study's settings, and per method the
+    its share (on no curve: its counts are fixed), the schedule variant (fixed keep at the adaptive
+    ICE point's mean counts: its img/s over fixed keep's at the match rate, and the point's over
+    its; ``None`` in a stage that predates it), the study's settings, and per method the
     adaptive point calibrated to fixed keep ``ADAPTIVE_MATCH_RATE`` beside the fixed-keep curves
     interpolated at its GMACs (linearly; outside a curve's GMACs, its nearest end). Empty without
     the stage."""
@@ -252,10 +255,12 @@ def _adaptive(stages: dict) -> dict:
         raise ValueError("the adaptive stage's done.json predates the calibrated policies (it has "
                          "no 'calibration'): delete OUT/work/adaptive and run the stage again")
     curves: dict[str, list[dict]] = {key: [] for key in ADAPTIVE_CURVES}
-    bookkeeping = None
+    bookkeeping = schedule = None
     for name, row in result["variants"].items():
         if row["kind"] == "bookkeeping":
             bookkeeping = {"name": name, **row}
+        elif row["kind"] == "schedule":
+            schedule = {"name": name, **row}
         else:
             curves[f"{row['kind']}-{row['method']}"].append({"name": name, **row})
     for rows in curves.values():
@@ -284,10 +289,15 @@ def _adaptive(stages: dict) -> dict:
         fixed = fixed_at(bookkeeping["method"], bookkeeping["policy"]["min_share"])
         bookkeeping = {**bookkeeping, "fixed": fixed,
                        "img_s_ratio": bookkeeping["img_s_median"] / fixed["img_s_median"]}
+    if schedule is not None:  # the ICE point's gap to fixed keep at the match rate, in two
+        fixed = matched["ice"]["fixed"]["img_s_median"]
+        schedule = {**schedule, "img_s_ratio": schedule["img_s_median"] / fixed,
+                    "adaptive_over_schedule": (matched["ice"]["adaptive"]["img_s_median"]
+                                               / schedule["img_s_median"])}
     settings = ("source_keep_rate", "seed", "images", "num_patches", "data", "fixed_rates",
                 "thresholds", "masses", "calibration", "min_share", "max_share", "batch", "reps",
                 "dtype", "threads", "device")
-    return {"curves": curves, "matched": matched, "bookkeeping": bookkeeping,
+    return {"curves": curves, "matched": matched, "bookkeeping": bookkeeping, "schedule": schedule,
             "match_rate": ADAPTIVE_MATCH_RATE, **{key: result[key] for key in settings}}
 
 
