@@ -7,12 +7,18 @@ model: a head that calls nearly every patch foreground keeps every token up to a
 :func:`calibrate_keep_policy` picks the value from the model and a set of images instead, so that
 an adaptive policy can be compared with a fixed keep rate at equal mean cost.
 
-The cost is the token rows the blocks process: per image, the sum over the blocks of the rows each
-block's MLP runs on (prefix, kept tokens and the fused token where the image dropped some; under
-EViT's placement a selecting block's MLP already runs on the reduced rows, its attention not), the
-mean over the images. It is linear in the tokens, a stand-in for MACs: the linear layers, which
-dominate at these sequence lengths, scale with the rows; attention's part quadratic in them (the
-products with the keys) is not counted.
+The cost is the blocks' multiply-adds (MACs) per image, the mean over the images. Block ``b``
+costs ``a * attn_row + a ** 2 * pair + m * mlp_row``: ``attn_row`` the weights of the linear
+layers in its attention (timm: qkv and proj), ``pair`` the products per pair of rows (``q k^T``
+and the attention times ``v``: ``2 * num_heads * head_dim``), ``mlp_row`` the weights of the
+linear layers in its MLP, all read from the model; ``a`` the rows its attention runs on and ``m``
+the rows its MLP runs on (prefix, kept tokens and the fused token where the image dropped some; a
+selecting block's attention reads its full input; under EViT's placement its MLP already runs on
+the reduced rows, under ``"block"`` the next block does). MACs, since the comparison is at equal
+GMACs: attention's part quadratic in the rows makes a policy whose counts vary from image to image
+(and keep more early) cost more than the rows say. Not counted: the patch embedding, the layer
+norms, the classifier head and the selection steps (ICE's scoring head, the reorganize), the same
+for every policy or small.
 """
 from __future__ import annotations
 
@@ -43,13 +49,17 @@ def calibrate_keep_policy(model: nn.Module, images: Tensor, keep_rate: KeepRate,
     in (0, 1] or one per selection point, as ``model.keep_rate`` takes it. Each image keeps between
     ``min_share`` and ``max_share`` of its tokens at each point (the returned policy's bounds).
 
-    The cost is the mean over the images of the token rows the blocks process (this module's
-    docstring): linear in the tokens, a stand-in for MACs. ICE's count does not grow with the
-    threshold, EViT's does not shrink with the mass, so the value is found by bisection on the grid
-    of multiples of ``2 ** -iterations`` in [0, 1] (the mass in (0, 1]): the returned value is the
-    one of the two neighbouring grid values whose costs bracket the target that comes nearer to it
-    (a tie to the one keeping more), so moving it by one step crosses the target. Where no value
-    within the share bounds reaches the target, the nearest end, with a warning.
+    The cost is the mean over the images of the blocks' multiply-adds (this module's docstring):
+    the linear layers of attention and MLP on the rows each runs on and attention's products
+    between rows, quadratic in them, since policies are compared with fixed rates at equal GMACs
+    and a policy whose counts vary costs more than its mean count says; not the patch embedding,
+    the layer norms, the head or the selection steps (the same for every policy, or small). ICE's
+    count does not grow with the threshold, EViT's does not shrink with the mass, so the value is
+    found by bisection on the grid of multiples of ``2 ** -iterations`` in [0, 1] (the mass in
+    (0, 1]): the returned value is the one of the two neighbouring grid values whose costs bracket
+    the target that comes nearer to it (a tie to the one keeping more), so moving it by one step
+    crosses the target. Where no value within the share bounds reaches the target, the nearest
+    end, with a warning.
 
     Runs eval-mode forwards of ``batch_size`` images under ``torch.no_grad()``, ``iterations + 2``
     passes over the images at most; the model's ``keep_policy`` and the train/eval mode of each of
@@ -94,8 +104,9 @@ def calibrate_keep_policy(model: nn.Module, images: Tensor, keep_rate: KeepRate,
         grid = model.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
         num_patches = grid[0] * grid[1]
         P = state.num_prefix
-        target = _block_rows(torch.tensor([token_schedule(P + num_patches, P, rates, state.fuse)]),
-                             P + num_patches, state.locs, len(model.blocks), state.placement)
+        dims = _block_dims(model)
+        target = _block_macs(torch.tensor([token_schedule(P + num_patches, P, rates, state.fuse)]),
+                             P + num_patches, state.locs, dims, state.placement)
         target = float(target[0])
         param = next(model.parameters())
 
@@ -107,7 +118,7 @@ def calibrate_keep_policy(model: nn.Module, images: Tensor, keep_rate: KeepRate,
                 model(x)
                 counts = torch.stack(model.ice_keep_counts, dim=1).cpu()
                 rows = _rows_after_points(counts, num_patches, P, state.fuse)
-                total += float(_block_rows(rows, P + num_patches, state.locs, len(model.blocks),
+                total += float(_block_macs(rows, P + num_patches, state.locs, dims,
                                            state.placement).sum())
             return total / images.shape[0]
 
@@ -119,9 +130,10 @@ def calibrate_keep_policy(model: nn.Module, images: Tensor, keep_rate: KeepRate,
                 if end_cost != target:
                     side = "fewest" if end == lo else "most"
                     warnings.warn(
-                        f"no {rule} reaches fixed keep rate {keep_rate}'s cost ({target:.2f} token "
-                        f"rows per image) within min_share={min_share:g}, max_share={max_share:g}: "
-                        f"the policy keeping the {side} tokens costs {end_cost:.2f}; returning it "
+                        f"no {rule} reaches fixed keep rate {keep_rate}'s cost "
+                        f"({target / 1e6:.2f} MMACs per image) within min_share={min_share:g}, "
+                        f"max_share={max_share:g}: the policy keeping the {side} tokens costs "
+                        f"{end_cost / 1e6:.2f} MMACs; returning it "
                         f"({rule}={getattr(policy(end), rule):g}), the nearest end", stacklevel=2)
                 return policy(end)
             while hi - lo > 1:  # cost(lo) < target < cost(hi)
@@ -152,15 +164,34 @@ def _rows_after_points(counts: Tensor, num_patches: int, num_prefix: int, fuse: 
     return torch.stack(rows, dim=1)
 
 
-def _block_rows(rows_after: Tensor, rows_before: int, locs: Sequence[int], depth: int,
-                placement: str) -> Tensor:
-    """``[B]`` float64: the rows each of ``depth`` blocks' MLPs run on, summed, from the rows
-    ``[B, points]`` after the selection points at ``locs`` and the ``rows_before`` the first. Under
-    EViT's placement (``"attn"``) a selecting block's MLP reads the reduced rows, under ``"block"``
-    the next block does."""
+def _block_dims(model: nn.Module) -> list[tuple[int, int, int]]:
+    """``(attn_row, pair, mlp_row)`` of each of ``model.blocks``: the MACs per row of the linear
+    layers in its attention and in its MLP (``in_features * out_features``, summed), and those of
+    attention's products per pair of rows (``q k^T`` and the attention times ``v``)."""
+    def weights(module: nn.Module) -> int:
+        return sum(m.in_features * m.out_features for m in module.modules()
+                   if isinstance(m, nn.Linear))
+
+    return [(weights(block.attn), 2 * block.attn.num_heads * block.attn.head_dim,
+             weights(block.mlp)) for block in model.blocks]
+
+
+def _block_macs(rows_after: Tensor, rows_before: int, locs: Sequence[int],
+                dims: Sequence[tuple[int, int, int]], placement: str) -> Tensor:
+    """``[B]`` float64: the blocks' MACs, from the rows ``[B, points]`` after the selection points
+    at ``locs``, the ``rows_before`` the first and each block's ``(attn_row, pair, mlp_row)``
+    (:func:`_block_dims`): ``a * attn_row + a ** 2 * pair + m * mlp_row`` summed over the blocks,
+    ``a`` the rows its attention runs on, ``m`` those its MLP runs on. A selecting block's
+    attention reads its full input; under EViT's placement (``"attn"``) its MLP reads the reduced
+    rows, under ``"block"`` the next block does."""
     rows_after = rows_after.to(torch.float64)
     total = torch.zeros(rows_after.shape[0], dtype=torch.float64)
-    for block in range(depth):
-        passed = sum(loc < block or (placement == "attn" and loc == block) for loc in locs)
-        total += rows_before if passed == 0 else rows_after[:, passed - 1]
+
+    def rows(passed: int):
+        return rows_before if passed == 0 else rows_after[:, passed - 1]
+
+    for block, (attn_row, pair, mlp_row) in enumerate(dims):
+        a = rows(sum(loc < block for loc in locs))
+        m = rows(sum(loc < block or (placement == "attn" and loc == block) for loc in locs))
+        total += a * attn_row + a * a * pair + m * mlp_row
     return total

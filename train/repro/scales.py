@@ -56,7 +56,7 @@ ADAPTIVE_FIXED_RATES = (1.0, 0.9, 0.7, 0.5, 0.3)
 # ICE's threshold and EViT's mass are set per fixed rate below 1 from the method and its training
 # data: ice_prune.calibrate_keep_policy on this many SyntheticScenes training images (the pruning
 # run's split and seed, objects of ADAPTIVE_OBJECT_SCALE, labels unused) gives the value whose mean
-# token rows equal the fixed rate's, bisected to 2 ** -ADAPTIVE_CALIBRATION_ITERATIONS (a grid on
+# MACs equal the fixed rate's, bisected to 2 ** -ADAPTIVE_CALIBRATION_ITERATIONS (a grid on
 # the selector's own scale can miss the range of costs: a head that calls nearly every patch
 # foreground keeps every token up to a threshold near 1)
 ADAPTIVE_CALIBRATION_IMAGES = 400
