@@ -469,7 +469,21 @@ def _render_adaptive(adaptive: dict) -> list[str]:
                      f"{book['fixed']['img_s_median']:.0f} ({book['img_s_ratio']:.3f}), the same "
                      f"tokens per point, {book['gmacs']:.4f} GMACs against "
                      f"{book['fixed']['gmacs']:.4f}.")
-    if schedule is not None:
+    focus = adaptive.get("focus")
+    if focus is not None:
+        speeds, ratio = focus["img_s_median"], focus["ratio"]
+        lines.append(f"- The speed goal's variants again, alone ({focus['reps']} repetitions, one "
+                     f"interleaved run): " + "; ".join(
+                         f"{name} {speeds[name]:.0f} img/s"
+                         + ("" if name == focus["fixed"] else f" ({ratio[name]:.3f})")
+                         for name in focus["variants"])
+                     + f". Where {focus['adaptive']}'s time goes: its mean counts as a fixed "
+                     f"schedule run at {ratio[focus['schedule']]:.3f} of fixed keep "
+                     f"{adaptive['match_rate']:g}, the adaptive point at "
+                     f"{focus['adaptive_over_schedule']:.3f} of the schedule (the spread of the "
+                     f"images' counts and the packed path), the packed path alone at equal counts "
+                     f"at {ratio[focus['bookkeeping']]:.3f}.")
+    elif schedule is not None:
         fixed = adaptive["matched"]["ice"]["fixed"]
         point = adaptive["matched"]["ice"]["adaptive"]
         lines.append(f"- Where {point['name']}'s time goes against fixed keep "

@@ -35,9 +35,9 @@ import pm
 import prune
 
 from .scales import (ADAPTIVE_CALIBRATION_IMAGES, ADAPTIVE_CALIBRATION_ITERATIONS,
-                     ADAPTIVE_FIXED_RATES, ADAPTIVE_MAX_SHARE, ADAPTIVE_MIN_SHARE,
-                     ADAPTIVE_OBJECT_SCALE, BASELINES, VARIANTS, Scale, TrainSpec, ablation_runs,
-                     class_count_runs, pm_runs)
+                     ADAPTIVE_FIXED_RATES, ADAPTIVE_FOCUS_REPS_FACTOR, ADAPTIVE_MAX_SHARE,
+                     ADAPTIVE_MIN_SHARE, ADAPTIVE_OBJECT_SCALE, BASELINES, VARIANTS, Scale,
+                     TrainSpec, ablation_runs, class_count_runs, pm_runs)
 from .summary import ADAPTIVE_MATCH_RATE, choose_budget
 
 DONE = "done.json"
@@ -559,6 +559,20 @@ def schedule_variant(context: Context, rows: dict, rate: float, seed: int, num_p
              "calibrated_to": None, "counts": counts, "keep_rates": list(rates)})
 
 
+def adaptive_focus(rows: dict) -> list[str]:
+    """The speed goal's variants, timed again alone: fixed-keep ICE at ``ADAPTIVE_MATCH_RATE``
+    (first: the baseline), the ICE policy calibrated to it, its schedule and the bookkeeping
+    variant."""
+    def named(test: Callable[[dict], bool]) -> str:
+        return next(name for name, row in rows.items() if test(row))
+
+    return [named(lambda r: r["kind"] == "fixed" and r["method"] == "ice"
+                  and r["keep_rate"] == ADAPTIVE_MATCH_RATE),
+            named(lambda r: r["kind"] == "adaptive" and r["method"] == "ice"
+                  and r["calibrated_to"] == ADAPTIVE_MATCH_RATE),
+            named(lambda r: r["kind"] == "schedule"), named(lambda r: r["kind"] == "bookkeeping")]
+
+
 def fixed_kept(num_patches: int, keep_rate: float, points: int) -> list[int]:
     """The tokens each of ``points`` selection points keeps at a fixed ``keep_rate`` (EViT's rule,
     with fusion) from ``num_patches``."""
@@ -579,7 +593,8 @@ def _adaptive(context: Context, out: str) -> dict:
     same for every image) and img/s (every variant in one :func:`ice_prune.benchmark_models` run on
     the first ``bench_batch`` images, eager: a policy's forward syncs with the host). The
     bookkeeping variant must keep fixed keep ``ADAPTIVE_MATCH_RATE``'s counts in every image; the
-    schedule variant (:func:`schedule_variant`) is timed beside them."""
+    schedule variant (:func:`schedule_variant`) is timed beside them, and the speed goal's four
+    variants (:func:`adaptive_focus`) again alone, ``ADAPTIVE_FOCUS_REPS_FACTOR`` times as long."""
     scale = context.scale
     rate, seed = scale.keep_rates[0], scale.seeds[0]
     dataset = adaptive_dataset(scale)
@@ -633,6 +648,12 @@ def _adaptive(context: Context, out: str) -> dict:
                                            reps=scale.bench_reps, progress=True)
     for name, row in rows.items():
         row["img_s_median"], row["img_s_best"] = benchmark[name].median, benchmark[name].best
+    focus = adaptive_focus(rows)
+    focused = ice_prune.benchmark_models({n: variants[n][0] for n in focus},
+                                         inputs=images[:scale.bench_batch], device=scale.device,
+                                         dtype=scale.bench_dtype,
+                                         reps=scale.bench_reps * ADAPTIVE_FOCUS_REPS_FACTOR,
+                                         baseline=focus[0], progress=True)
 
     def calibrated(rule: str) -> list[float]:
         """The calibrated values of ``rule``, in the order of ``ADAPTIVE_FIXED_RATES``."""
@@ -652,6 +673,11 @@ def _adaptive(context: Context, out: str) -> dict:
                             "precision": 2.0 ** -ADAPTIVE_CALIBRATION_ITERATIONS,
                             "rates": [r for r in ADAPTIVE_FIXED_RATES if r < 1.0]},
             "min_share": ADAPTIVE_MIN_SHARE, "max_share": ADAPTIVE_MAX_SHARE, "variants": rows,
+            "focus": {"variants": focus, "reps": scale.bench_reps * ADAPTIVE_FOCUS_REPS_FACTOR,
+                      "img_s_median": {n: focused[n].median for n in focus},
+                      "img_s_best": {n: focused[n].best for n in focus},
+                      "paired_speedup": {n: focused.paired_speedup(n) for n in focus},
+                      "benchmark": focused.to_dict()},
             "batch": benchmark[benchmark.baseline].batch_size, "reps": scale.bench_reps,
             "dtype": scale.bench_dtype, "threads": torch.get_num_threads(),
             "device": _device_name(), "benchmark": benchmark.to_dict()}
