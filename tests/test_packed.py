@@ -210,6 +210,31 @@ def test_per_image_counts_match_a_plain_per_image_reference(method, placement, f
             model.keep_policy = policy(method, value, **shares)
 
 
+@pytest.mark.parametrize("method", ["ice", "evit"])
+def test_a_model_with_qk_norm_matches_the_dense_path_at_its_counts(method):
+    """timm's ``qk_norm=True`` (q and k layer-normed per head before attention): the packed
+    attention reads the normed q and k, as timm's dense attention does."""
+    model = make(method, qk_norm=True)
+    for block in model.blocks:
+        for norm in (block.attn.q_norm, block.attn.k_norm):
+            torch.nn.init.uniform_(norm.weight, 0.5, 2.0)
+            torch.nn.init.normal_(norm.bias, std=0.5)
+    x = images()
+    with torch.no_grad():
+        value = adaptive_value(model, x, method)
+        model.keep_policy = policy(method, value)
+        out = model(x)
+        counts = torch.stack(model.ice_keep_counts, dim=1).tolist()
+        model.keep_policy = None
+        for b in range(x.shape[0]):
+            n, rates = 16, []
+            for k in counts[b]:
+                rates.append((k - 0.5) / n)  # ceil(rate * n) == k
+                n = k + int(k < n)
+            model.keep_rate = rates
+            assert (out[b] - model(x[b:b + 1])[0]).abs().max().item() <= TOL, b
+
+
 def reference_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
                      num_splits=None):
     """torch's ``varlen_attn`` as its documentation states it (``[T, H, d]`` rows, int32
@@ -313,7 +338,7 @@ def test_bucketed_attention_is_each_image_alone(lengths):
     segments = packed.Segments(offsets, lengths)
     assert len(segments.runs) == len([b for b in range(len(lengths))
                                       if b == 0 or lengths[b] != lengths[b - 1]])
-    out = packed.bucketed_attention(q, k, v, segments)
+    out = packed.bucketed_attention(torch.stack((q, k, v), dim=1), segments)
     for b, length in enumerate(lengths):
         a = offsets[b]
         qi, ki, vi = (t[a:a + length].transpose(0, 1) for t in (q, k, v))
