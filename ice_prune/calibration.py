@@ -58,8 +58,11 @@ def calibrate_keep_policy(model: nn.Module, images: Tensor, keep_rate: KeepRate,
     found by bisection on the grid of multiples of ``2 ** -iterations`` in [0, 1] (the mass in
     (0, 1]): the returned value is the one of the two neighbouring grid values whose costs bracket
     the target that comes nearer to it (a tie to the one keeping more), so moving it by one step
-    crosses the target. Where no value within the share bounds reaches the target, the nearest
-    end, with a warning.
+    crosses the target. (At the first point the count moves one way only; a later point's count
+    also depends on what the earlier ones kept, so the total cost can step back between
+    neighbouring values, and another value far off may bracket the target too: the bisection
+    returns one bracketing pair's nearer value.) Where no value within the share bounds reaches the
+    target, the nearest end, with a warning.
 
     Runs eval-mode forwards of ``batch_size`` images under ``torch.no_grad()``, ``iterations + 2``
     passes over the images at most; the model's ``keep_policy`` and the train/eval mode of each of
