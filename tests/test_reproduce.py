@@ -623,7 +623,7 @@ def test_schedule_rates_keep_the_counts_asked_for():
     """Under EViT's rule (keep ceil(rate * n) of the n tokens at a point, fuse the rest into one),
     the rates give the counts asked for; a point that keeps all its tokens keeps rate 1 and adds no
     fused token; counts outside [1, n] are refused."""
-    from repro.stages import schedule_rates
+    from repro.adaptive import schedule_rates
 
     rates = schedule_rates(64, [44, 10, 4])
     assert rates == ((44 - 0.5) / 64, (10 - 0.5) / 45, (4 - 0.5) / 11)

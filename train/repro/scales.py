@@ -6,9 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 from typing import Callable, Optional
 
+import torch
+
 from ice_prune.loss import auto_lambda
+from ice_prune.training.engine import CHECKPOINT
 
 # the explanation variants (train/explain.py --variant), each trained and evaluated
 VARIANTS = ("ice", "ice-f", "icev2-style")
@@ -271,3 +275,39 @@ def gpu_synthetic_scale(**overrides) -> Scale:
 
 SCALES: dict[str, Callable[..., Scale]] = {"smoke": smoke_scale, "cpu": cpu_scale, "gpu": gpu_scale,
                                            "gpu-synthetic": gpu_synthetic_scale}
+
+
+def synthetic_eval_kwargs(scale: Scale, num_classes: Optional[int] = None) -> dict:
+    """SyntheticScenes' evaluation images: the validation split, seed 0, the same for every model."""
+    return {**scale.synthetic_kwargs, "num_classes": num_classes or scale.num_classes,
+            "length": scale.eval_images or 500, "seed": 0}
+
+
+def prune_name(method: str, rate: float, seed: int, epochs: Optional[int] = None) -> str:
+    """``prune-<method>-<rate>-s<seed>``, with ``-e<epochs>`` for the pruning curve's runs."""
+    return f"prune-{method}-{rate:g}-s{seed}" + ("" if epochs is None else f"-e{epochs}")
+
+
+def device_name() -> str:
+    """The machine a stage ran on, as the report names it: the GPU's name, or the CPU and its cores."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+@dataclasses.dataclass
+class Context:
+    """A run's scale and its work folder: where each stage writes, and its checkpoint."""
+
+    scale: Scale
+    work: str
+
+    def folder(self, stage: str) -> str:
+        return os.path.join(self.work, stage)
+
+    def checkpoint(self, stage: str) -> str:
+        return os.path.join(self.folder(stage), CHECKPOINT)
+
+    @property
+    def pretrained(self) -> str:
+        return self.scale.checkpoint if self.scale.pretrain is None else self.checkpoint("pretrain")
