@@ -17,8 +17,10 @@ one; the torch cases run on CPU too (fp32, as a CPU has no fast bf16).
 
 The ICE score (``test_ice_score``) at the same selection point, DeiT-S's 1001-way head, as the patched
 model runs it: under autocast on a GPU (fp32 norm2 output and weight, bf16 arithmetic), fp32 on CPU.
-Four ways: ``ice_prune::ice_score`` with the Triton kernel, the same with each token's top class
-(``top_class=True``, explain mode's op), with the torch kernel (chunked over classes), and the
+Five ways: ``ice_prune::ice_score`` with the Triton kernel, the same with each token's top class
+(``top_class=True``), the same writing explain mode's map from its epilogue
+(``ice_prune::ice_score_into_map``, the op explain mode runs on a GPU), with the torch kernel
+(chunked over classes), and the
 logits path it replaces (linear layer, then ``foreground_score``'s logsumexp). ``extra_info`` holds
 the median time per call and the head's TFLOP/s; for the Triton cases also the config (the shipped
 table's, or the autotuner's with ``ICE_PRUNE_AUTOTUNE=1``), the first call's time (compile included:
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 import ice_prune
 from ice_prune.kernels import ice_score, reorganize, reorganize_reference
 from ice_prune.kernels.ops import triton_ice_score, triton_reorganize
+from ice_prune.kernels.reference import MapTarget
 from ice_prune.kernels.tuning import autotune_enabled
 from ice_prune.select import foreground_score, keep_count, token_schedule
 from two_launch_reorganize import reorganize_triton_two_launch  # bench/, beside this file
@@ -222,9 +225,25 @@ def test_reorganize_share_of_pruned_forward(benchmark, B):
 
 
 SCORE_CLASSES = 1000  # ImageNet: a 384 x 1001 head
+_MAPS: dict = {}
+
+
+def _into_map(h, w):
+    """Explain mode's call at the first point: the score, and the map written from the epilogue
+    (its buffers made once per shape, as a forward makes them once for all its points)."""
+    B, n = h.shape[:2]
+    if (B, n) not in _MAPS:
+        f32, i64 = dict(device=h.device), dict(device=h.device, dtype=torch.int64)
+        _MAPS[B, n] = MapTarget(torch.arange(n, device=h.device).expand(B, n), 0,
+                                torch.empty(B, n + 1, **f32), torch.empty(B, n + 1, **i64),
+                                torch.empty(B, n + 1, **i64), torch.empty(B, n + 1, **f32))
+    return ice_score(h, w, kernel="triton", into=_MAPS[B, n])
+
+
 SCORE_IMPLS = {
     "triton": lambda h, w: ice_score(h, w, kernel="triton"),
     "triton_top_class": lambda h, w: ice_score(h, w, kernel="triton", top_class=True),
+    "triton_into_map": _into_map,
     "torch": lambda h, w: ice_score(h, w, kernel="torch"),
     "logits_logsumexp": lambda h, w: foreground_score(F.linear(h, w)),
 }

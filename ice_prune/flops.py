@@ -45,6 +45,7 @@ REORGANIZE_OP = "ice_prune::reorganize"
 REORGANIZE_RAGGED_OP = "ice_prune::reorganize_ragged"
 ICE_SCORE_OP = "ice_prune::ice_score"
 ICE_SCORE_TOP_CLASS_OP = "ice_prune::ice_score_top_class"
+ICE_SCORE_INTO_MAP_OP = "ice_prune::ice_score_into_map"
 
 
 def sdpa_macs(q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int]) -> int:
@@ -130,6 +131,7 @@ def fvcore_handles() -> dict[str, Optional[Callable]]:
     handles.update({name: _index_add_flop_jit for name in INDEX_ADD_OPS})
     handles[ICE_SCORE_OP] = _ice_score_flop_jit
     handles[ICE_SCORE_TOP_CLASS_OP] = _ice_score_flop_jit  # the same head product, same schema
+    handles[ICE_SCORE_INTO_MAP_OP] = _ice_score_flop_jit  # the same, the map's buffers after
     handles["aten::einsum"] = _einsum_flop_jit
     return handles
 
@@ -170,7 +172,22 @@ def torch_formulas() -> dict:
             aten.index_add: _index_add_flop, aten.index_add_: _index_add_flop}
 
 
+class _WithMap(nn.Module):
+    """A model in explain mode with its map as outputs: a JIT trace drops the work whose results no
+    output reads, and a selection point that keeps every token uses its scores only for the map."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        logits = self.model(x)
+        return (logits, *self.model.ice_explanation[:2], *self.model.ice_explanation[3:])
+
+
 def _count_fvcore(model: nn.Module, x: Tensor) -> int:
+    if getattr(model, "explain", False) is True:
+        model = _WithMap(model)
     return int(flop_analysis(model, (x,)).total())
 
 

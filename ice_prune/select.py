@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ice_prune.head import ICEHead
 from ice_prune.kernels import ice_score
+from ice_prune.kernels.reference import MapTarget, write_map_reference
 
 SELECTORS: dict[str, type["Selector"]] = {}
 
@@ -60,14 +61,15 @@ class Selector(abc.ABC):
     @abc.abstractmethod
     def scores(self, cls_attn: Optional[Tensor], h: Tensor, head: Optional[nn.Module],
                num_prefix: int, logits_needed: bool = True, kernel: str = "auto",
-               top_class: bool = False) -> tuple[Optional[Tensor], ...]:
+               into: Optional[MapTarget] = None) -> tuple[Tensor, Optional[Tensor]]:
         """Return ``(scores [B, n], head logits [B, n, C+1] or None)`` for the non-prefix tokens.
 
         ``logits_needed``: the caller keeps the logits (the training loss, a trace); without it a
         selector may skip computing them. ``kernel``: the patch's kernel choice, for selectors
-        that run one of the library's ops. ``top_class`` (selectors with a head): also return each
-        token's best image class and its probability, ``(scores, logits, top_class [B, n] int64,
-        top_prob [B, n] fp32)`` (:func:`top_class_of`).
+        that run one of the library's ops. ``into`` (selectors with a head; explain mode): also
+        write each token's score, the point, its best image class and that class's probability
+        (:func:`top_class_of`) at its patch in the map's buffers
+        (:class:`~ice_prune.kernels.reference.MapTarget`).
         """
 
 
@@ -76,9 +78,8 @@ class EViTSelector(Selector):
     needs_cls_attn = True
     normalize = False
 
-    def scores(self, cls_attn, h, head, num_prefix, logits_needed=True, kernel="auto",
-               top_class=False):
-        if top_class:
+    def scores(self, cls_attn, h, head, num_prefix, logits_needed=True, kernel="auto", into=None):
+        if into is not None:
             raise ValueError("EViT scores tokens by attention: it has no classes")
         return cls_attn[:, num_prefix:], None
 
@@ -88,17 +89,17 @@ class ICESelector(Selector):
     needs_head = True
     normalize = True
 
-    def scores(self, cls_attn, h, head, num_prefix, logits_needed=True, kernel="auto",
-               top_class=False):
+    def scores(self, cls_attn, h, head, num_prefix, logits_needed=True, kernel="auto", into=None):
         tokens = h[:, num_prefix:]
         if not logits_needed:
-            fused = fused_foreground_score(head, tokens, kernel, top_class)
+            fused = fused_foreground_score(head, tokens, kernel, into=into)
             if fused is not None:
-                return (fused[0], None, *fused[1:]) if top_class else (fused, None)
+                return fused, None
         logits = head(tokens)
-        if top_class:
-            return (foreground_score(logits), logits, *top_class_of(logits.detach()))
-        return foreground_score(logits), logits
+        scores = foreground_score(logits)
+        if into is not None:
+            write_map_reference(into, scores, *top_class_of(logits.detach()))
+        return scores, logits
 
 
 def foreground_score(logits: Tensor) -> Tensor:
@@ -121,10 +122,12 @@ def top_class_of(logits: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fused_foreground_score(head: nn.Module, tokens: Tensor, kernel: str = "auto",
-                           top_class: bool = False) -> Union[Tensor, tuple[Tensor, ...], None]:
+                           top_class: bool = False, into: Optional[MapTarget] = None
+                           ) -> Union[Tensor, tuple[Tensor, ...], None]:
     """:func:`foreground_score` of ``head(tokens)`` through the fused op ``ice_prune::ice_score``
     (fp32 scores, no ``[B, n, C + 1]`` logits), or ``None`` where the op does not apply. With
-    ``top_class``, ``(scores, top_class, top_prob)`` (:func:`ice_prune.kernels.ice_score`).
+    ``top_class``, ``(scores, top_class, top_prob)``; with ``into``, the scores, the map written
+    (:func:`ice_prune.kernels.ice_score`).
 
     It applies to an :class:`~ice_prune.head.ICEHead`, an ``nn.Linear`` or an ``nn.Sequential``
     ending in one, whose output is the ``C + 1 >= 2`` logits. An MLP head runs its first layers in
@@ -148,7 +151,7 @@ def fused_foreground_score(head: nn.Module, tokens: Tensor, kernel: str = "auto"
         return None
     for layer in layers:
         tokens = layer(tokens)
-    return ice_score(tokens, last.weight, last.bias, kernel, top_class)
+    return ice_score(tokens, last.weight, last.bias, kernel, top_class, into)
 
 
 def keep_count(keep_rate: float, n: int) -> int:

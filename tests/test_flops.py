@@ -211,3 +211,23 @@ def test_packed_reorganize_counts_the_dropped_rows():
     with FlopCounterMode(display=False, custom_mapping=flops.torch_formulas()) as fc:
         module(rows, scores)
     assert fc.get_total_flops() == 2 * expected
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("counter", ["fvcore", "torch"])
+def test_explain_mode_costs_the_head_it_runs(kernel, counter):
+    """Explain mode runs the head at every point on either kernel (the Triton one writes the map in
+    its epilogue, op ``ice_prune::ice_score_into_map``): both counters count it as the same head
+    product, so the explained model costs what the ICE model does at the same keep rate."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4,
+                              pretrained=False)
+    model = ice_prune.patch(model, keep_rate=0.5, method="ice", locs=(1, 2), kernel=kernel)
+    plain = flops.count_flops(model, (3, 32, 32), counter=counter)
+    model.explain = True
+    assert flops.count_flops(model, (3, 32, 32), counter=counter) == plain
+    model.keep_rate = 1.0  # the head still runs at every point; the blocks run every token
+    model.explain = False
+    dense = flops.count_flops(model, (3, 32, 32), counter=counter)
+    model.explain = True
+    head = 2 * 16 * 192 * (1000 + 1)  # two points score 16 tokens each; norm2 is reused
+    assert flops.count_flops(model, (3, 32, 32), counter=counter) == dense + head

@@ -16,6 +16,7 @@ import ice_prune.select
 from ice_prune import flops
 from ice_prune.head import ICEHead
 from ice_prune.kernels import ice_score, ice_score_macs, ice_score_reference
+from ice_prune.kernels.reference import MapTarget
 from ice_prune.select import foreground_score, fused_foreground_score
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -341,7 +342,7 @@ def test_flop_counts_unchanged_by_the_fused_score(monkeypatch):
     model = _model("auto", keep_rate=0.7)
     counts = {c: flops.count_flops(model, (3, 64, 64), counter=c) for c in ("fvcore", "torch")}
     assert counts["fvcore"] == counts["torch"]
-    monkeypatch.setattr(ice_prune.select, "fused_foreground_score", lambda *args: None)
+    monkeypatch.setattr(ice_prune.select, "fused_foreground_score", lambda *args, **kwargs: None)
     for c in ("fvcore", "torch"):
         assert flops.count_flops(model, (3, 64, 64), counter=c) == counts[c]
 
@@ -401,7 +402,7 @@ def test_config_table():
     assert "T" not in S.AUTOTUNE_KEY
     kernel = S._ice_score_kernel
     assert list(kernel.kwargs["do_not_specialize"] if S.INTERPRETED
-                else kernel.do_not_specialize) == ["T"]
+                else kernel.do_not_specialize) == ["T", "loc"]  # loc: explain mode's point
 
 
 def test_autotune_is_opt_in(monkeypatch):
@@ -540,6 +541,56 @@ def test_top_class_op_registration_and_flops():
     assert [t.shape for t in empty] == [(0, 9)] * 3 and empty[1].dtype == torch.int64
 
 
+def _map_target(patches, P, loc):
+    B = patches.shape[0]
+    fill = dict(device=patches.device)
+    return MapTarget(patches, loc, torch.full((B, P + 1), -1.0, **fill),
+                     torch.full((B, P + 1), -1, dtype=torch.int64, **fill),
+                     torch.full((B, P + 1), -1, dtype=torch.int64, **fill),
+                     torch.full((B, P + 1), -1.0, **fill))
+
+
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+def test_scores_into_the_map_by_hand(kernel):
+    """``ice_score(..., into=...)``: each token's score, the point, its top class and that class's
+    probability land at the token's patch (a fused token's ``P`` in the spare column); patches no
+    token stands for keep what they held; the scores returned are ``ice_score``'s."""
+    B, n, D, C, P = 2, 5, 16, 6, 8
+    h = torch.randn(B, n, D, device=DEVICE)
+    weight, b = random_head(C, D, bias=True)
+    patches = torch.tensor([[7, 0, 3, 8, 5], [8, 2, 6, 1, 4]], device=DEVICE)  # 8: a fused token
+    into = _map_target(patches, P, loc=2)
+    with torch.no_grad():
+        scores = ice_score(h, weight, b, kernel=kernel, into=into)
+        want, top_class, top_prob = ice_score(h, weight, b, kernel=kernel, top_class=True)
+    torch.testing.assert_close(scores, want, rtol=0, atol=0)
+    logits = (h.double() @ weight.double().T + b.double()).cpu()
+    probs = logits.softmax(dim=-1)
+    for i in range(B):
+        for t in range(n):
+            p = patches[i, t].item()
+            assert into.point[i, p] == 2 and into.top_class[i, p] == probs[i, t, :C].argmax()
+            assert abs(into.foreground[i, p].item() - (1 - probs[i, t, C].item())) < 1e-5
+            assert abs(into.top_prob[i, p].item() - probs[i, t, :C].max().item()) < 1e-5
+        untouched = sorted(set(range(P)) - set(patches[i].tolist()))
+        assert (into.point[i, untouched] == -1).all() and (into.foreground[i, untouched] == -1).all()
+
+
+def test_into_map_op_registration_and_flops():
+    B, n, D, P = 2, 9, 20, 12
+    h = torch.randn(B, n, D, device=DEVICE)
+    weight, b = random_head(10, 20, bias=True)
+    patches = torch.stack([torch.randperm(P + 1, device=DEVICE)[:n] for _ in range(B)])
+    for kernel in KERNEL_NAMES:
+        for bias, dtype in ((None, torch.float32), (b, torch.bfloat16)):
+            args = (h, weight, bias, dtype, kernel, *_map_target(patches, P, 1))
+            torch.library.opcheck(torch.ops.ice_prune.ice_score_into_map.default, args)
+        into = _map_target(patches, P, 0)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            ice_prune.kernels.ops.ice_score_into_map_op(h, weight, b, torch.float32, kernel, *into)
+        assert counter.get_total_flops() == 2 * ice_score_macs(B, n, D, 10)
+
+
 # ----------------------------------------------------------------------------- explain mode
 def _explained(kernel, keep_rate=0.5, **kw):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
@@ -618,6 +669,7 @@ def test_explanation_top_class_by_hand(monkeypatch, path, heads):
     torch.testing.assert_close(e.top_prob.cpu().double(), want_prob, rtol=0, atol=2e-5)
     # the rest of the map is what it was: the foreground at the same scoring
     fg_ref = torch.full((B, P), float("nan"), dtype=torch.float64)
+    point_ref = torch.full((B, P), -1, dtype=torch.int64)
     patches = torch.arange(P).expand(B, P)
     for j, (tokens, head) in enumerate(points):
         logits = tokens.cpu().double() @ head.fc.weight.detach().cpu().double().T
@@ -628,9 +680,11 @@ def test_explanation_top_class_by_hand(monkeypatch, path, heads):
             for r, patch in enumerate(patches[b].tolist()):
                 if patch < P:
                     fg_ref[b, patch] = fg[b, r]
+                    point_ref[b, patch] = j
         if j < len(orders):
             patches = torch.cat([patches.gather(1, orders[j].cpu()), torch.full((B, 1), P)], dim=1)
     torch.testing.assert_close(e.foreground.cpu().double(), fg_ref, rtol=0, atol=2e-5)
+    assert torch.equal(e.point.cpu(), point_ref) and set(point_ref.unique().tolist()) == {0, 1, 2}
 
 
 def test_explanation_top_class_at_keep_rate_one():
@@ -666,4 +720,15 @@ def test_explanation_top_class_under_fullgraph_compile(kernel):
         torch.compile(model, fullgraph=True, backend="aot_eager")(images)
         compiled = model.ice_explanation
     assert torch.equal(compiled.top_class, eager.top_class)
+    assert torch.equal(compiled.point, eager.point)
     torch.testing.assert_close(compiled.top_prob, eager.top_prob, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(compiled.foreground, eager.foreground, rtol=1e-5, atol=1e-7)
+
+
+def test_triton_score_refuses_2_to_the_31_tokens():
+    """The kernel indexes tokens in int32 (a 64-bit division is a called routine on the GPU): a
+    batch of ``2**31`` tokens or more is refused with the fix, before anything is allocated."""
+    h = torch.zeros(1, 1, 8).expand(2 ** 16, 2 ** 15, 8)  # no memory behind it
+    weight, _ = random_head(3, 8)
+    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 tokens.*in parts"):
+        S.ice_score_triton(h, weight.cpu(), None, torch.float32)

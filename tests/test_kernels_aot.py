@@ -169,15 +169,23 @@ ICE_SCORE_SCRIPT = RESOURCE_USAGE + textwrap.dedent('''
         options, sig, consts, attrs = kernel._pack_args(backend, options, bound, spec, options)
         return sig, consts, attrs, options, spec
 
-    def score_call(B, n, D, C, h_dtype, compute, bias, top_class, config):
-        """The launcher's arguments, flags and tiles for one call."""
+    def score_call(B, n, D, C, h_dtype, compute, bias, top_class, config, explain=False):
+        """The launcher's arguments, flags and tiles for one call; ``explain``: into a map (a later
+        point's: 141 tokens standing for 197 patches and a fused token)."""
         h = torch.randn(B, n + 1, D).to(h_dtype)[:, 1:]  # the selector's view, prefix token off
         weight = torch.randn(C + 1, D)  # the head's fp32 parameters
         out = torch.empty(B, n)
         top = torch.empty(B, n, dtype=torch.int64) if top_class else out
         top_prob = torch.empty(B, n) if top_class else out
+        into = None
+        if explain:
+            P = n + 1
+            patches = torch.randint(P + 1, (B, n))
+            into = S.MapTarget(patches, 1, torch.empty(B, P + 1),
+                               torch.empty(B, P + 1, dtype=torch.int64),
+                               torch.empty(B, P + 1, dtype=torch.int64), torch.empty(B, P + 1))
         args, flags = S.kernel_arguments(h, weight, torch.randn(C + 1) if bias else None, compute,
-                                         out, top, top_prob)
+                                         out, top, top_prob, into)
         return args, {**flags, **S._meta(config, C, D, compute.itemsize)}
 
     # ---- IR reading: which kernel argument each global read comes from, and in how many loops
@@ -247,22 +255,24 @@ ICE_SCORE_SCRIPT = RESOURCE_USAGE + textwrap.dedent('''
             shapes.append((192, 9))  # DeiT-Ti's width, a 10-way head: BLOCK_C clamped to 16
         for target in targets:
             for (h_dtype, compute), (D, C) in itertools.product(dtypes, shapes):
-                flag_sets = [(False, False), (True, True)]
+                # (bias, top class, explain mode's map)
+                flag_sets = [(False, False, False), (True, True, False), (True, True, True)]
                 if row == 0 and D == 384 and h_dtype == torch.float32:
-                    flag_sets += [(True, False), (False, True)]
-                for bias, top_class in flag_sets:
-                    cases.append((target, kind, config, h_dtype, compute, D, C, bias, top_class))
+                    flag_sets += [(True, False, False), (False, True, False), (False, True, True)]
+                for bias, top_class, explain in flag_sets:
+                    cases.append((target, kind, config, h_dtype, compute, D, C, bias, top_class,
+                                  explain))
 
     compiled = 0
-    for target, kind, config, h_dtype, compute, D, C, bias, top_class in cases:
+    for target, kind, config, h_dtype, compute, D, C, bias, top_class, explain in cases:
         torch.backends.cuda.matmul.allow_tf32 = kind == "tf32"
-        args, kwargs = score_call(2, 196, D, C, h_dtype, compute, bias, top_class, config)
+        args, kwargs = score_call(2, 196, D, C, h_dtype, compute, bias, top_class, config, explain)
         sig, consts, attrs, options, _ = bind(S._ice_score_kernel, target, args, kwargs)
         kernel = triton.compile(ASTSource(S._ice_score_kernel, sig, consts, attrs),
                                 target=GPUTarget("cuda", target, 32), options=options.__dict__)
         regs, stack = resource_usage(kernel)
         name = (f"sm_{target} {kind} {str(h_dtype)[6:]}->{str(compute)[6:]} D={D} C={C} "
-                f"bias={bias} top_class={top_class} {tuple(config)}")
+                f"bias={bias} top_class={top_class} explain={explain} {tuple(config)}")
         num_k, shared = kwargs["NUM_K"], kernel.metadata.shared
         assert shared <= SHARED[target], (name, shared)
         assert stack is None or stack.group(1) == "0", ("register spill", name, stack.group(1))
@@ -314,7 +324,8 @@ ICE_SCORE_SCRIPT = RESOURCE_USAGE + textwrap.dedent('''
 def test_ice_score_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     """Every shipped score config (``CONFIGS``: Hopper's on sm_90, Ampere's on sm_86 with its
     99 KiB, the fallback on both), its dtypes (fp32 tokens under bf16 autocast, bf16, fp16; TF32;
-    exact fp32), with and without bias and top class, at DeiT-S's width and each row's widest:
+    exact fp32), with and without bias and top class, and writing explain mode's map, at DeiT-S's
+    width and each row's widest:
 
     * it fits the block's shared memory and spills no register (cuobjdump's STACK is 0);
     * on sm_90 the dots are warp-group MMA (``wgmma`` in the PTX), except exact fp32;

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ice_prune.head import ICEHead
 from ice_prune.kernels import reorganize
 from ice_prune.kernels.ops import KERNEL_CHOICES
+from ice_prune.kernels.reference import MapTarget
 from ice_prune.select import SELECTORS, KeepPolicy, KeepRate, Selector, check_keep_rate
 
 PLACEMENTS = ("attn", "block")
@@ -28,7 +29,9 @@ HEADS = ("shared", "per_location")
 
 class ICEExplanation(NamedTuple):
     """The ICE map of one pruned forward (``model.ice_explanation`` in explain mode), over the
-    image's patches in row-major order, prefix tokens excluded."""
+    image's patches in row-major order, prefix tokens excluded. Each field is the ``[:, :P]`` view
+    of a ``[B, P + 1]`` buffer (the last column took fused tokens' writes): ``.view(B, *grid)``
+    works, ``.clone()`` copies."""
 
     #: ``[B, num_patches]`` fp32: ``1 - P(background)`` from the patch's last scoring as its own
     #: token (its drop point, or the last selection point for a patch kept to the end)
@@ -110,19 +113,23 @@ class ICEState:
         selects = keep < n
         head = self.heads[loc] if self.heads is not None else None
         record_logits = self.record_logits and selects
-        scores, logits, *top = self.selector.scores(cls_attn, h, head, self.num_prefix,
-                                                    logits_needed=record_logits, kernel=self.kernel,
-                                                    top_class=self.explain)
-        if logits is not None and record_logits:
-            self.logits.append(logits)
         if (self.trace or self.explain) and self._patches is None:
             # the first point: the tokens are still the image's patches
             self._patches = torch.arange(n, device=x.device).expand(B, n)
             self._num_patches = n
             if self.trace:
                 self.trace_out["num_patches"] = n
-        if self.explain:
-            self._score_patches(scores, loc, *top)
+        into = self._map_target(loc) if self.explain else None
+        scores, logits = self.selector.scores(cls_attn, h, head, self.num_prefix,
+                                              logits_needed=record_logits, kernel=self.kernel,
+                                              into=into)
+        if logits is not None and record_logits:
+            self.logits.append(logits)
+        if self.explain and loc == len(self.locs) - 1:  # explain mode runs every point
+            P = self._num_patches  # the spare column P (fused tokens) is left out
+            self.explanation = ICEExplanation(self._foreground[:, :P], self._point[:, :P],
+                                              self._grid, self._top_class[:, :P],
+                                              self._top_prob[:, :P])
         if not selects:
             return x
         out, order = reorganize(x, scores, keep, self.num_prefix, self.fuse,
@@ -136,25 +143,21 @@ class ICEState:
             self._patches = kept
         return out
 
-    def _score_patches(self, scores: Tensor, loc: int, top_class: Tensor,
-                       top_prob: Tensor) -> None:
-        """Write the scores and top classes of this point over each token's patch: a later point
-        overwrites an earlier one, so each patch ends with its last scoring; a fused token's go to
-        the spare column."""
-        P, index = self._num_patches, self._patches
+    def _map_target(self, loc: int) -> MapTarget:
+        """Where this point's scores go: each token's patch in the map's ``[B, P + 1]`` buffers (a
+        fused token's ``P`` is a spare column). Every patch is its own token at the first point,
+        which writes them all, so the buffers start empty; a later point overwrites an earlier one,
+        so each patch ends with its last scoring. Written by the score op itself (the Triton
+        kernel's epilogue) or by scatters after it."""
+        index = self._patches
         if self._foreground is None:  # the first point of a forward
-            self._foreground = scores.new_zeros(index.shape[0], P + 1, dtype=torch.float32)
-            self._point = index.new_zeros(index.shape[0], P + 1)
-            self._top_class = index.new_zeros(index.shape[0], P + 1)
-            self._top_prob = torch.zeros_like(self._foreground)
-        self._foreground = self._foreground.scatter(1, index, scores.detach().float())
-        self._point = self._point.scatter(1, index, index.new_full(index.shape, loc))
-        self._top_class = self._top_class.scatter(1, index, top_class)
-        self._top_prob = self._top_prob.scatter(1, index, top_prob.detach().float())
-        if loc == len(self.locs) - 1:  # explain mode runs every point: this one ends the map
-            self.explanation = ICEExplanation(
-                self._foreground[:, :P].contiguous(), self._point[:, :P].contiguous(), self._grid,
-                self._top_class[:, :P].contiguous(), self._top_prob[:, :P].contiguous())
+            shape = (index.shape[0], self._num_patches + 1)
+            self._foreground = torch.empty(shape, dtype=torch.float32, device=index.device)
+            self._point = torch.empty(shape, dtype=torch.int64, device=index.device)
+            self._top_class = torch.empty_like(self._point)
+            self._top_prob = torch.empty_like(self._foreground)
+        return MapTarget(index, loc, self._foreground, self._point, self._top_class,
+                         self._top_prob)
 
     def _record(self, loc: int, tokens_in: int, tokens_out: int, keep: int, order: Tensor,
                 scores: Tensor, kept: Tensor) -> None:

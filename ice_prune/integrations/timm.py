@@ -95,8 +95,10 @@ class ICEBlock:
         x = x + self.drop_path1(self.ls1(y))
         if state.placement == "attn":  # EViT: the MLP already runs on the reduced sequence
             h = self.norm2(x) if state.selector.needs_head else None
-            x = self._select(x, h, cls_attn, keep)  # packed rows [T, D] from here, maybe
-            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+            kept = self._select(x, h, cls_attn, keep)  # packed rows [T, D] from here, maybe
+            # an explain-mode point that keeps every token returns x itself: h is its norm
+            h = h if kept is x and h is not None else self.norm2(kept)
+            return kept + self.drop_path2(self.ls2(self.mlp(h)))
         h = self.norm2(x)
         x = x + self.drop_path2(self.ls2(self.mlp(h)))
         return self._select(x, h, cls_attn, keep)

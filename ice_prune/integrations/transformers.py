@@ -82,8 +82,10 @@ class ICETransformersLayer:
         x = self.dropout(y) + x
         if state.placement == "attn":  # EViT: the MLP already runs on the reduced sequence
             h = self.layernorm_after(x) if state.selector.needs_head else None
-            x = state.select(x, h, cls_attn, keep, loc)
-            return self.dropout(self.mlp(self.layernorm_after(x))) + x
+            kept = state.select(x, h, cls_attn, keep, loc)
+            # an explain-mode point that keeps every token returns x itself: h is its norm
+            h = h if kept is x and h is not None else self.layernorm_after(kept)
+            return self.dropout(self.mlp(h)) + kept
         h = self.layernorm_after(x)
         x = self.dropout(self.mlp(h)) + x
         return state.select(x, h, cls_attn, keep, loc)

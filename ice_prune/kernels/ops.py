@@ -21,7 +21,9 @@ resolved by :func:`ice_score`, for ``ice_score_reference`` (torch, in tiles of t
 classes) and ``triton_ice_score``; a fake implementation and a FLOP formula, no autograd formula
 (it serves inference; :func:`ice_score` refuses inputs that need a gradient).
 ``ice_prune::ice_score_top_class`` is the same pass returning each token's best image class and its
-probability beside the score (explain mode's class information).
+probability beside the score (explain mode's class information). ``ice_prune::ice_score_into_map``
+(explain mode on the Triton kernel) writes the score, the selection point, the class and its
+probability at each token's patch in the map's buffers, in place, from the same kernel's epilogue.
 """
 from __future__ import annotations
 
@@ -32,9 +34,9 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .reference import (ice_score_reference, reorganize_backward_reference,
+from .reference import (MapTarget, ice_score_reference, reorganize_backward_reference,
                         reorganize_ragged_backward_reference, reorganize_ragged_reference,
-                        reorganize_reference)
+                        reorganize_reference, write_map_reference)
 
 
 class Kernel(NamedTuple):
@@ -359,6 +361,29 @@ def _ice_score_top_class_fake(h, weight, bias, compute_dtype, kernel):
             h.new_empty(shape, dtype=torch.float32))
 
 
+@torch.library.custom_op("ice_prune::ice_score_into_map",
+                         mutates_args=("foreground", "point", "top_class", "top_prob"))
+def ice_score_into_map_op(h: Tensor, weight: Tensor, bias: Optional[Tensor],
+                          compute_dtype: torch.dtype, kernel: str, patches: Tensor, loc: int,
+                          foreground: Tensor, point: Tensor, top_class: Tensor,
+                          top_prob: Tensor) -> Tensor:
+    """``[B, n]`` fp32 scores (:func:`ice_score_op`), and each token's score, ``loc``, best image
+    class and its probability written at its patch (``patches [B, n]``) in the map's ``[B, P + 1]``
+    buffers, in place (:class:`~ice_prune.kernels.reference.MapTarget`)."""
+    into = MapTarget(patches, loc, foreground, point, top_class, top_prob)
+    if kernel == "triton":
+        return SCORE_KERNELS[kernel](h, weight, bias, compute_dtype, into=into)
+    scores, *top = SCORE_KERNELS[kernel](h, weight, bias, compute_dtype, top_class=True)
+    write_map_reference(into, scores, *top)
+    return scores
+
+
+@ice_score_into_map_op.register_fake
+def _ice_score_into_map_fake(h, weight, bias, compute_dtype, kernel, patches, loc, foreground,
+                             point, top_class, top_prob):
+    return h.new_empty(h.shape[:2], dtype=torch.float32)
+
+
 def ice_score_macs(B: int, n: int, D: int, C: int) -> int:
     """Multiply-adds of the ICE score of ``B x n`` tokens of width ``D`` under a head of ``C`` classes
     plus background: the ``C + 1`` logits per token, as the linear layer it replaces counts them
@@ -366,7 +391,8 @@ def ice_score_macs(B: int, n: int, D: int, C: int) -> int:
     return B * n * D * (C + 1)
 
 
-@register_flop_formula([torch.ops.ice_prune.ice_score, torch.ops.ice_prune.ice_score_top_class])
+@register_flop_formula([torch.ops.ice_prune.ice_score, torch.ops.ice_prune.ice_score_top_class,
+                        torch.ops.ice_prune.ice_score_into_map])
 def _ice_score_flop(h_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     B, n, D = h_shape
     return 2 * ice_score_macs(B, n, D, weight_shape[0] - 1)
@@ -378,6 +404,7 @@ def ice_score(
     bias: Optional[Tensor] = None,
     kernel: str = "auto",
     top_class: bool = False,
+    into: Optional[MapTarget] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """ICE's foreground score ``1 - P(background)`` of every token through the op
     ``ice_prune::ice_score``, without materializing the head's logits.
@@ -395,6 +422,11 @@ def ice_score(
             logits, background excluded; ties to the lowest index, as ``torch.argmax``) and its
             probability under the softmax over all ``C + 1`` classes, from the same pass (the op
             ``ice_prune::ice_score_top_class``; the scores are the same values).
+        into: explain mode's map (:class:`~ice_prune.kernels.reference.MapTarget`): write each
+            token's score, ``into.loc``, top class and its probability at its patch in the map's
+            buffers, in place, and return the scores. The Triton kernel writes them from its
+            epilogue (the op ``ice_prune::ice_score_into_map``, no launch of its own); the torch
+            kernel runs ``ice_prune::ice_score_top_class`` and scatters them.
 
     Returns:
         ``[B, n]`` fp32 scores; with ``top_class`` the tuple ``(scores, top_class [B, n] int64,
@@ -433,6 +465,12 @@ def ice_score(
             raise TypeError(f"kernel='triton' computes the ICE score in {TRITON_SCORE_DTYPES}, got "
                             f"{compute_dtype}; use kernel='torch' or 'auto'")
         resolved = "torch"
+    if into is not None:
+        if resolved == "triton":
+            return ice_score_into_map_op(h, weight, bias, compute_dtype, resolved, *into)
+        scores, *top = ice_score_top_class_op(h, weight, bias, compute_dtype, resolved)
+        write_map_reference(into, scores, *top)
+        return scores
     if top_class:
         return ice_score_top_class_op(h, weight, bias, compute_dtype, resolved)
     return ice_score_op(h, weight, bias, compute_dtype, resolved)

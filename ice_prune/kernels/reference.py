@@ -2,7 +2,7 @@
 the oracles for the Triton kernels."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -315,6 +315,32 @@ def default_chunk(device: torch.device) -> int:
     if device.type == "cpu":
         return ICE_SCORE_CHUNK_CPU_PER_THREAD * torch.get_num_threads()
     return ICE_SCORE_CHUNK_OTHER
+
+
+class MapTarget(NamedTuple):
+    """Where explain mode's score op writes (:func:`ice_score_triton`'s ``into``): ``patches
+    [B, n]`` int64, the patch of each token (``P`` for a fused token), and the map's ``[B, P + 1]``
+    buffers, all of one row stride: the score (fp32), the selection point ``loc`` (int64), the
+    best image class (int64) and its probability (fp32)."""
+
+    patches: Tensor
+    loc: int
+    foreground: Tensor
+    point: Tensor
+    top_class: Tensor
+    top_prob: Tensor
+
+
+def write_map_reference(into: MapTarget, scores: Tensor, top_class: Tensor,
+                        top_prob: Tensor) -> None:
+    """Write each token's score, ``into.loc``, top class and its probability at the token's patch
+    in ``into``'s buffers, in place: what the Triton kernel's ``EXPLAIN`` epilogue writes (a later
+    point overwrites an earlier one; fused tokens land in the spare column ``P``)."""
+    index = into.patches
+    into.foreground.scatter_(1, index, scores.detach().float())
+    into.point.scatter_(1, index, into.loc)
+    into.top_class.scatter_(1, index, top_class)
+    into.top_prob.scatter_(1, index, top_prob.detach().float())
 
 
 def ice_score_reference(

@@ -12,7 +12,11 @@ token chunks for every class tile instead.
 
 With ``TOP_CLASS`` the loop also keeps each token's best image class (the running max's index; ties go
 to the lowest index, as ``torch.argmax``) and writes it with its probability under the softmax over
-all ``C + 1`` classes: ``score / sum_c exp(z_c - z_max)``, from values the loop has anyway.
+all ``C + 1`` classes: ``score / sum_c exp(z_c - z_max)``, from values the loop has anyway. With
+``EXPLAIN`` as well (explain mode's op ``ice_prune::ice_score_into_map``) the epilogue writes the
+score, the selection point, the class and its probability at the token's patch in the map's
+``[B, P + 1]`` buffers instead of at the token (a fused token's patch index ``P`` is the spare
+column): the map from the pruned forward costs four stores a token and no launch of its own.
 
 Inputs are rounded to the compute dtype (the autocast dtype, else the inputs' own), as autocast's
 linear layer rounds them, then multiplied exactly and summed in fp32: the tokens in the kernel, the
@@ -35,6 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reference import MapTarget
 from .tuning import autotune_enabled
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -60,18 +65,24 @@ def _weights(w_col, mc, d, D, stride_wd, COMPUTE: tl.constexpr, UPCAST: tl.const
     return w
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "loc"])
 def _ice_score_kernel(
-    h_ptr, w_ptr, bias_ptr, out_ptr, top_class_ptr, top_prob_ptr,
-    T, n, C, D,
-    stride_hb, stride_hn, stride_hd, stride_wc, stride_wd, stride_bias,
-    HAS_BIAS: tl.constexpr, TOP_CLASS: tl.constexpr, COMPUTE: tl.constexpr,
+    h_ptr, w_ptr, bias_ptr, out_ptr, top_class_ptr, top_prob_ptr, patch_ptr, map_ptr, point_ptr,
+    T, n, C, D, loc,
+    stride_hb, stride_hn, stride_hd, stride_wc, stride_wd, stride_bias, stride_pb, stride_pn,
+    stride_map,
+    HAS_BIAS: tl.constexpr, TOP_CLASS: tl.constexpr, EXPLAIN: tl.constexpr, COMPUTE: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mt = t < T
-    h_row = h_ptr + (t // n) * stride_hb + (t % n) * stride_hn
+    # token indices in int32 (the launcher refuses T >= 2**31): a 64-bit division is a called
+    # routine on NVIDIA GPUs, with a stack frame; offsets in int64
+    t32 = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mt = t32 < T
+    image32 = t32 // n  # the token's image and position in it
+    image, pos = image32.to(tl.int64), (t32 - image32 * n).to(tl.int64)
+    t = t32.to(tl.int64)
+    h_row = h_ptr + image * stride_hb + pos * stride_hn
     k = tl.arange(0, BLOCK_K)
     # the token tile, loaded and rounded once, held across the class loop
     if NUM_K >= 1:
@@ -131,9 +142,16 @@ def _ice_score_kernel(
     score = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     tl.store(out_ptr + t, score, mask=mt)
     if TOP_CLASS:
+        if EXPLAIN:  # at the token's patch in the map (a fused token's: the spare column P)
+            patch = tl.load(patch_ptr + image * stride_pb + pos * stride_pn, mask=mt, other=0)
+            dst = image * stride_map + patch
+            tl.store(map_ptr + dst, score, mask=mt)
+            tl.store(point_ptr + dst, tl.zeros([BLOCK_T], dtype=tl.int64) + loc, mask=mt)
+        else:
+            dst = t
         # P(top) = P(foreground) * P(top | image classes) = score * exp(z_max - lse) = score / run_sum
-        tl.store(top_class_ptr + t, top.to(tl.int64), mask=mt)
-        tl.store(top_prob_ptr + t, score / run_sum, mask=mt)
+        tl.store(top_class_ptr + dst, top.to(tl.int64), mask=mt)
+        tl.store(top_prob_ptr + dst, score / run_sum, mask=mt)
 
 
 # ``triton.jit`` made an interpreted function if TRITON_INTERPRET=1 was set before this import.
@@ -177,7 +195,7 @@ AUTOTUNE_CONFIGS = [
     ScoreConfig(64, 64, 4, 2, hold=False),
 ]
 #: no ``T``: a new batch size reuses the tuned config (the tensors' dtypes are part of the key too)
-AUTOTUNE_KEY = ["C", "D", "HAS_BIAS", "TOP_CLASS", "COMPUTE", "INPUT_PRECISION"]
+AUTOTUNE_KEY = ["C", "D", "HAS_BIAS", "TOP_CLASS", "EXPLAIN", "COMPUTE", "INPUT_PRECISION"]
 
 # a held token tile has at most this many chunks (h0 .. h3 in the kernel)
 _MAX_CHUNKS = 4
@@ -263,41 +281,54 @@ def input_precision(compute_dtype: torch.dtype) -> str:
 
 
 def kernel_arguments(h: Tensor, weight: Tensor, bias: Optional[Tensor], compute_dtype: torch.dtype,
-                     out: Tensor, top: Tensor, top_prob: Tensor) -> tuple[tuple, dict]:
+                     out: Tensor, top: Tensor, top_prob: Tensor,
+                     into: Optional[MapTarget] = None) -> tuple[tuple, dict]:
     """The kernel's positional arguments and flags (all but the tiles) for one call. The head goes
     in the compute dtype, contiguous: one small copy per call instead of every program converting
-    all of it (the tokens too in the interpreter, whose bf16 / fp16 casts are wrong)."""
+    all of it (the tokens too in the interpreter, whose bf16 / fp16 casts are wrong). With ``into``
+    the class and probability go to its buffers (``top`` and ``top_prob`` are ignored)."""
     B, n, D = h.shape
     if INTERPRETED:
         h = h.to(compute_dtype)
     weight = weight.to(compute_dtype, memory_format=torch.contiguous_format)
     bias = None if bias is None else bias.to(compute_dtype)
-    args = (h, weight, weight if bias is None else bias, out, top, top_prob,
-            B * n, n, weight.shape[0] - 1, D,
-            *h.stride(), *weight.stride(), 0 if bias is None else bias.stride(0))
-    flags = dict(HAS_BIAS=bias is not None, TOP_CLASS=top is not out,
+    if into is None:  # ``out`` stands in for the map's pointers, which the kernel never reads
+        patches, fg, point, loc, map_strides = out, out, out, 0, (0, 0, 0)
+    else:
+        patches, fg, point, loc = into.patches, into.foreground, into.point, into.loc
+        top, top_prob = into.top_class, into.top_prob
+        map_strides = (*patches.stride(), fg.stride(0))
+    args = (h, weight, weight if bias is None else bias, out, top, top_prob, patches, fg, point,
+            B * n, n, weight.shape[0] - 1, D, loc,
+            *h.stride(), *weight.stride(), 0 if bias is None else bias.stride(0), *map_strides)
+    flags = dict(HAS_BIAS=bias is not None, TOP_CLASS=top is not out, EXPLAIN=into is not None,
                  COMPUTE=_TL_DTYPES[compute_dtype], UPCAST=INTERPRETED,
                  INPUT_PRECISION=input_precision(compute_dtype))
     return args, flags
 
 
 def ice_score_triton(h: Tensor, weight: Tensor, bias: Optional[Tensor], compute_dtype: torch.dtype,
-                     top_class: bool = False,
-                     config: Optional[ScoreConfig] = None) -> Union[Tensor, tuple[Tensor, ...]]:
+                     top_class: bool = False, config: Optional[ScoreConfig] = None,
+                     into: Optional[MapTarget] = None) -> Union[Tensor, tuple[Tensor, ...]]:
     """Scores ``[B, n]`` fp32 from tokens ``h [B, n, D]`` (any strides) and the head's last layer
     ``weight [C + 1, D]`` (background last) and ``bias [C + 1]`` or ``None``; with ``top_class``
-    the tuple ``(scores, top_class [B, n] int64, top_prob [B, n] fp32)``. ``config`` overrides the
-    table (and ``ICE_PRUNE_AUTOTUNE``)."""
+    the tuple ``(scores, top_class [B, n] int64, top_prob [B, n] fp32)``; with ``into`` the scores,
+    the score, point, class and probability written at each token's patch in its buffers.
+    ``config`` overrides the table (and ``ICE_PRUNE_AUTOTUNE``)."""
     B, n, D = h.shape
     T, C = B * n, weight.shape[0] - 1
+    if T >= 2 ** 31:
+        raise ValueError(f"the Triton ICE score takes fewer than 2**31 tokens, got B * n = {T}; "
+                         f"score the batch in parts")
     out = torch.empty(B, n, dtype=torch.float32, device=h.device)
+    top_class = top_class and into is None
     # without top_class the kernel writes neither: ``out`` stands in for their pointers
     top = torch.empty(B, n, dtype=torch.int64, device=h.device) if top_class else out
     top_prob = torch.empty_like(out) if top_class else out
     result = (out, top, top_prob) if top_class else out
     if T == 0:
         return result
-    args, flags = kernel_arguments(h, weight, bias, compute_dtype, out, top, top_prob)
+    args, flags = kernel_arguments(h, weight, bias, compute_dtype, out, top, top_prob, into)
     if config is None and not INTERPRETED and autotune_enabled():
         _ice_score_autotuned[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](*args, **flags)
         return result
