@@ -1,11 +1,11 @@
 #!/bin/bash
-# The open GPU goals in two device calls, each step time-boxed, logs and JSON under $OUT (6 files at
+# The open GPU goals in two device calls, each step time-boxed, logs and JSON under $OUT (7 files at
 # most; the machine's start comes on top, out of the session's 15 minutes). Before the calls, here:
 #
 #   echo /.whl/ >> .git/info/exclude && mkdir -p .whl && cp ../shared/gpu/wheels/*.whl .whl/
 #
 # and run it with `carry: [".whl"]`, command `OUT=$OUT bash bench/device_session.sh tests` (about 4
-# minutes at most), then `... bench` (about 7); one call is at most 10 minutes. It writes:
+# minutes at most), then `... bench` (about 8); one call is at most 10 minutes. It writes:
 #   env.txt     GPU, versions, whether torch has varlen_attn
 #   steps.log   every step's output, its exit status and seconds: `tests`, the CUDA tests of the
 #               packed per-image counts (varlen_attn in bf16, batch independence), the masked twin,
@@ -17,6 +17,8 @@
 #   shares.json the policy at fixed keep 0.5's own counts, packed and masked: the bookkeeping alone
 #   t256.json   the throughput table with explain mode, batch 256, CUDA graphs (issues 22, 23)
 #   bd.json     the per-stage breakdown (issue 23)
+#   kernels.json the ICE score kernel per call at B = 256 / 1024: plain, with the top class, and
+#               writing explain mode's map from its epilogue (issues 22, 23)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder the results go to}
@@ -53,6 +55,8 @@ elif [ "$group" = bench ]; then
   step 130 python3 bench/throughput.py --device cuda --dtype bf16 --batch-size 256 --reps 20 \
     --explain --cuda-graphs --json "$OUT/t256.json"
   step 60 python3 bench/breakdown.py --device cuda --dtype bf16 --batch-size 256 --json "$OUT/bd.json"
+  step 60 python3 -m pytest -q -p no:cacheprovider bench/test_kernels.py -k "test_ice_score and triton" \
+    --benchmark-only --benchmark-json "$OUT/kernels.json"
 else
   echo "usage: OUT=folder bash bench/device_session.sh tests|bench" >&2
   exit 2

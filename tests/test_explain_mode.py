@@ -229,3 +229,47 @@ def test_evit_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="method='ice'"):
         model.explain = True
     assert model.explain is False
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops a forward dispatches (views and metadata excluded): a GPU runs one or more
+    launches for each."""
+
+    FREE = ("view", "expand", "slice", "select", "unsqueeze", "squeeze", "alias", "t.", "detach",
+            "empty", "_unsafe_view", "as_strided", "transpose", "permute", "split")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not str(func).split("aten.")[-1].startswith(self.FREE):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kernel", ["triton", "torch"])
+def test_the_map_adds_few_ops_to_the_pruned_forward(kernel):
+    """What explain mode dispatches beyond the pruned forward's own ops, counted: on the Triton
+    kernel the score op writes the map itself, so the map adds only the patch bookkeeping (an arange
+    at the first point; a gather, a fill and a cat per point that drops tokens), and on the torch
+    path one scatter per field per point besides (the map's four buffers are created empty, and the
+    fields are views: no fills, no copies at the end). The score op of each point is swapped, not
+    added."""
+    model = patched(kernel=kernel)
+    x = torch.randn(2, 3, 32, 32)
+    counts = {}
+    with torch.no_grad():
+        for explain in (False, True):
+            model.explain = explain
+            model(x)  # warm
+            with _OpCounter() as counter:
+                model(x)
+            counts[explain] = counter.ops
+    plain, explained = counts[False], counts[True]
+    swapped = "ice_prune.ice_score_into_map" if kernel == "triton" else "ice_prune.ice_score_top_class"
+    assert sum(op.startswith("ice_prune.ice_score.") for op in plain) == len(LOCS)
+    assert sum(op.startswith(swapped) for op in explained) == len(LOCS)
+    scatters = 0 if kernel == "triton" else 4 * len(LOCS)
+    assert len(explained) - len(plain) == 1 + 3 * len(LOCS) + scatters, (
+        sorted(set(explained) - set(plain)), len(explained), len(plain))
