@@ -79,6 +79,7 @@ class ICEState:
         # with trace or explain: the original patch index of each current non-prefix token,
         # num_patches for a fused token (which stands for no single patch)
         self._patches: Optional[Tensor] = None
+        self._fused_patch: Optional[Tensor] = None  # [B, 1] of num_patches: a fused token's index
         self._num_patches = 0
         # explain: the last score and scoring point of each patch, plus a spare column for fused
         # tokens, so that every update is one scatter (no data-dependent shapes, no host sync)
@@ -114,8 +115,10 @@ class ICEState:
         head = self.heads[loc] if self.heads is not None else None
         record_logits = self.record_logits and selects
         if (self.trace or self.explain) and self._patches is None:
-            # the first point: the tokens are still the image's patches
-            self._patches = torch.arange(n, device=x.device).expand(B, n)
+            # the first point: the tokens are still the image's patches; P = n stands for a
+            # fused token (both views of one arange)
+            patches = torch.arange(n + 1, device=x.device)
+            self._patches, self._fused_patch = patches[:n].expand(B, n), patches[n:].expand(B, 1)
             self._num_patches = n
             if self.trace:
                 self.trace_out["num_patches"] = n
@@ -139,7 +142,7 @@ class ICEState:
             if self.trace:
                 self._record(loc, x.shape[1], out.shape[1], keep, order, scores, kept)
             if self.fuse:
-                kept = torch.cat([kept, kept.new_full((B, 1), self._num_patches)], dim=1)
+                kept = torch.cat([kept, self._fused_patch], dim=1)
             self._patches = kept
         return out
 
