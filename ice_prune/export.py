@@ -121,10 +121,10 @@ class _WithExplanation(nn.Module):
         self.model = model
         self.training = model.training
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         logits = self.model(images)
         e = self.model.ice_explanation
-        return logits, e.foreground, e.point
+        return logits, e.foreground, e.point, e.top_class, e.top_prob
 
 
 def export_onnx(model: nn.Module, example: Tensor, path: Union[str, os.PathLike],
@@ -144,8 +144,9 @@ def export_onnx(model: nn.Module, example: Tensor, path: Union[str, os.PathLike]
         kwargs: passed on to ``torch.onnx.export``.
 
     The graph's input is ``images``, its output ``logits``; with ``explain=True`` also
-    ``foreground`` ``[batch, num_patches]`` fp32 and ``point`` ``[batch, num_patches]`` int64, the
-    fields of :class:`~ice_prune.integrations.common.ICEExplanation`.
+    ``foreground`` ``[batch, num_patches]`` fp32, ``point`` and ``top_class`` ``[batch,
+    num_patches]`` int64 and ``top_prob`` ``[batch, num_patches]`` fp32, the fields of
+    :class:`~ice_prune.integrations.common.ICEExplanation`.
     """
     _op()
     if getattr(model, "keep_policy", None) is not None:
@@ -163,7 +164,8 @@ def export_onnx(model: nn.Module, example: Tensor, path: Union[str, os.PathLike]
                              "ice_prune.patch(model, method='ice') first")
         was = model.explain
         model.explain = True  # refused, naming the fix, for a model without an ICE head
-        module, names = _WithExplanation(model), names + ["foreground", "point"]
+        module = _WithExplanation(model)
+        names += ["foreground", "point", "top_class", "top_prob"]
     try:
         with torch.no_grad():
             program = torch.onnx.export(

@@ -63,8 +63,9 @@ def test_prefix_tokens_and_no_fusion_export(method, fuse, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("keep_rate", [0.7, 1.0])
 def test_explain_mode_exports_the_map_as_further_outputs(keep_rate, tmp_path):
-    """``explain=True``: outputs logits, foreground and point, each against PyTorch's explain-mode
-    forward at batch 1 and 4 through one graph; the model's own knob is left off."""
+    """``explain=True``: outputs logits, foreground, point, top class and its probability, each
+    against PyTorch's explain-mode forward at batch 1 and 4 through one graph; the model's own knob
+    is left off."""
     import onnx
 
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
@@ -76,9 +77,9 @@ def test_explain_mode_exports_the_map_as_further_outputs(keep_rate, tmp_path):
     export_onnx(model, torch.randn(2, 3, 32, 32), path, explain=True)
     assert model.explain is False
     outputs = onnx.load(str(path)).graph.output
-    assert [o.name for o in outputs] == ["logits", "foreground", "point"]
+    assert [o.name for o in outputs] == ["logits", "foreground", "point", "top_class", "top_prob"]
     assert [[d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
-            for o in outputs] == [["batch", 5], ["batch", 16], ["batch", 16]]
+            for o in outputs] == [["batch", 5]] + [["batch", 16]] * 4
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     model.explain = True
     for batch in (1, 4):
@@ -86,11 +87,15 @@ def test_explain_mode_exports_the_map_as_further_outputs(keep_rate, tmp_path):
         with torch.no_grad():
             logits = model(x)
         e = model.ice_explanation
-        got_logits, foreground, point = session.run(None, {"images": x.numpy()})
+        got_logits, foreground, point, top_class, top_prob = session.run(
+            None, {"images": x.numpy()})
         np.testing.assert_allclose(got_logits, logits.numpy(), rtol=0, atol=TOL)
         np.testing.assert_allclose(foreground, e.foreground.numpy(), rtol=0, atol=TOL)
-        assert point.dtype == np.int64
+        assert point.dtype == top_class.dtype == np.int64
         np.testing.assert_array_equal(point, e.point.numpy())
+        np.testing.assert_array_equal(top_class, e.top_class.numpy())
+        np.testing.assert_allclose(top_prob, e.top_prob.numpy(), rtol=0, atol=TOL)
+        assert len(np.unique(top_class)) > 1  # the head tells the patches' classes apart
     if keep_rate < 1.0:
         assert set(np.unique(point)) == {0, 1, 2}  # patches dropped at each point
     else:

@@ -81,8 +81,9 @@ class ICEState:
         self._patches: Optional[Tensor] = None
         self._fused_patch: Optional[Tensor] = None  # [B, 1] of num_patches: a fused token's index
         self._num_patches = 0
-        # explain: the last score and scoring point of each patch, plus a spare column for fused
-        # tokens, so that every update is one scatter (no data-dependent shapes, no host sync)
+        # explain: the last score, scoring point, top class and its probability of each patch,
+        # plus a spare column for fused tokens, so that every point writes every token it scores
+        # (no data-dependent shapes, no host sync): from the score kernel's epilogue, or scattered
         self._foreground: Optional[Tensor] = None
         self._point: Optional[Tensor] = None
 
