@@ -732,3 +732,26 @@ def test_triton_score_refuses_2_to_the_31_tokens():
     weight, _ = random_head(3, 8)
     with pytest.raises(ValueError, match=r"fewer than 2\*\*31 tokens.*in parts"):
         S.ice_score_triton(h, weight.cpu(), None, torch.float32)
+
+
+def test_the_head_is_cast_once_until_it_changes():
+    """``head_in``: the head's weight in the compute dtype is cast once and reused (each point and
+    each forward read the same copy), and cast again once the parameter changes in place (its
+    version) or moves (its storage); a parameter already in the dtype is read as it is."""
+    fc = nn.Linear(16, 6, bias=False)
+    w = fc.weight
+    first = S.head_in(w, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and first.is_contiguous()
+    assert torch.equal(first, w.detach().bfloat16())
+    assert S.head_in(w, torch.bfloat16) is first  # reused
+    with torch.no_grad():
+        w.mul_(2)  # an optimizer step's in-place change
+    second = S.head_in(w, torch.bfloat16)
+    assert second is not first and torch.equal(second, w.detach().bfloat16())
+    fc.weight.data = fc.weight.data.clone() + 1  # new storage, as .to() of the module makes
+    third = S.head_in(w, torch.bfloat16)
+    assert torch.equal(third, w.detach().bfloat16()) and not torch.equal(third, second)
+    assert S.head_in(w, torch.float32) is w  # nothing to cast
+    key = id(w)
+    del fc, w, first, second, third
+    assert key not in S._HEAD_CASTS  # forgotten with the parameter

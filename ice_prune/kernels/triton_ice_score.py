@@ -20,7 +20,7 @@ column): the map from the pruned forward costs four stores a token and no launch
 
 Inputs are rounded to the compute dtype (the autocast dtype, else the inputs' own), as autocast's
 linear layer rounds them, then multiplied exactly and summed in fp32: the tokens in the kernel, the
-head by the launcher (once per call, not once per program). In the Triton interpreter ``tl.dot`` and
+head by the launcher (once, cached until the head changes: :func:`head_in`). In the Triton interpreter ``tl.dot`` and
 casts on bf16 / fp16 are wrong, so there the launcher rounds the tokens with torch too and the kernel
 computes in fp32 (``UPCAST``), the same arithmetic.
 
@@ -32,6 +32,7 @@ specialized, so a new batch size neither tunes nor compiles again. ``ICE_PRUNE_A
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -280,18 +281,47 @@ def input_precision(compute_dtype: torch.dtype) -> str:
     return "tf32"
 
 
+#: ``id(param) -> (weak reference to it, (version, storage, dtype), its copy)``, see :func:`head_in`
+_HEAD_CASTS: dict[int, tuple] = {}
+
+
+def head_in(param: Tensor, dtype: torch.dtype) -> Tensor:
+    """``param`` in ``dtype``, contiguous: the head's weight or bias as the kernel reads it. The copy
+    is made once and kept for ``param`` until ``param`` changes (in place: an optimizer step,
+    ``copy_``, ``load_state_dict``, which bump its ``_version``; or its storage, ``.to()`` of the
+    module), as autocast caches its casts of parameters: every selection point of a forward, and
+    every forward, then reads the same copy instead of casting the ``[C + 1, D]`` weight again
+    (a launch and a pass over it per call). Not cached: inference tensors (no version to tell a
+    change by) and a copy made while a CUDA graph is captured (it lives in the graph's pool). The
+    copy goes with the parameter."""
+    if param.dtype == dtype and param.is_contiguous():
+        return param
+    if param.is_inference():
+        return param.to(dtype, memory_format=torch.contiguous_format)
+    key = (param._version, param.data_ptr(), dtype)
+    hit = _HEAD_CASTS.get(id(param))
+    if hit is not None and hit[0]() is param and hit[1] == key:
+        return hit[2]
+    cast = param.detach().to(dtype, memory_format=torch.contiguous_format)
+    if not (param.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if hit is None or hit[0]() is not param:  # forget the copy with the parameter
+            weakref.finalize(param, _HEAD_CASTS.pop, id(param), None)
+        _HEAD_CASTS[id(param)] = (weakref.ref(param), key, cast)
+    return cast
+
+
 def kernel_arguments(h: Tensor, weight: Tensor, bias: Optional[Tensor], compute_dtype: torch.dtype,
                      out: Tensor, top: Tensor, top_prob: Tensor,
                      into: Optional[MapTarget] = None) -> tuple[tuple, dict]:
     """The kernel's positional arguments and flags (all but the tiles) for one call. The head goes
-    in the compute dtype, contiguous: one small copy per call instead of every program converting
-    all of it (the tokens too in the interpreter, whose bf16 / fp16 casts are wrong). With ``into``
+    in the compute dtype, contiguous (:func:`head_in`: one copy, kept until the head changes)
+    instead of every program converting all of it (the tokens too in the interpreter, whose bf16 / fp16 casts are wrong). With ``into``
     the class and probability go to its buffers (``top`` and ``top_prob`` are ignored)."""
     B, n, D = h.shape
     if INTERPRETED:
         h = h.to(compute_dtype)
-    weight = weight.to(compute_dtype, memory_format=torch.contiguous_format)
-    bias = None if bias is None else bias.to(compute_dtype)
+    weight = head_in(weight, compute_dtype)
+    bias = None if bias is None else head_in(bias, compute_dtype)
     if into is None:  # ``out`` stands in for the map's pointers, which the kernel never reads
         patches, fg, point, loc, map_strides = out, out, out, 0, (0, 0, 0)
     else:
