@@ -4,12 +4,13 @@
 #
 #   echo /.whl/ >> .git/info/exclude && mkdir -p .whl && cp ../shared/gpu/wheels/*.whl .whl/
 #
-# and run it with `carry: [".whl"]`, command `OUT=$OUT bash bench/device_session.sh tests` (about 4
+# and run it with `carry: [".whl"]`, command `OUT=$OUT bash bench/device_session.sh tests` (about 5
 # minutes at most), then `... bench` (about 8); one call is at most 10 minutes. It writes:
 #   env.txt     GPU, versions, whether torch has varlen_attn
 #   steps.log   every step's output, its exit status and seconds: `tests`, the CUDA tests of the
 #               packed per-image counts (varlen_attn in bf16, batch independence), the masked twin,
-#               the ragged and dense kernels and the ICE score (issues 24, 23); `bench`, the runs
+#               the ragged and dense kernels and the ICE score (issues 24, 23), explain mode
+#               captured in a CUDA graph (issue 22); `bench`, the runs
 #   policy.json DeiT-S bf16 batch 256 on SyntheticScenes, random weights: fixed keep 0.7 / 0.5, ICE
 #               and EViT keep policies (the values of docs/benchmarks.md's CPU run: a random head's
 #               foreground probabilities lie near 1 - 1/1001), each packed and padded-and-masked
@@ -45,6 +46,8 @@ if [ "$group" = tests ]; then
     tests/test_ragged.py
   step 130 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_ice_score.py \
     -m "gpu or not slow"
+  step 60 python3 -m pytest -q -p no:cacheprovider -rs tests/test_explain_mode.py \
+    -k "cuda_graph or compile or few_ops"
 elif [ "$group" = bench ]; then
   step 130 python3 bench/throughput.py --device cuda --dtype bf16 --batch-size 256 --reps 20 \
     --keep-rates 0.7 0.5 --thresholds 0.9989 0.999 0.9991 --masses 0.6 0.8 --masked \

@@ -273,3 +273,37 @@ def test_the_map_adds_few_ops_to_the_pruned_forward(kernel):
     scatters = 0 if kernel == "triton" else 4 * len(LOCS)
     assert len(explained) - len(plain) == 1 + 2 * len(LOCS) + scatters, (
         sorted(set(explained) - set(plain)), len(explained), len(plain))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_explain_mode_captures_in_a_cuda_graph():
+    """One forward captured as a CUDA graph: each replay writes the logits and the map (Triton
+    kernel: from the score op's epilogue) over the captured tensors, and they equal an eager
+    forward's on the same images. The head's cast is made before the capture (warm-up) and read
+    from the cache inside it."""
+    model = patched(tiny().cuda())
+    static = torch.randn(2, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch's docs do
+            for _ in range(2):
+                model(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = model(static)
+        captured = model.ice_explanation
+        for seed in (1, 2):
+            x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).cuda()
+            static.copy_(x)
+            graph.replay()
+            torch.cuda.synchronize()
+            got = [logits.clone()] + [field.clone() for field in captured[:2] + captured[3:]]
+            want_logits = model(x)
+            e = model.ice_explanation
+            torch.testing.assert_close(got[0], want_logits, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got[1], e.foreground, atol=1e-5, rtol=0)
+            assert torch.equal(got[2], e.point) and torch.equal(got[3], e.top_class)
+            torch.testing.assert_close(got[4], e.top_prob, atol=1e-5, rtol=0)
+            assert set(got[2].unique().tolist()) == {0, 1, 2}
