@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 # Fusion weights are renormalized with the same guard as the torch kernel.
+from ice_prune.integrations.common import WithExplanation
 from ice_prune.kernels.reference import EPS
 
 #: ONNX opset the translations are written in (the exporter's default opset as well)
@@ -113,20 +114,6 @@ ONNX_TRANSLATIONS = {
 }
 
 
-class _WithExplanation(nn.Module):
-    """A patched ICE model in explain mode whose forward returns the map beside the logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.training = model.training
-
-    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        logits = self.model(images)
-        e = self.model.ice_explanation
-        return logits, e.foreground, e.point, e.top_class, e.top_prob
-
-
 def export_onnx(model: nn.Module, example: Tensor, path: Union[str, os.PathLike],
                 dynamic_batch: bool = True, opset_version: Optional[int] = OPSET,
                 explain: bool = False, **kwargs):
@@ -164,7 +151,7 @@ def export_onnx(model: nn.Module, example: Tensor, path: Union[str, os.PathLike]
                              "ice_prune.patch(model, method='ice') first")
         was = model.explain
         model.explain = True  # refused, naming the fix, for a model without an ICE head
-        module = _WithExplanation(model)
+        module = WithExplanation(model)
         names += ["foreground", "point", "top_class", "top_prob"]
     try:
         with torch.no_grad():

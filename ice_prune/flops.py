@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ice_prune.integrations.common import WithExplanation
 from ice_prune.kernels import ice_score_macs, reorganize_macs
 from ice_prune.kernels.ops import reorganize_ragged_macs
 
@@ -172,22 +173,11 @@ def torch_formulas() -> dict:
             aten.index_add: _index_add_flop, aten.index_add_: _index_add_flop}
 
 
-class _WithMap(nn.Module):
-    """A model in explain mode with its map as outputs: a JIT trace drops the work whose results no
-    output reads, and a selection point that keeps every token uses its scores only for the map."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        logits = self.model(x)
-        return (logits, *self.model.ice_explanation[:2], *self.model.ice_explanation[3:])
-
-
 def _count_fvcore(model: nn.Module, x: Tensor) -> int:
     if getattr(model, "explain", False) is True:
-        model = _WithMap(model)
+        # the map as outputs: a point that keeps every token uses its scores only for the map,
+        # and a JIT trace drops the work no output reads
+        model = WithExplanation(model)
     return int(flop_analysis(model, (x,)).total())
 
 

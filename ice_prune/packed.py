@@ -11,8 +11,8 @@ per token), gives each image its own count (one host sync again) and repacks
 (:func:`~ice_prune.kernels.reorganize_packed_reference`). The final norm runs on the packed rows and
 ``forward_features`` returns each image's prefix rows, what timm's ``"token"`` pooling reads.
 
-Nothing is padded but the ``[B, n]`` scores: an image's rows never meet another image's, so its output does not depend on
-the rest of its batch (up to rounding). An image that keeps all its tokens at a point gets
+Nothing is padded but the ``[B, n]`` scores: an image's rows never meet another image's, so its
+output does not depend on the rest of its batch (up to rounding). An image that keeps all its tokens at a point gets
 no fused token there, as a dense point that keeps everything is skipped; where every image keeps
 everything the batch stays dense.
 
@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from ice_prune.integrations.common import ICEState
 from ice_prune.kernels import reorganize_packed_reference, reorganize_ragged
+from ice_prune.kernels.reference import row_positions
 
 
 @dataclasses.dataclass
@@ -113,7 +114,7 @@ def sorted_layout(rows: Tensor, offsets: Tensor, lengths: tuple[int, ...],
     device = rows.device
     total = sum(new_lengths)
     new_offsets = F.pad(torch.tensor(new_lengths, device=device).cumsum(0), (1, 0))
-    image, local = _row_positions(new_offsets, new_lengths, total)
+    image, local = row_positions(new_offsets, total)
     first = offsets[:-1][torch.tensor(perm, device=device)] if moved else offsets[:-1]
     return (rows.index_select(0, first[image] + local),
             Segments(new_offsets, new_lengths, new_order))
@@ -295,7 +296,7 @@ def select(state: ICEState, x: Tensor, h: Optional[Tensor], cls_attn: Optional[T
     P, segments = state.num_prefix, state.segments
     n = [length - P for length in segments.lengths]
     sizes = segments.offsets.diff() - P
-    image, token = _row_positions(F.pad(sizes.cumsum(0), (1, 0)), n, sum(n))
+    image, token = row_positions(F.pad(sizes.cumsum(0), (1, 0)), sum(n))
     rows = segments.offsets[image] + P + token  # the non-prefix rows: only they are scored
     row_scores = _scores(state, None if h is None else h.index_select(0, rows)[None],
                          None if cls_attn is None else cls_attn[rows][None], 0, loc)[0]
@@ -321,9 +322,3 @@ def _scores(state: ICEState, h: Optional[Tensor], cls_attn: Optional[Tensor], nu
                                  kernel=state.kernel)[0]
 
 
-def _row_positions(offsets: Tensor, lengths: tuple[int, ...], total: int) -> tuple[Tensor, Tensor]:
-    """``(image, position within the image)``, ``[total]`` int64 each, of the packed rows."""
-    device = offsets.device
-    image = torch.repeat_interleave(torch.arange(len(lengths), device=device), offsets.diff(),
-                                    output_size=total)
-    return image, torch.arange(total, device=device) - offsets[image]

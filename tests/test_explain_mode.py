@@ -277,27 +277,19 @@ def test_the_map_adds_few_ops_to_the_pruned_forward(kernel):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_explain_mode_captures_in_a_cuda_graph():
-    """One forward captured as a CUDA graph: each replay writes the logits and the map (Triton
-    kernel: from the score op's epilogue) over the captured tensors, and they equal an eager
-    forward's on the same images. The head's cast is made before the capture (warm-up) and read
-    from the cache inside it."""
+    """One forward captured as a CUDA graph (the benchmark's capture): each replay writes the
+    logits and the map (Triton kernel: from the score op's epilogue) over the captured tensors, and
+    they equal an eager forward's on the same images. The head's cast is made in the warm-up and
+    read from the cache inside the capture."""
+    from ice_prune.throughput import _capture_cuda_graph
+
     model = patched(tiny().cuda())
-    static = torch.randn(2, 3, 32, 32, device="cuda")
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch's docs do
-            for _ in range(2):
-                model(static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = model(static)
+        replay = _capture_cuda_graph(model, torch.randn(2, 3, 32, 32, device="cuda"))
         captured = model.ice_explanation
         for seed in (1, 2):
             x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).cuda()
-            static.copy_(x)
-            graph.replay()
+            logits = replay(x)
             torch.cuda.synchronize()
             got = [logits.clone()] + [field.clone() for field in captured[:2] + captured[3:]]
             want_logits = model(x)

@@ -725,13 +725,18 @@ def test_explanation_top_class_under_fullgraph_compile(kernel):
     torch.testing.assert_close(compiled.foreground, eager.foreground, rtol=1e-5, atol=1e-7)
 
 
-def test_triton_score_refuses_2_to_the_31_tokens():
+def test_triton_score_refuses_more_tokens_than_int32_indexes(monkeypatch):
     """The kernel indexes tokens in int32 (a 64-bit division is a called routine on the GPU): a
-    batch of ``2**31`` tokens or more is refused with the fix, before anything is allocated."""
-    h = torch.zeros(1, 1, 8).expand(2 ** 16, 2 ** 15, 8)  # no memory behind it
+    call of ``MAX_TOKENS = 2**31`` tokens or more is refused with the fix, before anything is
+    allocated; one below runs. (The limit lowered to a test's size to show both sides.)"""
+    assert S.MAX_TOKENS == 2 ** 31
+    monkeypatch.setattr(S, "MAX_TOKENS", 10)
     weight, _ = random_head(3, 8)
-    with pytest.raises(ValueError, match=r"fewer than 2\*\*31 tokens.*in parts"):
-        S.ice_score_triton(h, weight.cpu(), None, torch.float32)
+    h = torch.randn(2, 5, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"fewer than 10 tokens.*B \* n = 10.*in parts"):
+        S.ice_score_triton(h, weight, None, torch.float32)
+    torch.testing.assert_close(S.ice_score_triton(h[:, :4], weight, None, torch.float32),
+                               ice_score_reference(h[:, :4], weight), rtol=0, atol=1e-5)
 
 
 def test_the_head_is_cast_once_until_it_changes():

@@ -47,6 +47,22 @@ class ICEExplanation(NamedTuple):
     top_prob: Tensor
 
 
+class WithExplanation(nn.Module):
+    """A patched ICE model in explain mode whose forward returns the logits and the map's tensors,
+    ``(logits, foreground, point, top_class, top_prob)``: for tools that read only a module's
+    outputs (an ONNX export; a JIT trace, which drops the work that no output reads)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.training = model.training
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        logits = self.model(images)
+        e = self.model.ice_explanation
+        return logits, e.foreground, e.point, e.top_class, e.top_prob
+
+
 class ICEState:
     """Configuration and per-forward record shared by a patched model and its selection blocks."""
 

@@ -110,15 +110,20 @@ def ragged_offsets(keep_counts: Tensor, num_prefix: int, fuse: bool) -> Tensor:
     return F.pad(rows.cumsum(0), (1, 0))
 
 
+def row_positions(offsets: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """``(image, position within the image)``, ``[total]`` int64 each, of the rows of images packed
+    at ``offsets`` (``[B + 1]`` row starts; ``total`` the rows, so no host sync)."""
+    device = offsets.device
+    image = torch.repeat_interleave(torch.arange(offsets.shape[0] - 1, device=device),
+                                    offsets.diff(), output_size=total)
+    return image, torch.arange(total, device=device) - offsets[image]
+
+
 def _packed_source(keep_counts: Tensor, offsets: Tensor, total: int, num_prefix: int,
                    n: int) -> Tensor:
     """``[total]`` int64: each packed row's row in the flat dense layout ``[B * (P + n + 1)]`` of
     ``[prefix, tokens by rank, fused]`` per image (built with ``total``, without a host sync)."""
-    B = keep_counts.shape[0]
-    device = keep_counts.device
-    image = torch.repeat_interleave(torch.arange(B, device=device), offsets.diff(),
-                                    output_size=total)
-    local = torch.arange(total, device=device) - offsets[image]
+    image, local = row_positions(offsets, total)
     kept_end = num_prefix + keep_counts.to(torch.int64)[image]
     position = torch.where(local < kept_end, local, num_prefix + n)
     return image * (num_prefix + n + 1) + position
@@ -155,25 +160,20 @@ def reorganize_ragged_reference(
     """
     B, N, D = x.shape
     P, n = num_prefix, N - num_prefix
-    device = x.device
     acc = torch.promote_types(x.dtype, torch.float32)
     keep = keep_counts.to(torch.int64)
     offsets = ragged_offsets(keep_counts, P, fuse)
     order = torch.argsort(scores, dim=1, descending=True, stable=True)
     flat = x.reshape(B * N, D)
-    image = torch.repeat_interleave(torch.arange(B, device=device), offsets.diff(),
-                                    output_size=total)
-    local = torch.arange(total, device=device) - offsets[image]
+    image, local = row_positions(offsets, total)
     token = order[image, (local - P).clamp(0, max(n - 1, 0))]
     # prefix, then kept tokens by rank; a fused slot reads a stand-in row, overwritten below
     rows = flat.index_select(0, image * N + torch.where(local < P, local, P + token))
     if fuse:
         drops = n - keep
         dropped = B * n - (total - B * (P + 1))
-        drop_image = torch.repeat_interleave(torch.arange(B, device=device), drops,
-                                             output_size=dropped)
-        drop_rank = (keep[drop_image] + torch.arange(dropped, device=device)
-                     - F.pad(drops.cumsum(0), (1, 0))[drop_image])
+        drop_image, drop_local = row_positions(F.pad(drops.cumsum(0), (1, 0)), dropped)
+        drop_rank = keep[drop_image] + drop_local
         drop_token = order[drop_image, drop_rank]
         w = scores[drop_image, drop_token]
         if normalize:
@@ -276,8 +276,7 @@ def reorganize_packed_reference(
     kept_end = num_prefix + keep
     lengths = kept_end + (keep < sizes).to(torch.int64) * int(fuse)
     out_offsets = F.pad(lengths.cumsum(0), (1, 0))
-    image = torch.repeat_interleave(torch.arange(B, device=device), lengths, output_size=total)
-    local = torch.arange(total, device=device) - out_offsets[image]
+    image, local = row_positions(out_offsets, total)
     token = order[image, (local - num_prefix).clamp(0, max(n_max - 1, 0))]
     source = offsets[image] + torch.where(local < num_prefix, local, num_prefix + token)
     if fuse:
@@ -288,10 +287,8 @@ def reorganize_packed_reference(
         drops = sizes - keep
         if dropped is None:
             dropped = int(drops.sum())
-        drop_image = torch.repeat_interleave(torch.arange(B, device=device), drops,
-                                             output_size=dropped)
-        drop_rank = (keep[drop_image] + torch.arange(dropped, device=device)
-                     - F.pad(drops.cumsum(0), (1, 0))[drop_image])
+        drop_image, drop_local = row_positions(F.pad(drops.cumsum(0), (1, 0)), dropped)
+        drop_rank = keep[drop_image] + drop_local
         drop_row = offsets[drop_image] + num_prefix + order[drop_image, drop_rank]
         terms = w[drop_image, drop_rank].to(acc)[:, None] * rows.index_select(0, drop_row).to(acc)
         # one multiply-add per dropped element, as the dense reorganize counts its fused row

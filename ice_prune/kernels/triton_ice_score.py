@@ -76,7 +76,7 @@ def _ice_score_kernel(
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
 ):
-    # token indices in int32 (the launcher refuses T >= 2**31): a 64-bit division is a called
+    # token indices in int32 (the launcher refuses T >= MAX_TOKENS): a 64-bit division is a called
     # routine on NVIDIA GPUs, with a stack frame; offsets in int64
     t32 = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mt = t32 < T
@@ -281,6 +281,9 @@ def input_precision(compute_dtype: torch.dtype) -> str:
     return "tf32"
 
 
+#: tokens per call the kernel indexes (int32; a 64-bit division is a called routine on the GPU)
+MAX_TOKENS = 2 ** 31
+
 #: ``id(param) -> (weak reference to it, (version, storage, dtype), its copy)``, see :func:`head_in`
 _HEAD_CASTS: dict[int, tuple] = {}
 
@@ -347,9 +350,9 @@ def ice_score_triton(h: Tensor, weight: Tensor, bias: Optional[Tensor], compute_
     ``config`` overrides the table (and ``ICE_PRUNE_AUTOTUNE``)."""
     B, n, D = h.shape
     T, C = B * n, weight.shape[0] - 1
-    if T >= 2 ** 31:
-        raise ValueError(f"the Triton ICE score takes fewer than 2**31 tokens, got B * n = {T}; "
-                         f"score the batch in parts")
+    if T >= MAX_TOKENS:
+        raise ValueError(f"the Triton ICE score takes fewer than {MAX_TOKENS} tokens (int32 "
+                         f"indices), got B * n = {T}; score the batch in parts")
     out = torch.empty(B, n, dtype=torch.float32, device=h.device)
     top_class = top_class and into is None
     # without top_class the kernel writes neither: ``out`` stands in for their pointers
